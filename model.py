@@ -1,0 +1,241 @@
+"""
+model.py — everything about the generator: loading SD3 / SD3.5, LoRA, prompt embeddings, EMA.
+
+Owns
+- `load_pipeline(name_or_path)`: a `StableDiffusion3Pipeline` from a hub id, a local folder, or
+  *random weights* from a named architecture (`"random:sd3.5-medium"`, `"random:tiny"`), so tests and
+  benchmarks never need a download.
+- `add_lora` / `trainable_parameters`: LoRA through peft (the format diffusers' `load_lora_weights`
+  reads) or full fine-tuning when `lora_rank=0`.
+- `PromptEncoder`: text encoders run once per distinct prompt; the empty prompt "" (the CFG
+  unconditional branch) is encoded once and reused forever.
+- `EMA` of the trainable parameters.
+
+Leaves out: sampling maths (sampler.py), rewards (reward.py), DDP (train.py).
+
+Departs from the published code: random-weight construction of the real SD3.5-M component configs
+(no download needed to benchmark), and the T5 encoder can be dropped (`t5=False`): SD3 then feeds
+zeros in place of the T5 tokens, exactly as diffusers does when `text_encoder_3` is None.
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.nn as nn
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+# -----------------------------------------------------------------------------------------------
+# Named architectures for random-weight pipelines. "sd3.5-medium" copies the component configs of
+# stabilityai/stable-diffusion-3.5-medium (2.5 B transformer, CLIP-L, CLIP-G, T5-XXL, 16-ch VAE);
+# "tiny" keeps the same structure at toy width so a full pipeline builds in well under a second.
+
+ARCHS = {
+    "sd3.5-medium": dict(
+        transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 layers_per_block=2, scaling_factor=1.5305, shift_factor=0.0609,
+                 use_quant_conv=False, use_post_quant_conv=False, sample_size=1024),
+        clip_l=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    projection_dim=768, hidden_act="quick_gelu", vocab_size=49408),
+        clip_g=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    projection_dim=1280, hidden_act="gelu", vocab_size=49408),
+        t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"),
+        clip_max_length=77, shift=3.0,
+    ),
+    "tiny": dict(
+        transformer=dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                         caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=32),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                 layers_per_block=1, norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609,
+                 use_quant_conv=False, use_post_quant_conv=False, sample_size=32),
+        clip_l=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                    projection_dim=32, hidden_act="quick_gelu", vocab_size=1000),
+        clip_g=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                    projection_dim=32, hidden_act="gelu", vocab_size=1000),
+        t5=dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000,
+                feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"),
+        clip_max_length=77, shift=3.0,
+    ),
+}
+
+# The LoRA targets of the published recipe: every attention projection of both MMDiT streams.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def char_tokenizer(max_length):
+    """A character-level CLIP BPE tokenizer built in memory (no merges, so every byte is a token).
+
+    Random-weight pipelines have no trained vocabulary; this keeps the real `CLIPTokenizer` code path
+    (byte-level pre-tokeniser, </w> suffixes, BOS/EOS, padding) with a 514-token vocabulary."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    chars = sorted(ByteLevel.alphabet())  # the 256 byte-level symbols
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)  # the highest id: CLIP's pooled token is found at argmax / eos
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def random_pipeline(arch="tiny", t5=False, seed=0, device="cpu", dtype=torch.float32):
+    """Build a StableDiffusion3Pipeline with random weights from a named architecture in ARCHS."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHS)}")
+    a = ARCHS[arch]
+    tok = char_tokenizer(a["clip_max_length"])
+    eos, bos = tok.eos_token_id, tok.bos_token_id
+
+    def clip(cfg):
+        return CLIPTextModelWithProjection(CLIPTextConfig(**cfg, max_position_embeddings=a["clip_max_length"],
+                                                          eos_token_id=eos, bos_token_id=bos, pad_token_id=eos))
+
+    torch.manual_seed(seed)
+    # Build directly on the target device/dtype: a 2.5 B transformer initialised on CPU in fp32 is slow.
+    with torch.device(device):
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            parts = dict(
+                transformer=SD3Transformer2DModel(**a["transformer"]),
+                vae=AutoencoderKL(**a["vae"]),
+                text_encoder=clip(a["clip_l"]), text_encoder_2=clip(a["clip_g"]),
+                text_encoder_3=T5EncoderModel(T5Config(**a["t5"], pad_token_id=eos, eos_token_id=eos)) if t5 else None,
+            )
+        finally:
+            torch.set_default_dtype(old)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=a["shift"])
+    # T5 random weights get the same char tokenizer: only token ids < vocab size matter here.
+    return StableDiffusion3Pipeline(scheduler=sched, tokenizer=tok, tokenizer_2=tok,
+                                    tokenizer_3=char_tokenizer(a["clip_max_length"]) if t5 else None, **parts)
+
+
+def load_pipeline(name_or_path, t5=True, device="cpu", dtype=torch.float32):
+    """`"random:<arch>"` → random weights; a local folder or hub id → `from_pretrained`.
+
+    Without network, a hub id fails fast with a message pointing at the tiny-world demo."""
+    if name_or_path.startswith("random:"):
+        return random_pipeline(name_or_path.split(":", 1)[1], t5=t5, device=device, dtype=dtype)
+    extra = {} if t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, torch_dtype=dtype, **extra)
+    except Exception as e:  # OSError (no network / no weights), ValueError (bad folder), ...
+        where = "folder" if os.path.isdir(name_or_path) else "hub id"
+        raise SystemExit(
+            f"could not load the SD3 pipeline from {where} {name_or_path!r}: {type(e).__name__}: {e}\n"
+            "SD3.5 needs the weights (huggingface-cli login + accept the licence, or a local copy: "
+            "--pretrained=/path/to/folder). To try the method without them: `make demo` "
+            "(the embedded tiny world) or --pretrained=random:tiny.") from None
+    return pipe.to(device)
+
+
+# -----------------------------------------------------------------------------------------------
+# Trainable parameters: LoRA or full fine-tuning
+
+def add_lora(transformer, rank, alpha, targets=LORA_TARGETS, init="gaussian"):
+    """Freeze the transformer and attach a LoRA adapter (peft, the format diffusers exports).
+
+    rank=0 means full fine-tuning: every transformer weight trains, no adapter."""
+    if rank == 0:
+        transformer.requires_grad_(True)
+        return transformer
+    from peft import LoraConfig
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(targets)))
+    return transformer
+
+
+def trainable_parameters(module):
+    """The named parameters that train, in a stable order (the keys of checkpoints and of the EMA)."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def adapters_disabled(transformer):
+    """The frozen base model (for the KL reference): LoRA switched off inside the block."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, updated every `every` optimizer steps.
+
+    Flow-GRPO's recipe: decay 0.9 every 8 steps. Kept in float32 whatever the model dtype."""
+
+    def __init__(self, params: dict, decay=0.9, every=8):
+        self.decay, self.every = decay, every
+        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict, step: int):
+        if step % self.every != 0:
+            return
+        for n, p in params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)  # s = d·s + (1-d)·p
+
+    @contextlib.contextmanager
+    def applied(self, params: dict):
+        """Temporarily swap the EMA weights into the model (evaluation, export)."""
+        backup = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(backup[n])
+
+    def state_dict(self):
+        return dict(self.shadow)
+
+    def load_state_dict(self, sd):
+        for n in self.shadow:
+            self.shadow[n].copy_(sd[n])
+
+
+# -----------------------------------------------------------------------------------------------
+# Prompt embeddings
+
+class PromptEncoder:
+    """Encodes prompts with the pipeline's text encoders, each distinct prompt once (in-memory cache).
+
+    Returns (prompt_embeds (B, T, D), pooled (B, P)). The cache lives on `device`; after the first
+    epoch of a fixed prompt set the text encoders never run again (they could even be freed)."""
+
+    def __init__(self, pipe, device, max_sequence_length=128):
+        self.pipe, self.device, self.max_len = pipe, device, max_sequence_length
+        self.cache = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts):
+        todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if todo:
+            emb, _, pooled, _ = self.pipe.encode_prompt(todo, todo, todo, device=self.device,
+                                                        do_classifier_free_guidance=False,
+                                                        max_sequence_length=self.max_len)
+            for i, p in enumerate(todo):
+                self.cache[p] = (emb[i], pooled[i])
+        emb = torch.stack([self.cache[p][0] for p in prompts])        # (B, T, D)
+        pooled = torch.stack([self.cache[p][1] for p in prompts])     # (B, P)
+        return emb, pooled
+
+    def drop_text_encoders(self):
+        """Free the text encoders (T5-XXL alone is ~9 GiB in bf16) once every prompt is cached."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            setattr(self.pipe, name, None)
+
+
+def count_params(module: nn.Module):
+    return sum(p.numel() for p in module.parameters())

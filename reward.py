@@ -1,0 +1,405 @@
+"""
+Rewards for nanoAdvGRPO: the adversarial DINO discriminator (the paper's main new part, DESIGN §1.5),
+the adversarial PickScore model (§1.7), fixed rewards (§1.8) and the registry that combines them.
+
+What this file owns
+- `DinoFeatures`: a frozen timm ViT (DINOv2-B/14 at 518² by default) turning [0,1] images into
+  float32 CLS and patch tokens. Shared by the discriminator and by the `dino_sim` reward.
+- `DinoDiscriminator`: a float32 head h = Linear(D,512) -> GELU -> Linear(512,1) on those tokens, its
+  hinge loss, its reward r = 0.7·h(c) + 0.3·mean_k h(p_k), and its own Adam optimizer.
+- `CLIPScorer` / `PickScoreAdversary`: CLIP-style scoring with preprocessing done in torch; the
+  adversary trains the last k vision layers with a Bradley–Terry loss (reference beats generation).
+- `REWARDS` / `register` / `build_reward`: fixed rewards `fn(images, prompts, metadata) -> (r, info)`
+  built by name and combined as a weighted sum.
+
+What it leaves out
+- The adversarial rewards ("dino_adv", "pickscore_adv") are *stateful* and their schedule (§1.6) belongs
+  to the loop, so train.py drives them directly (features -> score -> d_step); `build_reward` only builds
+  the fixed ones (train.py drops the names in `ADVERSARIAL` before calling it).
+- No OCR engine is a dependency. Adding the paper's text-rendering reward λ·R_ocr + (1-λ)·sim(gen, ref)
+  is one decorated function (`my_ocr_accuracy` being whatever engine you install):
+
+      @register("ocr_sim")
+      def ocr_sim(lam=0.5, **ctx):
+          sim = REWARDS["dino_sim"](**ctx)
+          def fn(images, prompts, metadata):
+              ocr = torch.tensor([my_ocr_accuracy(im, m["text"]) for im, m in zip(images, metadata)])
+              s, _ = sim(images, prompts, metadata)
+              return lam * ocr.to(s) + (1 - lam) * s, {}
+          return fn
+
+Where we depart from the published code, and why
+- The published discriminator L2-normalises tokens when scoring but not when training the head, so the
+  reward reads a head on inputs it never saw. Here one private method (`_logits`) feeds both paths.
+- The head is kept in float32 even when the backbone runs in bf16: bf16 keeps 8 significant bits, so an
+  Adam step of lr=1e-4 on a weight of 0.05 (bf16 spacing 2.4e-4) rounds back to the same value; the
+  published bf16 head barely moves.
+- The published PickScore adversary is not synchronised across GPUs (each rank drifts to its own
+  discriminator). Both adversaries here average their gradients over ranks before every step.
+- The published `dino_sim` evaluation takes the max over *all* prompts' references; ours is paired: a
+  generation is compared with its own prompt's references only (mean cosine).
+- PickScore is not divided by 26 as in Flow-GRPO: group-normalised advantages do not care about scale.
+"""
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+ADVERSARIAL = ("dino_adv", "pickscore_adv")  # driven by train.py, not by build_reward
+
+
+def _all_reduce_grads_(params):
+    """Average .grad over ranks in one collective, so every rank takes the identical Adam step and the
+    discriminator stays synchronised. Not DDP: the head is applied four times per loss (CLS/patches ×
+    real/fake), which plain DDP does not allow within one backward, and DDP would also hook the frozen
+    backbone. Every rank must call this the same number of times (it is a collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    params = list(params)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])  # (n_params,)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+# -----------------------------------------------------------------------------
+# DINO features and the adversarial DINO discriminator (DESIGN §1.5)
+
+class DinoFeatures(nn.Module):
+    """Frozen ViT φ: [0,1] images of any size -> (CLS (B,D), patch tokens (B,N,D)), both float32.
+    `backbone` is a timm name, or a module with timm's forward_features(x) -> (B, n_prefix + N, D)
+    (CLS = token 0; `num_prefix_tokens` counts CLS and any registers). To run φ in bf16:
+    `feats.backbone.to(torch.bfloat16)`; inputs follow the backbone's dtype, outputs are float32."""
+
+    def __init__(self, backbone="vit_base_patch14_dinov2.lvd142m", image_size=518, pretrained=True,
+                 pretrained_file=None):
+        super().__init__()
+        if isinstance(backbone, str):
+            # a local weights file (offline clusters) goes through timm's usual loading path
+            extra = dict(pretrained_cfg_overlay=dict(file=pretrained_file)) if pretrained_file else {}
+            backbone = timm.create_model(backbone, pretrained=pretrained or bool(pretrained_file), num_classes=0,
+                                         img_size=image_size, **extra)
+        self.backbone = backbone.requires_grad_(False).eval()
+        cfg = getattr(backbone, "pretrained_cfg", None) or {}
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
+        self.image_size = image_size
+        self.n_prefix = getattr(backbone, "num_prefix_tokens", 1)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()  # frozen means frozen: no dropout / drop-path even inside disc.train()
+        return self
+
+    @torch.no_grad()
+    def forward(self, images):
+        S = self.image_size
+        x = images.to(self.mean.device, torch.float32)  # (B, 3, H, W)
+        if x.shape[-2:] != (S, S):
+            x = F.interpolate(x, size=(S, S), mode="bicubic", antialias=True, align_corners=False)  # (B, 3, S, S)
+        x = (x - self.mean.float()) / self.std.float()
+        dtype = next(self.backbone.parameters()).dtype
+        tokens = self.backbone.forward_features(x.to(dtype)).float()  # (B, n_prefix + N, D)
+        return tokens[:, 0], tokens[:, self.n_prefix:]  # (B, D), (B, N, D)
+
+
+class DinoDiscriminator(nn.Module):
+    """The adversarial reward: a small head on frozen DINO tokens, trained with a hinge loss to tell
+    reference images (real) from current generations (fake); its score of a generation is the reward.
+
+    φ is the expensive part, so compute features once per image per epoch and reuse them:
+        real, fake = disc.features(ref_images), disc.features(gen_images)   # φ runs once per image
+        rewards = disc.score(*fake)                                         # (B,)
+        info = disc.d_step(real, fake)                                      # as many times as scheduled
+    `reward(images)` and `d_loss(real_images, fake_images)` are the one-shot conveniences.
+
+    Checkpoints: use `head_state()` / `load_head_state()` (head + Adam state). `state_dict()` is plain
+    nn.Module's and would also save the frozen backbone. Do not `disc.to(torch.bfloat16)`: cast
+    `disc.backbone` only; d_step refuses a non-float32 head. Under torch.distributed every rank must
+    build the head identically: it is initialised from a fixed seed, independent of the global RNG.
+    """
+
+    def __init__(self, backbone="vit_base_patch14_dinov2.lvd142m", image_size=518, hidden=512, n_patches=64,
+                 patch_loss_weight=0.3, cls_reward_weight=0.7, lr=1e-4, betas=(0.5, 0.999), pretrained=True,
+                 pretrained_file=None):
+        super().__init__()
+        # a DinoFeatures may be passed in, to share one φ with the dino_sim reward
+        self.phi = backbone if isinstance(backbone, DinoFeatures) else \
+            DinoFeatures(backbone, image_size, pretrained, pretrained_file)
+        D = getattr(self.phi.backbone, "num_features", None) or self.phi.backbone.embed_dim
+        with torch.random.fork_rng(devices=[]):  # same head on every rank, global RNG untouched
+            torch.manual_seed(0)
+            self.head = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1)).float()
+        self.n_patches, self.patch_loss_weight, self.cls_reward_weight = n_patches, patch_loss_weight, cls_reward_weight
+        self.opt = torch.optim.Adam(self.head.parameters(), lr=lr, betas=betas)
+
+    @property
+    def backbone(self):
+        return self.phi.backbone
+
+    def features(self, images):
+        return self.phi(images)  # (B, D), (B, N, D) float32, no grad
+
+    def _logits(self, cls, patches, generator=None):
+        """The single token path of both the reward and the loss: head logits of the CLS token and of
+        n_patches patch tokens drawn at random per image (all of them if N <= n_patches)."""
+        B, N, D = patches.shape
+        if N > self.n_patches:
+            dev = generator.device if generator is not None else "cpu"
+            idx = torch.rand(B, N, generator=generator, device=dev).argsort(dim=1)[:, :self.n_patches]  # (B, k)
+            patches = patches.gather(1, idx.to(patches.device)[..., None].expand(-1, -1, D))  # (B, k, D)
+        return self.head(cls.float()).squeeze(-1), self.head(patches.float()).squeeze(-1)  # (B,), (B, k)
+
+    def _combine(self, cls_logit, patch_logits):
+        w = self.cls_reward_weight
+        return w * cls_logit + (1 - w) * patch_logits.mean(dim=1)  # (B,)
+
+    @torch.no_grad()
+    def score(self, cls, patches, generator=None):
+        """Reward from precomputed features: 0.7·h(c) + 0.3·mean_k h(p_k). Never differentiated."""
+        return self._combine(*self._logits(cls, patches, generator))  # (B,)
+
+    @torch.no_grad()
+    def reward(self, images, generator=None):
+        return self.score(*self.features(images), generator=generator)  # (B,)
+
+    def d_loss_from_features(self, real_feats, fake_feats, generator=None):
+        """Hinge loss, each term averaged over its own batch (reals and fakes may differ in number):
+        L_D = ½[relu(1-h(c_r)) + relu(1+h(c_f))] + λ_p·½[mean_k relu(1-h(p_r,k)) + mean_k relu(1+h(p_f,k))].
+        info: d_loss, d_acc (CLS logits on the right side of 0), d_real / d_fake (mean reward-formula score)."""
+        c_r, p_r = self._logits(*real_feats, generator=generator)  # (Br,), (Br, k)
+        c_f, p_f = self._logits(*fake_feats, generator=generator)  # (Bf,), (Bf, k)
+        loss_cls = 0.5 * (F.relu(1 - c_r).mean() + F.relu(1 + c_f).mean())
+        loss_patch = 0.5 * (F.relu(1 - p_r).mean() + F.relu(1 + p_f).mean())
+        loss = loss_cls + self.patch_loss_weight * loss_patch
+        correct = (c_r > 0).sum() + (c_f < 0).sum()
+        info = dict(d_loss=loss.item(), d_acc=correct.item() / (len(c_r) + len(c_f)),
+                    d_real=self._combine(c_r, p_r).mean().item(), d_fake=self._combine(c_f, p_f).mean().item())
+        return loss, info
+
+    def d_loss(self, real_images, fake_images, generator=None):
+        return self.d_loss_from_features(self.features(real_images), self.features(fake_images), generator)
+
+    def d_step(self, real_feats, fake_feats, generator=None):
+        """One Adam step on the head; gradients are averaged over ranks first (all-reduce, mean) when
+        torch.distributed runs with world > 1 — this is what keeps the head synchronised."""
+        assert self.head[0].weight.dtype == torch.float32, "keep the head float32: cast disc.backbone, not disc"
+        self.opt.zero_grad(set_to_none=True)
+        loss, info = self.d_loss_from_features(real_feats, fake_feats, generator)
+        loss.backward()
+        _all_reduce_grads_(self.head.parameters())
+        self.opt.step()
+        return info
+
+    def head_state(self):
+        return {"head": self.head.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_head_state(self, state):
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+
+
+# -----------------------------------------------------------------------------
+# CLIP scoring and the adversarial PickScore model (DESIGN §1.7)
+
+def _pooled(out):
+    # transformers v5 returns a model output from get_*_features, v4 a tensor
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class CLIPScorer(nn.Module):
+    """A frozen `transformers.CLIPModel` with CLIPProcessor's image preprocessing redone in torch (resize
+    the short side bicubic+antialias, centre crop, CLIP mean/std; differs from PIL in the last digits),
+    so images never leave the GPU. `model`/`processor` are hub ids or built objects (a CLIPModel and a
+    tokenizer, or a processor holding one). Kept in float32 (the trainable part's master weights);
+    runs under bf16 autocast on CUDA."""
+
+    def __init__(self, model, processor):
+        super().__init__()
+        if isinstance(model, str):
+            model = transformers.CLIPModel.from_pretrained(model)
+        if isinstance(processor, str):
+            processor = transformers.AutoTokenizer.from_pretrained(processor)
+        self.model = model.float().eval().requires_grad_(False)  # CLIP-H in float32: ~4 GB, fine beside SD3
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_size = model.config.vision_config.image_size
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.model.eval()  # CLIP has no dropout worth training with; keep inference behaviour
+        return self
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.mean.is_cuda)
+
+    def embed_text(self, prompts):
+        uniq = list(dict.fromkeys(prompts))  # a group repeats its prompt: encode each once
+        tok = self.tokenizer(uniq, padding=True, truncation=True, max_length=self.tokenizer.model_max_length,
+                             return_tensors="pt").to(self.mean.device)
+        with torch.no_grad(), self._autocast():  # the text tower is never trained
+            emb = _pooled(self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
+        emb = F.normalize(emb.float(), dim=-1)  # (U, E)
+        return emb[[uniq.index(p) for p in prompts]]  # (B, E)
+
+    def embed_images(self, images):
+        S = self.image_size
+        x = images.to(self.mean.device, torch.float32)  # (B, 3, H, W)
+        H, W = x.shape[-2:]
+        h, w = max(S, round(H * S / min(H, W))), max(S, round(W * S / min(H, W)))
+        x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)  # (B, 3, h, w)
+        top, left = (h - S) // 2, (w - S) // 2
+        x = (x[..., top:top + S, left:left + S] - self.mean) / self.std  # (B, 3, S, S)
+        with self._autocast():
+            emb = _pooled(self.model.get_image_features(pixel_values=x))
+        return F.normalize(emb.float(), dim=-1)  # (B, E)
+
+    def cosine(self, images, prompts):
+        return (self.embed_images(images) * self.embed_text(prompts)).sum(-1)  # (B,)
+
+
+class PickScoreAdversary(CLIPScorer):
+    """PickScore (= logit_scale.exp() · cos(text, image), ≈ 22 for SD3.5-M images) used as a discriminator:
+    only the last `train_last_k` vision layers + post_layernorm + visual_projection train, in float32
+    (train_last_k=0 gives the frozen `pickscore` reward). Each epoch in train.py:
+        r_gen, r_ref = adv.reward(gen, prompts), adv.reward(ref, prompts)   # ref[i] is one of prompts[i]'s references
+        if adv.should_train_d(all_reduce_mean(r_gen), all_reduce_mean(r_ref)): adv.d_step(ref, gen, prompts)  # G skips
+        else: update the generator with advantages from r_gen
+    Checkpoints: head_state() / load_head_state() hold the trainable tensors and Adam state only."""
+
+    def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                 train_last_k=1, lr=5e-6, betas=(0.5, 0.999)):
+        super().__init__(model, processor)
+        vm = self.model.vision_model
+        parts = [*vm.encoder.layers[len(vm.encoder.layers) - train_last_k:], vm.post_layernorm,
+                 self.model.visual_projection] if train_last_k > 0 else []
+        self.trainable = [p for m in parts for p in m.parameters()]
+        for p in self.trainable:
+            p.requires_grad_(True)
+        self.opt = torch.optim.Adam(self.trainable, lr=lr, betas=betas) if self.trainable else None
+
+    def score(self, images, prompts):
+        return self.model.logit_scale.exp().float() * self.cosine(images, prompts)  # (B,)
+
+    @torch.no_grad()
+    def reward(self, images, prompts):
+        return self.score(images, prompts)  # (B,)
+
+    @staticmethod
+    def should_train_d(gen_mean: float, ref_mean: float) -> bool:
+        """Trigger: D steps (and G skips) when generations out-score references. The caller passes means
+        already all-reduced over ranks, so every rank takes the same branch (d_step is a collective)."""
+        return gen_mean > ref_mean
+
+    def d_step(self, ref_images, gen_images, prompts):
+        """Bradley–Terry on each pair (ref_i, gen_i) of prompt_i: two-way cross entropy over their scores with
+        the reference as winner. Gradients averaged over ranks, then Adam."""
+        self.opt.zero_grad(set_to_none=True)
+        s_ref, s_gen = self.score(ref_images, prompts), self.score(gen_images, prompts)  # (B,), (B,)
+        logits = torch.stack([s_ref, s_gen], dim=1)  # (B, 2): the reference is class 0
+        loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        loss.backward()
+        _all_reduce_grads_(self.trainable)
+        self.opt.step()
+        return dict(d_loss=loss.item(), d_acc=(s_ref > s_gen).float().mean().item())
+
+    def head_state(self):
+        return {"trainable": [p.detach().clone() for p in self.trainable], "opt": self.opt.state_dict()}
+
+    def load_head_state(self, state):
+        with torch.no_grad():
+            for p, q in zip(self.trainable, state["trainable"]):
+                p.copy_(q)
+        self.opt.load_state_dict(state["opt"])
+
+
+# -----------------------------------------------------------------------------
+# Fixed rewards and the registry (DESIGN §1.8)
+# A factory takes keyword context (device, references, backbone, ...), ignores the rest (**_), and returns
+# fn(images (B,3,H,W) in [0,1], prompts, metadata) -> (rewards float32 (B,), info {str: float}).
+
+REWARDS = {}
+
+
+def register(name):
+    def deco(factory):
+        REWARDS[name] = factory
+        return factory
+    return deco
+
+
+@register("brightness")
+def brightness(**_):
+    """Mean pixel value: a trivial real reward for tests and reward-hacking demos."""
+    def fn(images, prompts, metadata):
+        return images.float().mean(dim=(1, 2, 3)), {}  # (B,)
+    return fn
+
+
+@register("dino_sim")
+def dino_sim(references, backbone="vit_base_patch14_dinov2.lvd142m", device="cpu", **_):
+    """Paired similarity: mean cosine of the DINO CLS of a generation with each of *its own prompt's*
+    references. `backbone` is a DinoFeatures (e.g. disc.phi, to share φ) or a timm name (518², pretrained).
+    Reference features are fixed, so they are computed once per prompt and cached."""
+    phi = backbone if isinstance(backbone, DinoFeatures) else DinoFeatures(backbone).to(device)
+    cache = {}
+
+    def fn(images, prompts, metadata):
+        g = F.normalize(phi(images)[0], dim=-1)  # (B, D)
+        for p in set(prompts) - cache.keys():
+            cache[p] = F.normalize(phi(references.images_of(p))[0], dim=-1)  # (k, D)
+        sims = torch.stack([(cache[p] @ g[i]).mean() for i, p in enumerate(prompts)])  # (B,)
+        return sims.to(images.device), {}
+    return fn
+
+
+@register("pickscore")
+def pickscore(device="cpu", pickscore_model="yuvalkirstain/PickScore_v1",
+              pickscore_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **_):
+    """Frozen PickScore (raw scale, ≈ 20; Flow-GRPO divides by 26, which advantages do not notice)."""
+    scorer = PickScoreAdversary(pickscore_model, pickscore_processor, train_last_k=0).to(device)
+
+    def fn(images, prompts, metadata):
+        return scorer.reward(images, prompts).to(images.device), {}
+    return fn
+
+
+@register("clip_score")
+def clip_score(device="cpu", clip_model="openai/clip-vit-large-patch14", clip_processor=None, **_):
+    """Raw cosine of CLIP image and text embeddings, in [-1, 1] like dino_sim. CLIPScore's ×100 (or ×2.5)
+    scale is a weight in build_reward, e.g. {"clip_score": 100.0}."""
+    scorer = CLIPScorer(clip_model, clip_processor or clip_model).to(device)
+
+    def fn(images, prompts, metadata):
+        with torch.no_grad():
+            return scorer.cosine(images, prompts).to(images.device), {}
+    return fn
+
+
+def build_reward(weights, **ctx):
+    """Weighted sum of registered rewards, e.g. build_reward({"dino_sim": 1.0, "brightness": 0.1}, references=refs).
+    info holds each component's batch mean as `reward/<name>` plus its own info as `<name>/<key>`."""
+    unknown = [n for n in weights if n not in REWARDS]
+    if unknown:
+        raise KeyError(f"unknown rewards {unknown}; registered: {sorted(REWARDS)}; {ADVERSARIAL} belong to train.py")
+    fns = {name: REWARDS[name](**ctx) for name in weights}
+
+    def fn(images, prompts, metadata):
+        total = torch.zeros(len(images), device=images.device)  # (B,)
+        info = {}
+        for name, f in fns.items():
+            r, sub = f(images, prompts, metadata)
+            total = total + weights[name] * r.float()
+            info[f"reward/{name}"] = r.float().mean().item()
+            info.update({f"{name}/{k}": v for k, v in sub.items()})
+        return total, info
+    return fn

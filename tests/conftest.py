@@ -1,0 +1,7 @@
+import os
+import sys
+
+# Never touch the network: every model in the tests is built in-process or read from assets/.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,0 +1,249 @@
+"""Tests for reward.py: tiny random-weight backbones built in-process, CPU only, no network."""
+import copy
+import os
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from reward import (REWARDS, CLIPScorer, DinoDiscriminator, DinoFeatures, PickScoreAdversary,  # noqa: E402
+                    build_reward)
+
+IMG = 28  # tiny DINOv2-style ViT: 28² input, patch 7 -> 16 patch tokens
+
+
+def tiny_vit(seed=0):
+    # init_values=1: DINOv2's LayerScale init (1e-5) leaves a *random* model's CLS token constant
+    torch.manual_seed(seed)
+    return timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=IMG,
+                             patch_size=7, embed_dim=32, depth=2, num_heads=2, init_values=1.0)
+
+
+def tinted(n, rgb, seed, size=32):
+    """n images of colour rgb plus noise; 32² so the resize to 28² is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor(rgb).view(1, 3, 1, 1) + 0.25 * torch.rand(n, 3, size, size, generator=g)
+    return x.clamp(0, 1)  # (n, 3, size, size)
+
+
+RED, BLUE = (0.7, 0.2, 0.2), (0.2, 0.2, 0.7)
+
+
+class Refs:
+    def __init__(self, d):
+        self.d = d
+
+    def images_of(self, prompt):
+        return self.d[prompt]
+
+
+# ----------------------------------------------------------------------------- DINO discriminator
+
+def test_discriminator_learns_and_reward_orders_reals_above_fakes():
+    disc = DinoDiscriminator(tiny_vit(), image_size=IMG)  # the paper's lr 1e-4, Adam (0.5, 0.999)
+    real, fake = disc.features(tinted(16, RED, 1)), disc.features(tinted(16, BLUE, 2))
+    first = disc.d_step(real, fake)
+    for _ in range(79):
+        last = disc.d_step(real, fake)
+    assert last["d_loss"] < first["d_loss"] and last["d_acc"] == 1.0 and last["d_real"] > last["d_fake"]
+    real_test, fake_test = tinted(8, RED, 3), tinted(8, BLUE, 4)
+    _, info = disc.d_loss(real_test, fake_test)
+    assert info["d_acc"] >= 0.9
+    r_real, r_fake = disc.reward(real_test), disc.reward(fake_test)
+    assert r_real.shape == (8,) and r_real.dtype == torch.float32
+    assert r_real.min() > r_fake.max()
+
+
+def test_only_head_is_trained():
+    disc = DinoDiscriminator(tiny_vit(), image_size=IMG)
+    before_bb = {k: v.clone() for k, v in disc.backbone.state_dict().items()}
+    w0, w2 = disc.head[0].weight.detach().clone(), disc.head[2].weight.detach().clone()
+    disc.d_step(disc.features(tinted(4, RED, 1)), disc.features(tinted(4, BLUE, 2)))
+    assert all(p.grad is None and not p.requires_grad for p in disc.backbone.parameters())
+    assert all(torch.equal(v, before_bb[k]) for k, v in disc.backbone.state_dict().items())
+    # (the output bias may not move at first: at init the real and fake hinge gradients on it cancel)
+    assert not torch.equal(disc.head[0].weight, w0) and not torch.equal(disc.head[2].weight, w2)
+    disc.train()  # a frozen backbone stays in eval mode
+    assert disc.head.training and not disc.backbone.training
+
+
+def test_backbone_runs_once_per_image_when_features_are_reused():
+    vit = tiny_vit()
+    seen = []
+    forward_features = vit.forward_features
+    vit.forward_features = lambda x: (seen.append(len(x)), forward_features(x))[1]
+    disc = DinoDiscriminator(vit, image_size=IMG)
+    real, fake = disc.features(tinted(4, RED, 1)), disc.features(tinted(6, BLUE, 2))
+    rewards = disc.score(*fake)
+    for _ in range(3):
+        disc.d_step(real, fake)
+    assert rewards.shape == (6,) and sum(seen) == 10
+
+
+def test_head_stays_float32_with_bf16_backbone():
+    disc = DinoDiscriminator(tiny_vit().to(torch.bfloat16), image_size=IMG)
+    cls, patches = disc.features(tinted(4, RED, 1))
+    assert cls.dtype == patches.dtype == torch.float32 and patches.shape == (4, 16, 32)
+    w = disc.head[0].weight.detach().clone()
+    disc.d_step((cls, patches), disc.features(tinted(4, BLUE, 2)))
+    assert all(p.dtype == torch.float32 for p in disc.head.parameters())
+    step = disc.head[0].weight.detach() - w
+    assert step.abs().max() > 5e-5
+    # why float32: the same lr-1e-4 step on bf16 weights would round back for most of them
+    assert ((w + step).bfloat16() == w.bfloat16()).float().mean() > 0.5
+    disc.to(torch.bfloat16)
+    with pytest.raises(AssertionError):
+        disc.d_step((cls, patches), (cls, patches))
+
+
+def test_reward_and_loss_share_token_preprocessing():
+    disc = DinoDiscriminator(tiny_vit(), image_size=IMG)
+    images = tinted(5, RED, 1)
+    cls, patches = disc.features(images)  # (5, 32), (5, 16, 32): 16 <= 64 patches, all used
+    with torch.no_grad():  # by hand, raw tokens (no L2 normalisation)
+        by_hand = 0.7 * disc.head(cls).squeeze(-1) + 0.3 * disc.head(patches).squeeze(-1).mean(1)
+    assert torch.allclose(disc.reward(images), by_hand, atol=1e-6)
+    # with a random subset of patches: the loss's d_fake is the mean reward under the same draws
+    disc.n_patches = 4
+    real = disc.features(tinted(3, BLUE, 2))
+    _, info = disc.d_loss_from_features(real, (cls, patches), generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    disc.score(*real, generator=g)  # consumes the reals' draw, as the loss does
+    assert info["d_fake"] == pytest.approx(disc.score(cls, patches, generator=g).mean().item(), abs=1e-6)
+    a = disc.reward(images, generator=torch.Generator().manual_seed(1))
+    b = disc.reward(images, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, by_hand)
+
+
+def test_head_state_round_trip():
+    disc = DinoDiscriminator(tiny_vit(), image_size=IMG, lr=1e-3)
+    real, fake = disc.features(tinted(4, RED, 1)), disc.features(tinted(4, BLUE, 2))
+    disc.d_step(real, fake)
+    other = DinoDiscriminator(tiny_vit(), image_size=IMG, lr=1e-3)
+    other.load_head_state(copy.deepcopy(disc.head_state()))
+    disc.d_step(real, fake), other.d_step(real, fake)  # Adam moments restored too -> identical next step
+    assert all(torch.equal(p, q) for p, q in zip(disc.head.parameters(), other.head.parameters()))
+
+
+def _ddp_worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    disc = DinoDiscriminator(tiny_vit(), image_size=IMG, lr=1e-3)
+    real, fake = disc.features(tinted(4, RED, 10 + rank)), disc.features(tinted(4, BLUE, 20 + rank))
+    for _ in range(3):
+        disc.d_step(real, fake)
+    torch.save([p.detach() for p in disc.head.parameters()], f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_head_synchronised_across_ranks(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, tmp_path / "init", tmp_path), nprocs=2)
+    h0, h1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(p, q) for p, q in zip(h0, h1))
+    # equal batch sizes: averaging rank gradients = one process on the concatenated batch
+    disc = DinoDiscriminator(tiny_vit(), image_size=IMG, lr=1e-3)
+    real = disc.features(torch.cat([tinted(4, RED, 10), tinted(4, RED, 11)]))
+    fake = disc.features(torch.cat([tinted(4, BLUE, 20), tinted(4, BLUE, 21)]))
+    for _ in range(3):
+        disc.d_step(real, fake)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(disc.head.parameters(), h0))
+
+
+# ----------------------------------------------------------------------------- PickScore / CLIP
+
+def tiny_tokenizer():
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+
+
+def tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=512, eos_token_id=513,
+                         pad_token_id=513),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    return transformers.CLIPModel(cfg)
+
+
+PROMPTS = ["a red square", "a blue circle", "a red square", "three green stars on a table"]
+
+
+def test_pickscore_adversary_trains_only_last_layers():
+    adv = PickScoreAdversary(tiny_clip(), tiny_tokenizer(), train_last_k=1, lr=1e-3)
+    trainable = {n for n, p in adv.named_parameters() if p.requires_grad}
+    allowed = ("model.vision_model.encoder.layers.2.", "model.vision_model.post_layernorm.", "model.visual_projection.")
+    assert trainable and all(n.startswith(allowed) for n in trainable)
+    assert any(n.startswith(allowed[0]) for n in trainable) and "model.visual_projection.weight" in trainable
+    before = {n: p.detach().clone() for n, p in adv.named_parameters()}
+    ref, gen = tinted(4, RED, 1, size=48), tinted(4, BLUE, 2, size=40)  # any size: resized + cropped to 32²
+    r = adv.reward(gen, PROMPTS)
+    assert r.shape == (4,) and r.dtype == torch.float32 and not r.requires_grad
+    assert torch.allclose(r, adv.model.logit_scale.exp() * adv.cosine(gen, PROMPTS))
+    first = adv.d_step(ref, gen, PROMPTS)
+    changed = {n for n, p in adv.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+    for _ in range(30):
+        last = adv.d_step(ref, gen, PROMPTS)
+    assert last["d_loss"] < first["d_loss"] and last["d_acc"] == 1.0
+    assert (adv.reward(ref, PROMPTS) > adv.reward(gen, PROMPTS)).all()
+
+
+def test_pickscore_trigger_and_state():
+    assert PickScoreAdversary.should_train_d(21.5, 21.0) and not PickScoreAdversary.should_train_d(21.0, 21.5)
+    adv = PickScoreAdversary(tiny_clip(), tiny_tokenizer(), train_last_k=2, lr=1e-3)
+    ref, gen = tinted(2, RED, 1), tinted(2, BLUE, 2)
+    adv.d_step(ref, gen, PROMPTS[:2])
+    other = PickScoreAdversary(tiny_clip(), tiny_tokenizer(), train_last_k=2, lr=1e-3)
+    other.load_head_state(copy.deepcopy(adv.head_state()))
+    assert torch.equal(other.reward(gen, PROMPTS[:2]), adv.reward(gen, PROMPTS[:2]))
+
+
+def test_frozen_pickscore_is_scaled_clip_cosine():
+    model, tok, images = tiny_clip(), tiny_tokenizer(), tinted(4, RED, 1)
+    cos, _ = REWARDS["clip_score"](clip_model=copy.deepcopy(model), clip_processor=tok)(images, PROMPTS, [{}] * 4)
+    ps, _ = REWARDS["pickscore"](pickscore_model=model, pickscore_processor=tok)(images, PROMPTS, [{}] * 4)
+    assert cos.abs().max() <= 1 and torch.allclose(ps, model.logit_scale.exp() * cos, atol=1e-5)
+    assert torch.allclose(cos, CLIPScorer(model, tok).cosine(images, PROMPTS), atol=1e-6)
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- fixed rewards, registry
+
+def test_dino_sim_is_paired_not_max_over_prompts():
+    phi = DinoFeatures(tiny_vit(), image_size=IMG)
+    a = tinted(1, RED, 1)
+    refs = Refs({"a": torch.cat([a, a]), "b": torch.cat([tinted(1, BLUE, 2), torch.zeros(1, 3, 32, 32)])})
+    gens, prompts = torch.cat([a, a]), ["a", "b"]  # the second generation copies prompt a's reference
+    sim, _ = REWARDS["dino_sim"](references=refs, backbone=phi)(gens, prompts, [{}, {}])
+    assert sim[0].item() == pytest.approx(1.0, abs=1e-5)
+    g = F.normalize(phi(gens)[0], dim=-1)  # (2, D)
+    own_b = F.normalize(phi(refs.images_of("b"))[0], dim=-1)  # (2, D)
+    assert sim[1].item() == pytest.approx((own_b @ g[1]).mean().item(), abs=1e-6)
+    every = F.normalize(phi(torch.cat([refs.images_of("a"), refs.images_of("b")]))[0], dim=-1)  # (4, D)
+    max_over_all = (g @ every.T).max(dim=1).values  # (2,): the published evaluation
+    assert max_over_all[1].item() == pytest.approx(1.0, abs=1e-5) and sim[1] < max_over_all[1] - 1e-3
+
+
+def test_build_reward_is_weighted_sum_of_components():
+    phi = DinoFeatures(tiny_vit(), image_size=IMG)
+    refs = Refs({"a": tinted(2, RED, 1), "b": tinted(3, BLUE, 2)})
+    images, prompts, meta = torch.cat([tinted(2, RED, 3), tinted(2, BLUE, 4)]), ["a", "a", "b", "b"], [{}] * 4
+    ctx = dict(references=refs, backbone=phi, device="cpu", resolution=512)  # unused keys are ignored
+    fn = build_reward({"brightness": 2.0, "dino_sim": -0.5}, **ctx)
+    total, info = fn(images, prompts, meta)
+    bright, _ = REWARDS["brightness"](**ctx)(images, prompts, meta)
+    sim, _ = REWARDS["dino_sim"](**ctx)(images, prompts, meta)
+    assert total.shape == (4,) and torch.allclose(total, 2.0 * bright - 0.5 * sim, atol=1e-6)
+    assert info["reward/brightness"] == pytest.approx(bright.mean().item())
+    assert info["reward/dino_sim"] == pytest.approx(sim.mean().item())
+    with pytest.raises(KeyError):
+        build_reward({"dino_adv": 1.0}, **ctx)  # adversarial rewards are driven by train.py

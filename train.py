@@ -1,0 +1,521 @@
+"""
+train.py — Adv-GRPO training of SD3 / SD3.5, top to bottom.
+
+    python train.py config/tiny.py                          # one process (CPU or one GPU)
+    torchrun --nproc_per_node=8 train.py config/sd35m_dino.py --lr=1e-4
+    python train.py config/tiny.py --resume                 # continue from the newest checkpoint
+
+Each epoch: sample a group of images per prompt (a short SDE "window" inside an ODE rollout) →
+reward them (a discriminator on frozen DINOv2 features that keeps learning from reference images, or
+a fixed reward) → group-normalised advantages across all ranks → a clipped GRPO update of the
+generator (LoRA) and/or a discriminator step, per the schedule → log → checkpoint.
+
+Owns: the config and its parser, DDP set-up, the epoch loop, the GRPO loss and advantages,
+checkpoints. The maths of a denoising step lives in sampler.py, models in model.py, rewards in
+reward.py, prompts and references in data.py.
+
+Departs from the published Flow-GRPO / Adv-GRPO scripts: no accelerate (plain DDP: you can see when
+gradients synchronise), no anomaly detection (3x slower), the discriminator head in float32 and
+synchronised across ranks, every random stream derived from (seed, epoch, rank, image) so a run is
+reproducible and a resume is exact, and the training window may start at random (`window_start =
+"random"`, the paper's text) as well as at 0 (the published code).
+"""
+
+import ast
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import model as M
+import sampler as S
+
+
+# -----------------------------------------------------------------------------------------------
+# Config: defaults = the paper's main setting (SD3.5-M, adversarial DINO reward). Presets in config/
+# are Python files assigning some of these names; then --key=value on the command line.
+
+@dataclass
+class Config:
+    # model
+    pretrained: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local folder, or random:<arch>
+    t5: bool = True                   # load T5-XXL; False feeds zeros in its place (as diffusers allows)
+    max_sequence_length: int = 128    # T5 tokens (77 CLIP + 128 T5 = 205 text tokens)
+    resolution: int = 512
+    lora_rank: int = 32               # 0 = full fine-tuning
+    lora_alpha: int = 64
+    gradient_checkpointing: bool = False
+    compile: bool = False             # torch.compile the transformer
+    mixed_precision: str = "bf16"     # "bf16" (CUDA only) or "no"; the CPU always runs float32
+    # data
+    train_prompts: str = "data/train.txt"       # .txt (one per line) or .jsonl with "prompt"
+    test_prompts: str = "data/test.txt"
+    # sampling
+    num_steps: int = 10
+    guidance_scale: float = 4.5       # CFG when sampling and when recomputing log-probs; 1 = off
+    sde_kind: str = "cps"             # "cps" (Adv-GRPO) or "sde" (Flow-GRPO)
+    noise_level: float = 0.8          # a: 0.8 for cps, 0.7 for sde
+    window_start: str = "0"           # first trained step: an integer, or "random" (first half, per epoch)
+    window_size: int = 2              # K trained (stochastic) steps; the rest are ODE
+    # batch arithmetic (global = across all ranks)
+    group_size: int = 16              # images per prompt
+    prompts_per_epoch: int = 48
+    sample_batch_size: int = 16       # images per sampling forward on one rank
+    train_batch_size: int = 8         # images per training forward on one rank
+    updates_per_epoch: int = 2        # optimizer steps per epoch; gradients accumulate in between
+    # GRPO
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    clip_range: float = 1e-5          # ε of the ratio clip (1e-5 with cps's unscaled log-prob)
+    adv_clip: float = 5.0
+    beta_kl: float = 0.0              # KL to the frozen base, β·mean((μ_θ - μ_ref)²)
+    global_std: bool = True           # normalise advantages by the std of all rewards of the epoch
+    ema_decay: float = 0.9
+    ema_every: int = 8                # EMA update every N optimizer steps
+    # reward: a weighted sum; "dino_adv" / "pickscore_adv" are learned adversarially, others fixed
+    reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})
+    # run
+    epochs: int = 1000
+    seed: int = 0
+    out_dir: str = "out/sd35m_dino"
+    save_every: int = 20              # epochs between checkpoints
+    keep_last: int = 3                # checkpoints kept on disk
+    resume: bool = False              # continue from the newest checkpoint in out_dir
+    max_bad_updates: int = 5          # stop after this many consecutive non-finite updates
+
+
+def parse_args(argv):
+    """Preset files (*.py, executed in order) then --key=value overrides. Refuses unknown keys and
+    values of the wrong type, naming the key and where it came from."""
+    cfg = Config()
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+
+    def set_key(key, value, where):
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise SystemExit(f"{where}: unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        want = type(getattr(Config(), key))
+        if want is float and type(value) is int:
+            value = float(value)
+        if want is str and not isinstance(value, str):
+            value = str(value)  # e.g. --window_start=0 parses as an int
+        if type(value) is not want:
+            raise SystemExit(f"{where}: {key} must be {want.__name__}, got {value!r} ({type(value).__name__})")
+        setattr(cfg, key, value)
+
+    for arg in argv:
+        if arg.endswith(".py") and not arg.startswith("--"):
+            ns = {}
+            try:
+                exec(compile(open(arg).read(), arg, "exec"), ns)
+            except FileNotFoundError:
+                raise SystemExit(f"preset file not found: {arg}")
+            for k, v in ns.items():
+                if not k.startswith("_") and not callable(v) and not isinstance(v, type(sys)):
+                    set_key(k, v, arg)
+        elif arg.startswith("--"):
+            key, eq, raw = arg[2:].partition("=")
+            if not eq:
+                raw = "True"  # a bare --flag
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a plain string
+            set_key(key, value, "command line")
+        else:
+            raise SystemExit(f"unexpected argument {arg!r}: give preset files (*.py) and --key=value")
+    return cfg
+
+
+def validate(cfg, world):
+    """Batch arithmetic and choices that would otherwise fail deep inside (or train on garbage)."""
+    n_global = cfg.prompts_per_epoch * cfg.group_size
+    checks = [
+        (n_global % world == 0, f"prompts_per_epoch × group_size = {n_global} images must split evenly over "
+                                f"{world} ranks"),
+        ((n_global // world) % cfg.sample_batch_size == 0, f"images per rank ({n_global // world}) must be a "
+                                f"multiple of sample_batch_size ({cfg.sample_batch_size})"),
+        ((n_global // world) % cfg.train_batch_size == 0, f"images per rank ({n_global // world}) must be a "
+                                f"multiple of train_batch_size ({cfg.train_batch_size})"),
+        ((n_global // world // cfg.train_batch_size * cfg.window_size) % cfg.updates_per_epoch == 0,
+         f"backward passes per epoch ({n_global // world // cfg.train_batch_size} batches × {cfg.window_size} "
+         f"steps) must be a multiple of updates_per_epoch ({cfg.updates_per_epoch})"),
+        (cfg.sde_kind in S.STEP_KINDS, f"sde_kind must be one of {S.STEP_KINDS}"),
+        (cfg.window_start == "random" or cfg.window_start.isdigit(), "window_start must be an integer or 'random'"),
+        (cfg.mixed_precision in ("bf16", "no"), "mixed_precision must be 'bf16' or 'no'"),
+        (cfg.group_size >= 2, "group_size must be ≥ 2: a group of one has no advantage"),
+        (cfg.beta_kl == 0 or cfg.lora_rank > 0, "beta_kl > 0 needs LoRA (the frozen base is the adapter switched off)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"config error: {msg}")
+
+
+# -----------------------------------------------------------------------------------------------
+# GRPO maths: small pure functions (unit-tested)
+
+def compute_advantages(rewards, group_ids, global_std=False, eps=1e-4):
+    """A = (r - mean_group) / (std + eps), std of the group or (global_std) of all rewards.
+
+    `group_ids` are any hashables (prompt strings, prompt indices). Works on numpy arrays and torch
+    tensors, returning the same type. std is the population std (ddof = 0), as in Flow-GRPO."""
+    is_torch = torch.is_tensor(rewards)
+    r = rewards.detach().double().cpu().numpy() if is_torch else np.asarray(rewards, dtype=np.float64)
+    adv = np.zeros_like(r)
+    index = {}
+    keys = np.array([index.setdefault(g, len(index)) for g in group_ids])
+    std_all = r.std()
+    for k in range(len(index)):
+        m = keys == k
+        std = std_all if global_std else r[m].std()
+        adv[m] = (r[m] - r[m].mean()) / (std + eps)
+    return torch.as_tensor(adv, dtype=rewards.dtype, device=rewards.device) if is_torch else adv.astype(r.dtype)
+
+
+def grpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip):
+    """The clipped surrogate: mean(max(-A·ratio, -A·clip(ratio, 1±ε))), advantages clipped to ±adv_clip."""
+    adv = advantages.clamp(-adv_clip, adv_clip)
+    ratio = torch.exp(log_prob - old_log_prob)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    info = dict(clipfrac=((ratio - 1).abs() > clip_range).float().mean().item(),
+                approx_kl=0.5 * ((log_prob - old_log_prob) ** 2).mean().item(),
+                ratio=ratio.mean().item())
+    return loss, info
+
+
+def window_for_epoch(cfg, epoch):
+    """Start of the trained window: fixed, or drawn from the first half of the steps — from (seed,
+    epoch) alone, so every rank draws the same window with no communication."""
+    if cfg.window_start != "random":
+        return int(cfg.window_start)
+    hi = max(1, min(cfg.num_steps // 2, cfg.num_steps - cfg.window_size + 1))
+    return int(np.random.default_rng([cfg.seed, epoch, 7]).integers(0, hi))
+
+
+# -----------------------------------------------------------------------------------------------
+# Distributed helpers
+
+def setup_distributed():
+    """torchrun → one process per GPU (nccl) or per CPU worker (gloo); plain python → world of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return rank, world, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def all_gather_cat(t):
+    """Concatenate a (n, ...) tensor from every rank, in rank order."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def all_mean(values: dict, device):
+    """Average a dict of floats over ranks (for logging only)."""
+    if not dist.is_initialized() or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+# -----------------------------------------------------------------------------------------------
+# Sampling: this rank's share of the epoch's images, with the trajectories needed to train on them
+
+def per_image_noise(cfg, epoch, indices, shape, window_size):
+    """Initial noise (B, C, h, w) and window noise (B, K, C, h, w) per image, each from a generator
+    seeded by (seed, epoch, global image index): an image is the same whatever its batch or rank."""
+    init, win = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, i]).generate_state(1)[0]))
+        init.append(torch.randn(shape, generator=g))
+        win.append(torch.randn((window_size, *shape), generator=g))
+    return torch.stack(init), torch.stack(win)
+
+
+@torch.no_grad()
+def sample_epoch(cfg, epoch, ctx, prompts, global_indices, window_start):
+    """Roll out every image of this rank. Returns a dict of per-image tensors on the device."""
+    pipe, device = ctx["pipe"], ctx["device"]
+    neg_emb, neg_pool = ctx["encode"]([""])
+    vae_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    shape = (pipe.transformer.config.in_channels, cfg.resolution // vae_f, cfg.resolution // vae_f)
+    sigmas = ctx["sigmas"]
+    out = []
+    bs = cfg.sample_batch_size
+    for b in ctx["tqdm"](range(0, len(prompts), bs), desc=f"epoch {epoch} sampling", leave=False):
+        p, idx = prompts[b:b + bs], global_indices[b:b + bs]
+        emb, pool = ctx["encode"](p)
+        noise, step_noise = per_image_noise(cfg, epoch, idx, shape, cfg.window_size)
+        vel = S.make_velocity_fn(ctx["transformer"], emb, pool, neg_emb.expand_as(emb), neg_pool.expand_as(pool),
+                                 cfg.guidance_scale, ctx["autocast"])
+        r = S.rollout(vel, noise.to(device), sigmas, cfg.sde_kind, cfg.noise_level, window_start, cfg.window_size,
+                      step_noise=step_noise.to(device), decode_fn=lambda z: S.decode_latents(pipe.vae, z))
+        out.append(dict(images=r["images"], x=r["x"], x_next=r["x_next"], log_probs=r["log_probs"],
+                        emb=emb, pool=pool))
+    batch = {k: torch.cat([o[k] for o in out]) for k in out[0]}
+    batch["step_idx"] = r["step_idx"]
+    return batch
+
+
+# -----------------------------------------------------------------------------------------------
+# The generator update
+
+def step_log_prob(cfg, ctx, model, batch, mb, j):
+    """Log-prob (B,) and mean of the stored transition x_j → x_{j+1} of images `mb` under `model`
+    (the same CFG and step kind as sampling, so with unchanged weights it equals the old log-prob)."""
+    neg_emb, neg_pool = ctx["encode"]([""])
+    emb, pool = batch["emb"][mb], batch["pool"][mb]
+    i, sigmas = int(batch["step_idx"][j]), ctx["sigmas"]
+    vel = S.make_velocity_fn(model, emb, pool, neg_emb.expand_as(emb), neg_pool.expand_as(pool),
+                             cfg.guidance_scale, ctx["autocast"])
+    x = batch["x"][mb, j]
+    _, logp, mean, _ = S.sde_step(vel(x, sigmas[i]), x, sigmas[i], sigmas[i + 1], cfg.noise_level, cfg.sde_kind,
+                                  prev_sample=batch["x_next"][mb, j])
+    return logp, mean
+
+
+def train_generator(cfg, epoch, ctx, batch, advantages):
+    """One pass of clipped-GRPO over this rank's images, `updates_per_epoch` optimizer steps.
+
+    For each micro-batch of images and each trained step j, recompute the log-prob of the stored
+    transition x_j → x_{j+1} under the current weights (same CFG as sampling), accumulate gradients
+    (DDP all-reduces only on the last micro-step before an optimizer step), clip, step, EMA."""
+    model, params, opt, device = ctx["ddp_model"], ctx["params"], ctx["opt"], ctx["device"]
+    n = len(advantages)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    micro = [order[i:i + cfg.train_batch_size] for i in range(0, n, cfg.train_batch_size)]
+    passes = [(mb, j) for mb in micro for j in range(len(batch["step_idx"]))]
+    accum = len(passes) // cfg.updates_per_epoch
+    stats, bad = [], 0
+    model.train()
+    for k, (mb, j) in enumerate(ctx["tqdm"](passes, desc=f"epoch {epoch} training", leave=False)):
+        mb = mb.to(device)
+        sync = (k + 1) % accum == 0
+        sync_ctx = model.no_sync() if (ctx["world"] > 1 and not sync) else contextlib.nullcontext()
+        with sync_ctx:
+            logp, mean = step_log_prob(cfg, ctx, model, batch, mb, j)
+            loss, info = grpo_loss(logp, batch["log_probs"][mb, j], advantages[mb], cfg.clip_range, cfg.adv_clip)
+            if cfg.beta_kl > 0:
+                with torch.no_grad(), M.adapters_disabled(ctx["transformer"]):
+                    _, mean_ref = step_log_prob(cfg, ctx, ctx["transformer"], batch, mb, j)
+                kl = ((mean - mean_ref) ** 2).mean()
+                loss = loss + cfg.beta_kl * kl
+                info["kl"] = kl.item()
+            (loss / accum).backward()
+        info["loss"] = loss.item()
+        stats.append(info)
+        if sync:
+            # The norm is computed on all-reduced gradients, so every rank takes the same decision.
+            gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            if torch.isfinite(gnorm):
+                opt.step()
+                ctx["counters"]["g_steps"] += 1
+                ctx["ema"].update(params, ctx["counters"]["g_steps"])
+                ctx["counters"]["bad_updates"] = 0
+            else:
+                bad += 1
+                ctx["counters"]["bad_updates"] += 1
+                if ctx["counters"]["bad_updates"] >= cfg.max_bad_updates:
+                    raise SystemExit(f"{cfg.max_bad_updates} consecutive non-finite gradient norms: stopping "
+                                     "(no checkpoint written). Lower lr or check the reward for NaN.")
+            opt.zero_grad(set_to_none=True)
+    model.eval()
+    out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+    out["skipped_updates"] = bad
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, then renamed (atomic); the newest complete one resumes
+
+def save_checkpoint(cfg, ctx, epoch):
+    from safetensors.torch import save_file
+    root = os.path.join(cfg.out_dir, "checkpoints")
+    final = os.path.join(root, f"epoch_{epoch:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    params = ctx["params"]
+    tensors = {n: p.detach().float().cpu().contiguous() for n, p in params.items()}
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise SystemExit(f"refusing to write a non-finite checkpoint at epoch {epoch}")
+    save_file(tensors, os.path.join(tmp, "trainable.safetensors"))
+    save_file({n: t.cpu().contiguous() for n, t in ctx["ema"].state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
+    state = dict(epoch=epoch, counters=dict(ctx["counters"]), config=dataclasses.asdict(cfg),
+                 optimizer=ctx["opt"].state_dict(), rng_cpu=torch.get_rng_state())
+    if ctx.get("adversary") is not None:
+        state["adversary"] = ctx["adversary"].state_dict()
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    for name in os.listdir(tmp):  # flush file contents before the rename makes them visible
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    done = sorted(d for d in os.listdir(root) if d.startswith("epoch_") and not d.endswith(".tmp"))
+    for old in done[:-cfg.keep_last]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir):
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root) if d.startswith("epoch_") and not d.endswith(".tmp"))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def load_checkpoint(path, ctx):
+    from safetensors.torch import load_file
+    trainable, ema = load_file(os.path.join(path, "trainable.safetensors")), load_file(os.path.join(path, "ema.safetensors"))
+    with torch.no_grad():
+        for n, p in ctx["params"].items():
+            p.copy_(trainable[n])
+    ctx["ema"].load_state_dict(ema)
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True, map_location=ctx["device"])
+    ctx["opt"].load_state_dict(state["optimizer"])
+    ctx["counters"].update(state["counters"])
+    torch.set_rng_state(state["rng_cpu"].cpu())
+    if ctx.get("adversary") is not None and "adversary" in state:
+        ctx["adversary"].load_state_dict(state["adversary"])
+    return state["epoch"]
+
+
+# -----------------------------------------------------------------------------------------------
+
+def build(cfg, device, rank, world):
+    """Pipeline, trainable parameters, optimizer, EMA, prompt encoder, DDP wrapper."""
+    cuda = device.type == "cuda"
+    bf16 = cuda and cfg.mixed_precision == "bf16"
+    # Frozen weights in bf16 on the GPU (memory), trainable ones float32 (Adam needs the precision).
+    pipe = M.load_pipeline(cfg.pretrained, t5=cfg.t5, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    transformer = M.add_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
+    params = M.trainable_parameters(transformer)
+    for p in params.values():
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.eval()
+    ddp_model = transformer
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None)
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    from tqdm.auto import tqdm
+    return dict(
+        pipe=pipe, transformer=transformer, ddp_model=ddp_model, params=params, opt=opt, device=device,
+        world=world, rank=rank, ema=M.EMA(params, cfg.ema_decay, cfg.ema_every),
+        encode=M.PromptEncoder(pipe, device, cfg.max_sequence_length),
+        sigmas=S.flow_sigmas(pipe.scheduler, cfg.num_steps, device),
+        autocast=torch.bfloat16 if bf16 else None,
+        counters=dict(g_steps=0, d_steps=0, bad_updates=0),
+        tqdm=lambda it, **kw: tqdm(it, disable=rank != 0, **kw),
+    )
+
+
+def train(cfg):
+    rank, world, device = setup_distributed()
+    validate(cfg, world)
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    prompts = data.load_prompts(cfg.train_prompts)
+    ctx = build(cfg, device, rank, world)
+    import reward as R
+    reward_fn = R.build_reward(cfg.reward, device=device)
+
+    start = 0
+    if cfg.resume:
+        path = latest_checkpoint(cfg.out_dir)
+        if path is None:
+            raise SystemExit(f"--resume: no complete checkpoint in {cfg.out_dir}/checkpoints")
+        start = load_checkpoint(path, ctx) + 1
+        if master:
+            print(f"resumed from {path} (next epoch {start})")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        n = cfg.prompts_per_epoch * cfg.group_size
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        print(f"world {world} | {cfg.prompts_per_epoch} prompts × {cfg.group_size} images = {n} images/epoch "
+              f"({n // world} per rank) | {len(prompts)} training prompts | trainable params "
+              f"{sum(p.numel() for p in ctx['params'].values()):,} of {M.count_params(ctx['transformer']):,}")
+    # SIGTERM (preemption): finish the epoch, save, exit 0.
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+
+    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+    for epoch in range(start, cfg.epochs):
+        t0 = time.time()
+        # 1. which prompts, which images on this rank (identical on every rank, no communication)
+        pidx = data.epoch_prompt_indices(len(prompts), cfg.prompts_per_epoch, epoch, cfg.seed)
+        group_of, mine = data.assign_samples(pidx, cfg.group_size, world, rank)
+        my_prompts = [prompts[g]["prompt"] for g in group_of[mine]]
+        my_meta = [prompts[g] for g in group_of[mine]]
+        w = window_for_epoch(cfg, epoch)
+        # 2. sample
+        batch = sample_epoch(cfg, epoch, ctx, my_prompts, list(range(mine.start, mine.stop)), w)
+        # 3. reward, gathered over ranks, and group advantages
+        rewards, rinfo = reward_fn(batch["images"], my_prompts, my_meta)
+        all_rewards = all_gather_cat(rewards.float().to(device))
+        adv = compute_advantages(all_rewards, group_of, global_std=cfg.global_std)[mine]
+        # 4. update the generator
+        ginfo = train_generator(cfg, epoch, ctx, batch, adv)
+        # 5. log
+        stats = all_mean({**rinfo, **ginfo}, device)
+        r = all_rewards.cpu().numpy().reshape(-1, cfg.group_size)
+        stats.update(epoch=epoch, window=w, reward_mean=float(r.mean()), reward_std=float(r.std()),
+                     zero_std_groups=float((r.std(1) < 1e-8).mean()), seconds=time.time() - t0,
+                     images_per_s=len(all_rewards) / (time.time() - t0), **ctx["counters"])
+        if master:
+            print(f"epoch {epoch:4d} | G {stats['g_steps']} D {stats['d_steps']} | reward {stats['reward_mean']:.4f} "
+                  f"± {stats['reward_std']:.4f} | clipfrac {stats['clipfrac']:.3f} | kl {stats['approx_kl']:.2e} | "
+                  f"{stats['seconds']:.1f}s {stats['images_per_s']:.1f} img/s", flush=True)
+            log.write(json.dumps(stats) + "\n")
+            log.flush()
+        # 6. checkpoint
+        last = epoch == cfg.epochs - 1
+        if (epoch + 1) % cfg.save_every == 0 or last or stop["now"]:
+            if master:
+                save_checkpoint(cfg, ctx, epoch)
+            if dist.is_initialized():
+                dist.barrier()
+        if stop["now"]:
+            if master:
+                print(f"SIGTERM: saved epoch {epoch}, exiting")
+            break
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return ctx
+
+
+def main(argv=None):
+    train(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()
