@@ -207,6 +207,40 @@ class DinoDiscriminator(nn.Module):
         self.opt.load_state_dict(state["opt"])
 
 
+def make_backbone(name, image_size=518, weights=""):
+    """The frozen feature backbone by config: a timm name (hub weights, or a local `weights` file), or
+    "random:tiny" — a 2-layer DINOv2-style ViT with random weights, for tests and smoke runs only."""
+    if name == "random:tiny":
+        with torch.random.fork_rng(devices=[]):  # identical on every rank, global RNG untouched
+            torch.manual_seed(0)
+            # init_values=1: DINOv2's LayerScale init (1e-5) would make a random model's CLS constant
+            return timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=image_size,
+                                     patch_size=7, embed_dim=32, depth=2, num_heads=2, init_values=1.0)
+    try:
+        return DinoFeatures(name, image_size, pretrained=True, pretrained_file=weights or None).backbone
+    except Exception as e:
+        raise SystemExit(f"could not load the feature backbone {name!r} ({type(e).__name__}: {e}). Offline? "
+                         "Pass --dino_weights=/path/to/model.safetensors, or try `make demo`.") from None
+
+
+def load_clip(model, processor):
+    """(CLIPModel, tokenizer) by config: hub ids / folders, or "random:tiny" (tests and smoke runs)."""
+    if model != "random:tiny":
+        return model, processor  # CLIPScorer loads ids itself
+    from model import char_tokenizer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tok = char_tokenizer(77)
+        cfg = transformers.CLIPConfig(
+            text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=32, patch_size=8),
+            projection_dim=16)
+        return transformers.CLIPModel(cfg), tok
+
+
 # -----------------------------------------------------------------------------
 # CLIP scoring and the adversarial PickScore model (DESIGN §1.7)
 

@@ -87,6 +87,20 @@ class Config:
     ema_every: int = 8                # EMA update every N optimizer steps
     # reward: a weighted sum; "dino_adv" / "pickscore_adv" are learned adversarially, others fixed
     reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})
+    references: str = "data/references.json"  # {prompt: [relative paths]} index, or a folder (real for every prompt)
+    reference_root: str = ""          # root of the index's paths (default: the JSON's folder)
+    skip_bad_references: bool = False # drop unreadable reference images with a warning instead of stopping
+    schedule: str = "paper"           # "paper": D-only epochs, G every d_times-th; "shared": G + D on one batch
+    d_times: int = 10                 # paper schedule: the generator trains on epochs where (epoch+1) % d_times == 0
+    d_steps: int = 1                  # shared schedule: D steps per epoch on the same samples
+    d_lr: float = 1e-4
+    dino_backbone: str = "vit_base_patch14_dinov2.lvd142m"  # timm name, or "random:tiny" (tests)
+    dino_weights: str = ""            # local weights file for the backbone (clusters without hub access)
+    dino_image_size: int = 518
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"     # or "random:tiny" (tests)
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    pickscore_train_last_k: int = 1   # vision layers the PickScore adversary trains (paper 2, published code 1)
+    pickscore_lr: float = 5e-6
     # run
     epochs: int = 1000
     seed: int = 0
@@ -157,6 +171,9 @@ def validate(cfg, world):
         (cfg.window_start == "random" or cfg.window_start.isdigit(), "window_start must be an integer or 'random'"),
         (cfg.mixed_precision in ("bf16", "no"), "mixed_precision must be 'bf16' or 'no'"),
         (cfg.group_size >= 2, "group_size must be ≥ 2: a group of one has no advantage"),
+        (cfg.schedule in ("paper", "shared"), "schedule must be 'paper' or 'shared'"),
+        (sum(k in ("dino_adv", "pickscore_adv") for k in cfg.reward) <= 1, "at most one adversarial reward"),
+        (cfg.resolution % 16 == 0, f"resolution {cfg.resolution} must be a multiple of 16 (VAE factor 8 × patch 2)"),
         (cfg.beta_kl == 0 or cfg.lora_rank > 0, "beta_kl > 0 needs LoRA (the frozen base is the adapter switched off)"),
     ]
     for ok, msg in checks:
@@ -246,7 +263,7 @@ def per_image_noise(cfg, epoch, indices, shape, window_size):
     seeded by (seed, epoch, global image index): an image is the same whatever its batch or rank."""
     init, win = [], []
     for i in indices:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, i]).generate_state(1)[0]))
+        g = torch.Generator().manual_seed(seed_of(cfg.seed, epoch, i))
         init.append(torch.randn(shape, generator=g))
         win.append(torch.randn((window_size, *shape), generator=g))
     return torch.stack(init), torch.stack(win)
@@ -278,6 +295,76 @@ def sample_epoch(cfg, epoch, ctx, prompts, global_indices, window_start):
 
 
 # -----------------------------------------------------------------------------------------------
+# The adversarial reward: scores from the current discriminator, and the D steps the schedule asks for
+
+def build_adversary(cfg, device):
+    """(kind, model) for the adversarial reward named in cfg.reward, or (None, None)."""
+    import reward as R
+    kind = next((k for k in cfg.reward if k in R.ADVERSARIAL), None)
+    if kind == "dino_adv":
+        backbone = R.make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights)
+        adv = R.DinoDiscriminator(backbone, image_size=cfg.dino_image_size, lr=cfg.d_lr).to(device)
+        if device.type == "cuda" and cfg.mixed_precision == "bf16":
+            adv.phi.backbone.to(torch.bfloat16)   # φ frozen in bf16; the head stays float32
+    elif kind == "pickscore_adv":
+        model, tok = R.load_clip(cfg.pickscore_model, cfg.pickscore_processor)
+        adv = R.PickScoreAdversary(model, tok, cfg.pickscore_train_last_k, cfg.pickscore_lr).to(device)
+    else:
+        return None, None
+    return kind, adv
+
+
+def load_references(cfg, prompts):
+    """The "real" images, validated at start-up: every training prompt must have references."""
+    if os.path.isdir(cfg.references):
+        refs = data.ReferenceSet.from_folder(cfg.references, size=cfg.resolution, skip_bad=cfg.skip_bad_references)
+    else:
+        refs = data.ReferenceSet.from_index(cfg.references, cfg.reference_root or None, size=cfg.resolution,
+                                           skip_bad=cfg.skip_bad_references)
+    missing = refs.missing([p["prompt"] for p in prompts])
+    if missing:
+        raise SystemExit(f"{len(missing)} of {len(prompts)} training prompts have no reference images in "
+                         f"{cfg.references}, e.g. {missing[:3]}. Add references or remove these prompts.")
+    return refs
+
+
+def adversarial_epoch(cfg, epoch, ctx, images, prompts):
+    """Rewards (n,) of this rank's generations from the current discriminator, after taking the D
+    step(s) that the schedule asks for this epoch (D only ever sees the features computed here, so the
+    backbone runs once per image per epoch). Returns (rewards, train_generator?, info)."""
+    kind, adv, device = ctx["adv_kind"], ctx["adversary"], ctx["device"]
+    g = torch.Generator(device).manual_seed(seed_of(cfg.seed, epoch, ctx["rank"], 1))   # patch draws
+    real_images = ctx["references"].sample(prompts, 1, torch.Generator().manual_seed(seed_of(cfg.seed, epoch, ctx["rank"], 2)))
+    real_images = real_images.to(device)                                                # (n, 3, H, W)
+    if kind == "dino_adv":
+        fake, real = adv.features(images), adv.features(real_images)                    # φ: once per image
+        rewards = adv.score(*fake, generator=g)
+        with torch.no_grad():
+            _, info = adv.d_loss_from_features(real, fake, generator=g)                 # before any D step
+        do_d = (epoch + 1) % cfg.d_times != 0 if cfg.schedule == "paper" else True
+        do_g = not do_d if cfg.schedule == "paper" else True
+        for _ in range(cfg.d_steps if do_d else 0):
+            d = adv.d_step(real, fake, generator=g)
+            ctx["counters"]["d_steps"] += 1
+            info["d_loss"] = d["d_loss"]
+    else:  # pickscore_adv: the trigger rule, on means over all ranks
+        rewards, ref_rewards = adv.reward(images, prompts), adv.reward(real_images, prompts)
+        means = all_mean(dict(gen=rewards.mean().item(), ref=ref_rewards.mean().item()), device)
+        info = dict(d_real=means["ref"], d_fake=means["gen"], d_acc=(ref_rewards > rewards).float().mean().item())
+        do_d = adv.should_train_d(means["gen"], means["ref"])
+        do_g = not do_d
+        if do_d:
+            info.update(adv.d_step(real_images, images, prompts))
+            ctx["counters"]["d_steps"] += 1
+    return rewards.float(), do_g, info
+
+
+def seed_of(*keys):
+    """A 63-bit seed from a tuple of ints: independent random streams per (seed, epoch, rank, purpose)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+# -----------------------------------------------------------------------------------------------
 # The generator update
 
 def step_log_prob(cfg, ctx, model, batch, mb, j):
@@ -302,7 +389,7 @@ def train_generator(cfg, epoch, ctx, batch, advantages):
     (DDP all-reduces only on the last micro-step before an optimizer step), clip, step, EMA."""
     model, params, opt, device = ctx["ddp_model"], ctx["params"], ctx["opt"], ctx["device"]
     n = len(advantages)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_of(cfg.seed, epoch, ctx["rank"], 3)))
     micro = [order[i:i + cfg.train_batch_size] for i in range(0, n, cfg.train_batch_size)]
     passes = [(mb, j) for mb in micro for j in range(len(batch["step_idx"]))]
     accum = len(passes) // cfg.updates_per_epoch
@@ -364,7 +451,7 @@ def save_checkpoint(cfg, ctx, epoch):
     state = dict(epoch=epoch, counters=dict(ctx["counters"]), config=dataclasses.asdict(cfg),
                  optimizer=ctx["opt"].state_dict(), rng_cpu=torch.get_rng_state())
     if ctx.get("adversary") is not None:
-        state["adversary"] = ctx["adversary"].state_dict()
+        state["adversary"] = ctx["adversary"].head_state()
     torch.save(state, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -399,7 +486,7 @@ def load_checkpoint(path, ctx):
     ctx["counters"].update(state["counters"])
     torch.set_rng_state(state["rng_cpu"].cpu())
     if ctx.get("adversary") is not None and "adversary" in state:
-        ctx["adversary"].load_state_dict(state["adversary"])
+        ctx["adversary"].load_head_state(state["adversary"])
     return state["epoch"]
 
 
@@ -434,7 +521,7 @@ def build(cfg, device, rank, world):
         encode=M.PromptEncoder(pipe, device, cfg.max_sequence_length),
         sigmas=S.flow_sigmas(pipe.scheduler, cfg.num_steps, device),
         autocast=torch.bfloat16 if bf16 else None,
-        counters=dict(g_steps=0, d_steps=0, bad_updates=0),
+        counters=dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0),
         tqdm=lambda it, **kw: tqdm(it, disable=rank != 0, **kw),
     )
 
@@ -444,10 +531,17 @@ def train(cfg):
     validate(cfg, world)
     master = rank == 0
     torch.manual_seed(cfg.seed)
-    prompts = data.load_prompts(cfg.train_prompts)
+    try:
+        prompts = data.load_prompts(cfg.train_prompts)
+    except ValueError as e:
+        raise SystemExit(f"{e}\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and "
+                         "weights: see README. To try the method on a laptop: `make demo`.)") from None
     ctx = build(cfg, device, rank, world)
     import reward as R
-    reward_fn = R.build_reward(cfg.reward, device=device)
+    ctx["adv_kind"], ctx["adversary"] = build_adversary(cfg, device)
+    ctx["references"] = load_references(cfg, prompts) if (ctx["adversary"] or "dino_sim" in cfg.reward) else None
+    fixed = {k: w for k, w in cfg.reward.items() if k not in R.ADVERSARIAL}
+    reward_fn = R.build_reward(fixed, device=device, references=ctx["references"]) if fixed else None
 
     start = 0
     if cfg.resume:
@@ -479,12 +573,20 @@ def train(cfg):
         w = window_for_epoch(cfg, epoch)
         # 2. sample
         batch = sample_epoch(cfg, epoch, ctx, my_prompts, list(range(mine.start, mine.stop)), w)
-        # 3. reward, gathered over ranks, and group advantages
-        rewards, rinfo = reward_fn(batch["images"], my_prompts, my_meta)
-        all_rewards = all_gather_cat(rewards.float().to(device))
+        # 3. reward (and the discriminator's step), gathered over ranks, and group advantages
+        rewards, rinfo, do_g = torch.zeros(len(my_prompts), device=device), {}, True
+        if reward_fn is not None:
+            r, rinfo = reward_fn(batch["images"], my_prompts, my_meta)
+            rewards = rewards + r.to(device)
+        if ctx["adversary"] is not None:
+            r, do_g, dinfo = adversarial_epoch(cfg, epoch, ctx, batch["images"], my_prompts)
+            rewards = rewards + cfg.reward[ctx["adv_kind"]] * r.to(device)
+            rinfo.update(dinfo)
+        all_rewards = all_gather_cat(rewards)
         adv = compute_advantages(all_rewards, group_of, global_std=cfg.global_std)[mine]
-        # 4. update the generator
-        ginfo = train_generator(cfg, epoch, ctx, batch, adv)
+        # 4. update the generator (unless the schedule gives this epoch to the discriminator)
+        ginfo = train_generator(cfg, epoch, ctx, batch, adv) if do_g else {}
+        ctx["counters"]["g_epochs"] += int(do_g)
         # 5. log
         stats = all_mean({**rinfo, **ginfo}, device)
         r = all_rewards.cpu().numpy().reshape(-1, cfg.group_size)
@@ -492,9 +594,7 @@ def train(cfg):
                      zero_std_groups=float((r.std(1) < 1e-8).mean()), seconds=time.time() - t0,
                      images_per_s=len(all_rewards) / (time.time() - t0), **ctx["counters"])
         if master:
-            print(f"epoch {epoch:4d} | G {stats['g_steps']} D {stats['d_steps']} | reward {stats['reward_mean']:.4f} "
-                  f"± {stats['reward_std']:.4f} | clipfrac {stats['clipfrac']:.3f} | kl {stats['approx_kl']:.2e} | "
-                  f"{stats['seconds']:.1f}s {stats['images_per_s']:.1f} img/s", flush=True)
+            print(epoch_line(stats), flush=True)
             log.write(json.dumps(stats) + "\n")
             log.flush()
         # 6. checkpoint
@@ -511,6 +611,16 @@ def train(cfg):
     if dist.is_initialized():
         dist.destroy_process_group()
     return ctx
+
+
+def epoch_line(s):
+    """The one stdout line per epoch."""
+    line = f"epoch {s['epoch']:4d} | G {s['g_steps']} D {s['d_steps']} | reward {s['reward_mean']:+.4f} ± {s['reward_std']:.4f}"
+    if "d_acc" in s:
+        line += f" | ref {s['d_real']:+.3f} gen {s['d_fake']:+.3f} D acc {s['d_acc']:.2f}"
+    if "clipfrac" in s:
+        line += f" | clipfrac {s['clipfrac']:.3f} kl {s['approx_kl']:.1e}"
+    return line + f" | {s['seconds']:.1f}s {s['images_per_s']:.1f} img/s"
 
 
 def main(argv=None):

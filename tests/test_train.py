@@ -12,11 +12,18 @@ import train as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(ROOT, "config", "tiny_random.py")
+ADV_PRESET = os.path.join(ROOT, "config", "tiny_random_adv.py")
 
 
-def tiny_cfg(**kw):
-    cfg = T.parse_args([PRESET] + [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in kw.items()])
+def tiny_cfg(preset=PRESET, **kw):
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # presets name repo-relative files
+    try:
+        cfg = T.parse_args([preset] + [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in kw.items()])
+    finally:
+        os.chdir(cwd)
     cfg.train_prompts = os.path.join(ROOT, cfg.train_prompts)
+    cfg.references = os.path.join(ROOT, cfg.references)
     return cfg
 
 
@@ -131,10 +138,10 @@ def test_random_window_is_random_per_epoch_and_in_first_half():
 
 # --- checkpoints, resume, DDP -------------------------------------------------------------------
 
-def _run(args, nproc=1):
+def _run(args, nproc=1, preset=ADV_PRESET):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-           if nproc > 1 else [sys.executable]) + ["train.py", PRESET] + args
+           if nproc > 1 else [sys.executable]) + ["train.py", preset] + args
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p.stdout
@@ -146,6 +153,7 @@ def _weights(out_dir, epoch):
 
 
 def test_resume_continues_exactly(tmp_path):
+    """3 epochs straight == 2 epochs, a new process, --resume, 1 more: generator, EMA and discriminator."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     _run([f"--out_dir={a}", "--epochs=3"])
     _run([f"--out_dir={b}", "--epochs=2"])
@@ -153,18 +161,26 @@ def test_resume_continues_exactly(tmp_path):
     assert "resumed from" in out and "epoch    2" in out
     wa, wb = _weights(a, 2), _weights(b, 2)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = (torch.load(os.path.join(d, "checkpoints", "epoch_000002", "state.pt"), weights_only=True) for d in (a, b))
+    for k, v in sa["adversary"]["head"].items():
+        assert torch.equal(v, sb["adversary"]["head"][k])
+    assert sa["counters"] == sb["counters"]
 
 
 def _ddp_worker(rank, world, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
-    cfg = tiny_cfg(out_dir=out_dir, epochs=2)
+    cfg = tiny_cfg(ADV_PRESET, out_dir=out_dir, epochs=3, schedule="shared")
     ctx = T.train(cfg)
-    torch.save({k: v.detach().clone() for k, v in ctx["params"].items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    state = {k: v.detach().clone() for k, v in ctx["params"].items()}
+    state.update({f"D.{k}": v.detach().clone() for k, v in ctx["adversary"].head.state_dict().items()})
+    torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_two_process_gloo_keeps_ranks_identical(tmp_path):
+def test_two_process_gloo_keeps_generator_and_discriminator_identical(tmp_path):
+    """Each rank generates different images and sees different references, yet after 3 epochs of
+    G + D steps both ranks hold bit-identical LoRA and discriminator-head weights."""
     import socket
     import torch.multiprocessing as mp
     with socket.socket() as s:
@@ -172,14 +188,71 @@ def test_two_process_gloo_keeps_ranks_identical(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    init = T.build(tiny_cfg(), torch.device("cpu"), 0, 1)["params"]
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    assert any(not torch.equal(w0[k], init[k]) for k in w0)           # and they did train
+    cfg = tiny_cfg(ADV_PRESET)
+    init = T.build(cfg, torch.device("cpu"), 0, 1)["params"]
+    _, d_init = T.build_adversary(cfg, torch.device("cpu"))
+    assert any(not torch.equal(w0[k], init[k]) for k in init)                         # G trained
+    assert any(not torch.equal(w0[f"D.{k}"], v) for k, v in d_init.head.state_dict().items())  # D trained
 
 
-def test_torchrun_two_processes_checkpoint_and_resume(tmp_path):
+@pytest.mark.parametrize("extra", [["--schedule=paper", "--d_times=2"],
+                                   ["--reward={'pickscore_adv': 1.0}", "--pickscore_model=random:tiny"]],
+                         ids=["dino_paper", "pickscore_adv"])
+def test_torchrun_two_processes_checkpoint_and_resume(tmp_path, extra):
     out = str(tmp_path / "run")
-    _run([f"--out_dir={out}"], nproc=2)
+    _run([f"--out_dir={out}", "--epochs=2"] + extra, nproc=2)
     assert os.path.isdir(os.path.join(out, "checkpoints", "epoch_000001"))
-    log = _run([f"--out_dir={out}", "--resume", "--epochs=3"], nproc=2)
+    log = _run([f"--out_dir={out}", "--resume", "--epochs=3"] + extra, nproc=2)
     assert "resumed from" in log and "epoch    2" in log
+
+
+# --- the adversarial reward in the loop -------------------------------------------------------
+
+def test_paper_schedule_counts_d_and_g_separately(tmp_path):
+    cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), schedule="paper", d_times=2, epochs=4)
+    ctx = T.train(cfg)
+    c = ctx["counters"]
+    # epochs 0 and 2 are D-only, 1 and 3 are G-only
+    assert c["d_steps"] == 2 and c["g_epochs"] == 2 and c["g_steps"] == 2 * cfg.updates_per_epoch
+    lines = [l for l in open(tmp_path / "metrics.jsonl")]
+    assert len(lines) == 4 and all("d_acc" in l and "d_real" in l for l in lines)
+
+
+def test_shared_schedule_and_pickscore_adversary_run(tmp_path):
+    ctx = T.train(tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "s"), schedule="shared", d_steps=2, epochs=2))
+    assert ctx["counters"]["d_steps"] == 4 and ctx["counters"]["g_epochs"] == 2
+    ctx = T.train(tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "p"), epochs=2, reward={"pickscore_adv": 1.0},
+                           pickscore_model="random:tiny"))
+    c = ctx["counters"]
+    assert c["d_steps"] + c["g_epochs"] == 2           # the trigger gives each epoch to exactly one side
+
+
+def test_training_prompt_without_references_is_refused(tmp_path):
+    import json
+    idx = json.load(open(os.path.join(ROOT, "assets", "tiny_refs", "index.json")))
+    idx.pop("a green triangle on the right")
+    (tmp_path / "index.json").write_text(json.dumps(idx))
+    cfg = tiny_cfg(ADV_PRESET, references=str(tmp_path / "index.json"),
+                   reference_root=os.path.join(ROOT, "assets", "tiny_refs"))
+    with pytest.raises(SystemExit, match="1 of 4 training prompts have no reference images.*green triangle"):
+        T.load_references(cfg, data.load_prompts(cfg.train_prompts))
+
+
+def test_default_config_without_weights_points_to_the_demo(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "make demo" in p.stderr
+
+
+def test_train_defaults_are_the_paper_dino_preset():
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        dino, pick = T.parse_args(["config/sd35m_dino.py"]), T.parse_args(["config/sd35m_pickscore.py"])
+    finally:
+        os.chdir(cwd)
+    assert dino == T.Config()
+    assert (T.Config().group_size, T.Config().prompts_per_epoch, T.Config().clip_range, T.Config().d_times) == (16, 48, 1e-5, 10)
+    assert pick.reward == {"pickscore_adv": 1.0} and pick.pickscore_lr == 5e-6
