@@ -173,7 +173,6 @@ def validate(cfg, world):
         (cfg.group_size >= 2, "group_size must be ≥ 2: a group of one has no advantage"),
         (cfg.schedule in ("paper", "shared"), "schedule must be 'paper' or 'shared'"),
         (sum(k in ("dino_adv", "pickscore_adv") for k in cfg.reward) <= 1, "at most one adversarial reward"),
-        (cfg.resolution % 16 == 0, f"resolution {cfg.resolution} must be a multiple of 16 (VAE factor 8 × patch 2)"),
         (cfg.beta_kl == 0 or cfg.lora_rank > 0, "beta_kl > 0 needs LoRA (the frozen base is the adapter switched off)"),
     ]
     for ok, msg in checks:
@@ -328,11 +327,14 @@ def load_references(cfg, prompts):
     return refs
 
 
-def adversarial_epoch(cfg, epoch, ctx, images, prompts):
+def adversarial_epoch(cfg, epoch, ctx, batch, prompts):
     """Rewards (n,) of this rank's generations from the current discriminator, after taking the D
     step(s) that the schedule asks for this epoch (D only ever sees the features computed here, so the
     backbone runs once per image per epoch). Returns (rewards, train_generator?, info)."""
-    kind, adv, device = ctx["adv_kind"], ctx["adversary"], ctx["device"]
+    kind, adv, device, images = ctx["adv_kind"], ctx["adversary"], ctx["device"], batch["images"]
+    # A non-finite generation must not reach the discriminator (it would poison the head for good).
+    if all_mean({"ok": float(torch.isfinite(images).all())}, device)["ok"] < 1:
+        return torch.full((len(images),), float("nan"), device=device), False, {}
     g = torch.Generator(device).manual_seed(seed_of(cfg.seed, epoch, ctx["rank"], 1))   # patch draws
     real_images = ctx["references"].sample(prompts, 1, torch.Generator().manual_seed(seed_of(cfg.seed, epoch, ctx["rank"], 2)))
     real_images = real_images.to(device)                                                # (n, 3, H, W)
@@ -421,10 +423,7 @@ def train_generator(cfg, epoch, ctx, batch, advantages):
                 ctx["counters"]["bad_updates"] = 0
             else:
                 bad += 1
-                ctx["counters"]["bad_updates"] += 1
-                if ctx["counters"]["bad_updates"] >= cfg.max_bad_updates:
-                    raise SystemExit(f"{cfg.max_bad_updates} consecutive non-finite gradient norms: stopping "
-                                     "(no checkpoint written). Lower lr or check the reward for NaN.")
+                note_bad_update(cfg, ctx, ctx["rank"] == 0, f"epoch {epoch}: non-finite gradient norm, step skipped")
             opt.zero_grad(set_to_none=True)
     model.eval()
     out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
@@ -460,6 +459,9 @@ def save_checkpoint(cfg, ctx, epoch):
             os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
+    fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
+    os.fsync(fd)
+    os.close(fd)
     done = sorted(d for d in os.listdir(root) if d.startswith("epoch_") and not d.endswith(".tmp"))
     for old in done[:-cfg.keep_last]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
@@ -501,6 +503,10 @@ def build(cfg, device, rank, world):
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if m is not None:
             m.requires_grad_(False).eval()
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1) * pipe.transformer.config.patch_size
+    if cfg.resolution % f:
+        raise SystemExit(f"config error: resolution {cfg.resolution} must be a multiple of {f} "
+                         f"(VAE factor × patch size of {cfg.pretrained})")
     transformer = M.add_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
     params = M.trainable_parameters(transformer)
     for p in params.values():
@@ -528,41 +534,51 @@ def build(cfg, device, rank, world):
 
 def train(cfg):
     rank, world, device = setup_distributed()
-    validate(cfg, world)
     master = rank == 0
-    torch.manual_seed(cfg.seed)
+    # --- everything the user gave us is checked before the (slow) model load: fail in seconds ---
+    validate(cfg, world)
     try:
         prompts = data.load_prompts(cfg.train_prompts)
     except ValueError as e:
         raise SystemExit(f"{e}\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and "
                          "weights: see README. To try the method on a laptop: `make demo`.)") from None
-    ctx = build(cfg, device, rank, world)
     import reward as R
-    ctx["adv_kind"], ctx["adversary"] = build_adversary(cfg, device)
-    ctx["references"] = load_references(cfg, prompts) if (ctx["adversary"] or "dino_sim" in cfg.reward) else None
-    fixed = {k: w for k, w in cfg.reward.items() if k not in R.ADVERSARIAL}
-    reward_fn = R.build_reward(fixed, device=device, references=ctx["references"]) if fixed else None
-
-    start = 0
+    unknown = [k for k in cfg.reward if k not in R.REWARDS and k not in R.ADVERSARIAL]
+    if unknown:
+        raise SystemExit(f"config error: unknown reward {unknown[0]!r}; known: {sorted(R.REWARDS) + list(R.ADVERSARIAL)}")
+    needs_refs = any(k in cfg.reward for k in (*R.ADVERSARIAL, "dino_sim"))
+    try:
+        references = load_references(cfg, prompts) if needs_refs else None
+    except ValueError as e:
+        raise SystemExit(f"reference images: {e}") from None
+    resume_from = None
     if cfg.resume:
-        path = latest_checkpoint(cfg.out_dir)
-        if path is None:
+        resume_from = latest_checkpoint(cfg.out_dir)
+        if resume_from is None:
             raise SystemExit(f"--resume: no complete checkpoint in {cfg.out_dir}/checkpoints")
-        start = load_checkpoint(path, ctx) + 1
-        if master:
-            print(f"resumed from {path} (next epoch {start})")
+
+    # --- models ---
+    torch.manual_seed(cfg.seed)
+    ctx = build(cfg, device, rank, world)
+    ctx["adv_kind"], ctx["adversary"] = build_adversary(cfg, device)
+    ctx["references"] = references
+    fixed = {k: w for k, w in cfg.reward.items() if k not in R.ADVERSARIAL}
+    reward_fn = R.build_reward(fixed, device=device, references=references) if fixed else None
+    start = load_checkpoint(resume_from, ctx) + 1 if resume_from else 0
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        n = cfg.prompts_per_epoch * cfg.group_size
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        if resume_from:
+            print(f"resumed from {resume_from} (next epoch {start})")
+        n = cfg.prompts_per_epoch * cfg.group_size
         print(f"world {world} | {cfg.prompts_per_epoch} prompts × {cfg.group_size} images = {n} images/epoch "
               f"({n // world} per rank) | {len(prompts)} training prompts | trainable params "
               f"{sum(p.numel() for p in ctx['params'].values()):,} of {M.count_params(ctx['transformer']):,}")
-    # SIGTERM (preemption): finish the epoch, save, exit 0.
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        log = open_metrics(cfg.out_dir, start)
+    # SIGTERM (preemption): finish the epoch, save, exit 0. The flag is all-reduced so ranks agree.
+    stop = torch.zeros(1, device=device)
+    signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
 
-    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         # 1. which prompts, which images on this rank (identical on every rank, no communication)
@@ -579,17 +595,25 @@ def train(cfg):
             r, rinfo = reward_fn(batch["images"], my_prompts, my_meta)
             rewards = rewards + r.to(device)
         if ctx["adversary"] is not None:
-            r, do_g, dinfo = adversarial_epoch(cfg, epoch, ctx, batch["images"], my_prompts)
+            r, do_g, dinfo = adversarial_epoch(cfg, epoch, ctx, batch, my_prompts)
             rewards = rewards + cfg.reward[ctx["adv_kind"]] * r.to(device)
             rinfo.update(dinfo)
         all_rewards = all_gather_cat(rewards)
+        finite = bool(torch.isfinite(all_rewards).all() and torch.isfinite(batch["log_probs"]).all())
+        finite = all_mean({"ok": float(finite)}, device)["ok"] == 1.0
         adv = compute_advantages(all_rewards, group_of, global_std=cfg.global_std)[mine]
         # 4. update the generator (unless the schedule gives this epoch to the discriminator)
-        ginfo = train_generator(cfg, epoch, ctx, batch, adv) if do_g else {}
-        ctx["counters"]["g_epochs"] += int(do_g)
+        ginfo = {}
+        if finite:
+            ctx["counters"]["bad_updates"] = 0
+        if do_g and finite:
+            ginfo = train_generator(cfg, epoch, ctx, batch, adv)
+            ctx["counters"]["g_epochs"] += 1
+        elif not finite:
+            note_bad_update(cfg, ctx, master, f"epoch {epoch}: non-finite rewards or log-probs, update skipped")
         # 5. log
         stats = all_mean({**rinfo, **ginfo}, device)
-        r = all_rewards.cpu().numpy().reshape(-1, cfg.group_size)
+        r = all_rewards.cpu().double().numpy().reshape(-1, cfg.group_size)
         stats.update(epoch=epoch, window=w, reward_mean=float(r.mean()), reward_std=float(r.std()),
                      zero_std_groups=float((r.std(1) < 1e-8).mean()), seconds=time.time() - t0,
                      images_per_s=len(all_rewards) / (time.time() - t0), **ctx["counters"])
@@ -598,19 +622,40 @@ def train(cfg):
             log.write(json.dumps(stats) + "\n")
             log.flush()
         # 6. checkpoint
-        last = epoch == cfg.epochs - 1
-        if (epoch + 1) % cfg.save_every == 0 or last or stop["now"]:
+        if dist.is_initialized():
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if (epoch + 1) % cfg.save_every == 0 or epoch == cfg.epochs - 1 or stop.item():
             if master:
                 save_checkpoint(cfg, ctx, epoch)
             if dist.is_initialized():
                 dist.barrier()
-        if stop["now"]:
+        if stop.item():
             if master:
-                print(f"SIGTERM: saved epoch {epoch}, exiting")
+                print(f"SIGTERM: saved epoch {epoch}, exiting", flush=True)
             break
     if dist.is_initialized():
         dist.destroy_process_group()
     return ctx
+
+
+def note_bad_update(cfg, ctx, master, msg):
+    """Skip a non-finite update, say so, and stop after max_bad_updates in a row (no checkpoint)."""
+    ctx["counters"]["bad_updates"] += 1
+    if master:
+        print(f"WARNING {msg} ({ctx['counters']['bad_updates']} in a row)", flush=True)
+    if ctx["counters"]["bad_updates"] >= cfg.max_bad_updates:
+        raise SystemExit(f"{cfg.max_bad_updates} non-finite updates in a row: stopping without writing a "
+                         "checkpoint. Check the reward for NaN/inf, or lower lr.")
+
+
+def open_metrics(out_dir, start):
+    """metrics.jsonl in append mode; on resume, drop the lines of epochs that will be redone."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        keep = [l for l in open(path) if l.strip() and json.loads(l)["epoch"] < start]
+        with open(path, "w") as f:
+            f.writelines(keep)
+    return open(path, "a")
 
 
 def epoch_line(s):
