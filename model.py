@@ -71,18 +71,29 @@ ARCHS = {
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
-def char_tokenizer(max_length):
-    """A character-level CLIP BPE tokenizer built in memory (no merges, so every byte is a token).
+def char_tokenizer(max_length, words=()):
+    """A CLIP BPE tokenizer built in memory: every byte is a token, plus one token per word in `words`
+    (the merges spell each word out, so "red" is one token, as in a trained vocabulary).
 
-    Random-weight pipelines have no trained vocabulary; this keeps the real `CLIPTokenizer` code path
-    (byte-level pre-tokeniser, </w> suffixes, BOS/EOS, padding) with a 514-token vocabulary."""
+    Random-weight and tiny-world pipelines have no trained vocabulary; this keeps the real
+    `CLIPTokenizer` code path (byte-level pre-tokeniser, </w> suffixes, BOS/EOS, padding)."""
     from tokenizers.pre_tokenizers import ByteLevel
     chars = sorted(ByteLevel.alphabet())  # the 256 byte-level symbols
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    merges = []
+    for w in sorted(set(words)):
+        if len(w) < 2:
+            continue
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:  # ((r, e) -> re), (re, d</w>) -> red</w>
+            merges.append((left, right))
+            left = left + right
+            vocab.setdefault(left, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)  # the highest id: CLIP's pooled token is found at argmax / eos
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=max_length)
 
 
 def random_pipeline(arch="tiny", t5=False, seed=0, device="cpu", dtype=torch.float32):

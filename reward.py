@@ -80,13 +80,14 @@ class DinoFeatures(nn.Module):
     `feats.backbone.to(torch.bfloat16)`; inputs follow the backbone's dtype, outputs are float32."""
 
     def __init__(self, backbone="vit_base_patch14_dinov2.lvd142m", image_size=518, pretrained=True,
-                 pretrained_file=None):
+                 pretrained_file=None, **timm_kwargs):
         super().__init__()
         if isinstance(backbone, str):
-            # a local weights file (offline clusters) goes through timm's usual loading path
+            # a local weights file (offline clusters) goes through timm's usual loading path;
+            # timm_kwargs change the architecture (the tiny world's ViT is a small DINOv2-style one)
             extra = dict(pretrained_cfg_overlay=dict(file=pretrained_file)) if pretrained_file else {}
             backbone = timm.create_model(backbone, pretrained=pretrained or bool(pretrained_file), num_classes=0,
-                                         img_size=image_size, **extra)
+                                         img_size=image_size, **extra, **timm_kwargs)
         self.backbone = backbone.requires_grad_(False).eval()
         cfg = getattr(backbone, "pretrained_cfg", None) or {}
         self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
@@ -207,9 +208,10 @@ class DinoDiscriminator(nn.Module):
         self.opt.load_state_dict(state["opt"])
 
 
-def make_backbone(name, image_size=518, weights=""):
-    """The frozen feature backbone by config: a timm name (hub weights, or a local `weights` file), or
-    "random:tiny" — a 2-layer DINOv2-style ViT with random weights, for tests and smoke runs only."""
+def make_backbone(name, image_size=518, weights="", timm_kwargs=None):
+    """The frozen feature backbone by config: a timm name (hub weights, or a local `weights` file, with
+    optional architecture kwargs), or "random:tiny" — a 2-layer DINOv2-style ViT with random weights,
+    for tests and smoke runs only."""
     if name == "random:tiny":
         with torch.random.fork_rng(devices=[]):  # identical on every rank, global RNG untouched
             torch.manual_seed(0)
@@ -217,7 +219,8 @@ def make_backbone(name, image_size=518, weights=""):
             return timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=image_size,
                                      patch_size=7, embed_dim=32, depth=2, num_heads=2, init_values=1.0)
     try:
-        return DinoFeatures(name, image_size, pretrained=True, pretrained_file=weights or None).backbone
+        return DinoFeatures(name, image_size, pretrained=True, pretrained_file=weights or None,
+                            **(timm_kwargs or {})).backbone
     except Exception as e:
         raise SystemExit(f"could not load the feature backbone {name!r} ({type(e).__name__}: {e}). Offline? "
                          "Pass --dino_weights=/path/to/model.safetensors, or try `make demo`.") from None

@@ -96,6 +96,7 @@ class Config:
     d_lr: float = 1e-4
     dino_backbone: str = "vit_base_patch14_dinov2.lvd142m"  # timm name, or "random:tiny" (tests)
     dino_weights: str = ""            # local weights file for the backbone (clusters without hub access)
+    dino_kwargs: dict = field(default_factory=dict)  # timm.create_model architecture kwargs (tiny world)
     dino_image_size: int = 518
     pickscore_model: str = "yuvalkirstain/PickScore_v1"     # or "random:tiny" (tests)
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -109,6 +110,12 @@ class Config:
     keep_last: int = 3                # checkpoints kept on disk
     resume: bool = False              # continue from the newest checkpoint in out_dir
     max_bad_updates: int = 5          # stop after this many consecutive non-finite updates
+    # held-out evaluation (EMA weights, ODE, fixed seeds) every eval_every epochs and at the end
+    eval_every: int = 20              # 0 = never
+    eval_num_steps: int = 40
+    eval_guidance_scale: float = 4.5
+    eval_n_per_prompt: int = 1        # images per test prompt
+    eval_max_prompts: int = 64        # first N test prompts (0 = all)
 
 
 def parse_args(argv):
@@ -301,7 +308,7 @@ def build_adversary(cfg, device):
     import reward as R
     kind = next((k for k in cfg.reward if k in R.ADVERSARIAL), None)
     if kind == "dino_adv":
-        backbone = R.make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights)
+        backbone = R.make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights, cfg.dino_kwargs)
         adv = R.DinoDiscriminator(backbone, image_size=cfg.dino_image_size, lr=cfg.d_lr).to(device)
         if device.type == "cuda" and cfg.mixed_precision == "bf16":
             adv.phi.backbone.to(torch.bfloat16)   # φ frozen in bf16; the head stays float32
@@ -452,11 +459,14 @@ def save_checkpoint(cfg, ctx, epoch):
     if ctx.get("adversary") is not None:
         state["adversary"] = ctx["adversary"].head_state()
     torch.save(state, os.path.join(tmp, "state.pt"))
+    if cfg.lora_rank > 0:
+        export_lora(ctx, os.path.join(tmp, "lora"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
-    for name in os.listdir(tmp):  # flush file contents before the rename makes them visible
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
+    for dirpath, _, files in os.walk(tmp):  # flush file contents before the rename makes them visible
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
@@ -466,6 +476,19 @@ def save_checkpoint(cfg, ctx, epoch):
     for old in done[:-cfg.keep_last]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
+
+
+def export_lora(ctx, path):
+    """The EMA LoRA in diffusers' format: `StableDiffusion3Pipeline.from_pretrained(base)
+    .load_lora_weights(path)` then samples what our eval samples (a test checks it)."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+    tr = ctx["transformer"]
+    with ctx["ema"].applied(ctx["params"]):
+        layers = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(tr).items()}
+    # the metadata carries lora_alpha: without it diffusers assumes alpha = rank (a 2x wrong scale here)
+    StableDiffusion3Pipeline.save_lora_weights(path, transformer_lora_layers=layers,
+                                               transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
 
 
 def latest_checkpoint(out_dir):
@@ -526,7 +549,7 @@ def build(cfg, device, rank, world):
         world=world, rank=rank, ema=M.EMA(params, cfg.ema_decay, cfg.ema_every),
         encode=M.PromptEncoder(pipe, device, cfg.max_sequence_length),
         sigmas=S.flow_sigmas(pipe.scheduler, cfg.num_steps, device),
-        autocast=torch.bfloat16 if bf16 else None,
+        autocast=torch.bfloat16 if bf16 else None, resolution=cfg.resolution,
         counters=dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0),
         tqdm=lambda it, **kw: tqdm(it, disable=rank != 0, **kw),
     )
@@ -579,8 +602,12 @@ def train(cfg):
     stop = torch.zeros(1, device=device)
     signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
 
+    test_prompts = load_test_prompts(cfg) if cfg.eval_every else []
+    history = []  # (training reward, held-out metrics) per evaluation, for the reward-hacking monitor
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
+        # 0. held-out evaluation of the weights as they enter this epoch (epoch 0 = the base model)
+        ev = run_eval(cfg, ctx, test_prompts, epoch, history) if cfg.eval_every and epoch % cfg.eval_every == 0 else {}
         # 1. which prompts, which images on this rank (identical on every rank, no communication)
         pidx = data.epoch_prompt_indices(len(prompts), cfg.prompts_per_epoch, epoch, cfg.seed)
         group_of, mine = data.assign_samples(pidx, cfg.group_size, world, rank)
@@ -614,6 +641,13 @@ def train(cfg):
         # 5. log
         stats = all_mean({**rinfo, **ginfo}, device)
         r = all_rewards.cpu().double().numpy().reshape(-1, cfg.group_size)
+        stats.update(ev)
+        if ev:  # pair the evaluation with this epoch's training reward, then ask the monitor
+            history[-1] = (float(all_rewards.mean()), history[-1][1])
+            warn = hacking_warning(history)
+            if warn:
+                print(f"WARNING {warn}", flush=True)
+                stats["hacking_warning"] = 1
         stats.update(epoch=epoch, window=w, reward_mean=float(r.mean()), reward_std=float(r.std()),
                      zero_std_groups=float((r.std(1) < 1e-8).mean()), seconds=time.time() - t0,
                      images_per_s=len(all_rewards) / (time.time() - t0), **ctx["counters"])
@@ -633,9 +667,67 @@ def train(cfg):
             if master:
                 print(f"SIGTERM: saved epoch {epoch}, exiting", flush=True)
             break
+    else:
+        if cfg.eval_every and start < cfg.epochs:  # the trained model, logged as epoch = cfg.epochs
+            ev = run_eval(cfg, ctx, test_prompts, cfg.epochs, history)
+            if master:
+                log.write(json.dumps(dict(epoch=cfg.epochs, **ev)) + "\n")
+                log.flush()
+                report(cfg)
     if dist.is_initialized():
         dist.destroy_process_group()
     return ctx
+
+
+def hacking_warning(history):
+    import eval as E
+    return E.hacking_warning(history)
+
+
+def load_test_prompts(cfg):
+    prompts = [p["prompt"] for p in data.load_prompts(cfg.test_prompts)]
+    return prompts[:cfg.eval_max_prompts] if cfg.eval_max_prompts else prompts
+
+
+def run_eval(cfg, ctx, test_prompts, epoch, history):
+    """Rank 0 generates the held-out set with the EMA weights and measures it; the others wait.
+    Returns {"eval/<metric>": value}; warns when the reward-hacking monitor fires."""
+    import eval as E
+    ev = {}
+    if ctx["rank"] == 0:
+        prompts = [p for p in test_prompts for _ in range(cfg.eval_n_per_prompt)]
+        images = E.generate(ctx, prompts, seed=cfg.seed, num_steps=cfg.eval_num_steps,
+                            guidance_scale=cfg.eval_guidance_scale)
+        adv = ctx.get("adversary")
+        features = adv.features if ctx.get("adv_kind") == "dino_adv" else None
+        m, _ = E.measure(images, prompts, ctx.get("references"), features)
+        ev = {f"eval/{k}": v for k, v in m.items()}
+        os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
+        E.save_grid(images[:64], os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"))
+        history.append((float("nan"), m))
+        print(f"eval @ epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return ev
+
+
+def report(cfg):
+    """End of run: curves, and the before/after numbers of the held-out evaluation (first vs last)."""
+    import eval as E
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    rows = [json.loads(l) for l in open(path) if l.strip()]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    E.plot_curves(path, os.path.join(cfg.out_dir, "curves.png"))
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        summary = {k[5:]: dict(before=first[k], after=last[k]) for k in last if k.startswith("eval/") and k in first}
+        summary["epochs"] = dict(before=first["epoch"], after=last["epoch"])
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"held-out before (epoch {first['epoch']}) → after (epoch {last['epoch']}):")
+        for k, v in summary.items():
+            if k != "epochs":
+                print(f"  {k:16s} {v['before']:.4f} → {v['after']:.4f}")
 
 
 def note_bad_update(cfg, ctx, master, msg):

@@ -1,0 +1,237 @@
+"""
+eval.py — held-out evaluation: generate with the EMA weights, measure, draw.
+
+    python eval.py --ckpt out/tiny/checkpoints/epoch_000099                 # the run's test prompts
+    python eval.py --ckpt CKPT --prompt "a red circle on the left" --n_per_prompt 8
+    python eval.py --ckpt CKPT --prompts my_prompts.txt --num_steps 40 --guidance_scale 4.5
+
+Writes PNGs, a grid and metrics.json next to the checkpoint (or --out). train.py calls `evaluate` every
+`eval_every` epochs on the fixed held-out prompts, with fixed seeds, so curves compare like with like.
+
+Metrics (each is skipped, with the reason recorded, when its ingredients are missing):
+- dino_sim: mean cosine of DINO CLS features between a generation and *its own prompt's* references
+  (the published evaluation takes the max over all prompts' references: a generation can then score
+  well by resembling some other prompt's picture).
+- fd_dino: Fréchet distance between generations and references in DINO CLS space (FD-DINOv2).
+- toy_geneval (+ per attribute) and background / saturation: exact pixel metrics, for prompts of the
+  shapes world (tinyworld.py). Background brightness is the held-out *style* metric of the demo.
+- pickscore / clip_score: when those models can be loaded (needs the hub or a local copy).
+
+Departs from the published code: the paired dino_sim above; FD computed in float64 with an
+eigen-decomposition (no scipy).
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+import sampler as S
+
+
+@torch.no_grad()
+def generate(ctx, prompts, seed=0, num_steps=40, guidance_scale=4.5, batch_size=32, use_ema=True):
+    """ODE samples for `prompts` (one image each; repeat a prompt for more), image i seeded by (seed, i)."""
+    pipe, device, tr = ctx["pipe"], ctx["device"], ctx["transformer"]
+    sigmas = S.flow_sigmas(pipe.scheduler, num_steps, device)
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    res = ctx["resolution"]
+    shape = (tr.config.in_channels, res // f, res // f)
+    neg_emb, neg_pool = ctx["encode"]([""])
+    out = []
+    ema = ctx["ema"].applied(ctx["params"]) if use_ema else _null()
+    with ema:
+        for b in range(0, len(prompts), batch_size):
+            p = prompts[b:b + batch_size]
+            emb, pool = ctx["encode"](p)
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + b + i))
+                                 for i in range(len(p))]).to(device)
+            vel = S.make_velocity_fn(tr, emb, pool, neg_emb.expand_as(emb), neg_pool.expand_as(pool),
+                                     guidance_scale, ctx["autocast"])
+            r = S.rollout(vel, noise, sigmas, window_size=0, decode_fn=lambda z: S.decode_latents(pipe.vae, z))
+            out.append(r["images"].float().cpu())
+    return torch.cat(out)                                                  # (B, 3, H, W) in [0, 1]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to feature sets a (N, D) and b (M, D), in float64."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    w, v = torch.linalg.eigh(ca)
+    sqrt_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T                  # ca^½
+    tr_sqrt = torch.linalg.eigvalsh(sqrt_a @ cb @ sqrt_a).clamp(min=0).sqrt().sum()   # tr (ca^½ cb ca^½)^½
+    return float(((mu_a - mu_b) ** 2).sum() + ca.trace() + cb.trace() - 2 * tr_sqrt)
+
+
+def measure(images, prompts, references=None, features=None):
+    """All metrics that apply. `features(images) -> (cls, patches)` is a frozen DINO-style backbone;
+    `references` a data.ReferenceSet. Returns (metrics dict, skipped {name: reason})."""
+    m, skipped = {}, {}
+    if features is not None and references is not None:
+        cls = torch.nn.functional.normalize(features(images)[0].float().cpu(), dim=-1)     # (B, D)
+        sims, ref_feats = [], {}
+        for i, p in enumerate(prompts):
+            if p not in ref_feats:
+                try:
+                    ref_feats[p] = features(references.images_of(p))[0].float().cpu()
+                except KeyError:
+                    ref_feats[p] = None  # a held-out prompt without references: not scored
+            if ref_feats[p] is not None:
+                sims.append((cls[i] @ torch.nn.functional.normalize(ref_feats[p], dim=-1).T).mean())
+        refs = [f for f in ref_feats.values() if f is not None]
+        if sims:
+            m["dino_sim"] = float(torch.stack(sims).mean())
+        if len(refs) and len(torch.cat(refs)) > 1 and len(images) > 1:
+            m["fd_dino"] = frechet_distance(features(images)[0].float().cpu(), torch.cat(refs))
+        else:
+            skipped["dino_sim"] = skipped["fd_dino"] = "no references for these prompts"
+    else:
+        skipped["dino_sim"] = skipped["fd_dino"] = "no references or no feature backbone in this run"
+    try:
+        import tinyworld as tw
+        for p in prompts:
+            tw.parse(p)
+    except ValueError:
+        skipped["toy_geneval"] = "prompts are not in the shapes-world grammar"
+    else:
+        acc = tw.accuracy(images, prompts)
+        m["toy_geneval"] = acc["correct"]
+        m.update({f"toy_{k}": v for k, v in acc.items() if k != "correct"})
+        st = tw.style_stats(images)
+        m["background"] = float(st["background_brightness"].mean())
+        m["saturation"] = float(st["saturation"].mean())
+        if references is not None:
+            try:
+                rst = tw.style_stats(torch.cat([references.images_of(p) for p in dict.fromkeys(prompts)]))
+                m["ref_background"] = float(rst["background_brightness"].mean())
+            except KeyError:
+                pass
+    return m, skipped
+
+
+def measure_preference(images, prompts, device):
+    """PickScore and CLIP score, when their weights can be loaded (hub or cache). (metrics, skipped)."""
+    import reward as R
+    m, skipped = {}, {}
+    for name in ("pickscore", "clip_score"):
+        try:
+            fn = R.REWARDS[name](device=device)
+        except Exception as e:  # offline, no cache, gated model...
+            skipped[name] = f"model not available ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            continue
+        m[name] = float(fn(images.to(device), prompts, [{}] * len(prompts))[0].mean())
+    return m, skipped
+
+
+def save_grid(images, path, nrow=8, labels=None):
+    """A PNG grid of images (B, 3, H, W) in [0, 1], scaled up so 32-px toys are visible."""
+    from PIL import Image
+    x = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()   # (B, H, W, 3)
+    b, h, w, _ = x.shape
+    rows = (b + nrow - 1) // nrow
+    grid = np.full((rows * (h + 2), nrow * (w + 2), 3), 255, np.uint8)
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = x[i]
+    img = Image.fromarray(grid)
+    if h < 128:
+        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+    img.save(path)
+
+
+def plot_curves(metrics_path, out_path, train_key="reward_mean", eval_keys=("eval/toy_geneval", "eval/background",
+                                                                            "eval/dino_sim")):
+    """Training reward and held-out metrics against epoch on one figure: the reward-hacking picture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in open(metrics_path) if l.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tr = [(r["epoch"], r[train_key]) for r in rows if train_key in r]
+    ax.plot(*zip(*tr), color="k", lw=1, label=f"train {train_key}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training reward")
+    ax2 = ax.twinx()
+    for k in eval_keys:
+        pts = [(r["epoch"], r[k]) for r in rows if k in r]
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", label=f"held-out {k[5:]}")
+    ax2.set_ylabel("held-out metric")
+    fig.legend(loc="upper center", ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def hacking_warning(history, window=3):
+    """Reward hacking, operationally: over the last `window` evaluations the training reward rose while
+    every held-out metric that should rise fell. `history`: list of (train_reward, {metric: value})."""
+    if len(history) < window:
+        return None
+    old, new = history[-window], history[-1]
+    falling = [k for k in new[1] if k in old[1] and k in ("toy_geneval", "dino_sim") and new[1][k] < old[1][k]]
+    if new[0] > old[0] and falling:
+        return (f"reward hacking? training reward {old[0]:.4f} → {new[0]:.4f} while held-out "
+                + ", ".join(f"{k} {old[1][k]:.3f} → {new[1][k]:.3f}" for k in falling)
+                + f" over the last {window} evaluations")
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, help="a checkpoint folder (…/checkpoints/epoch_NNNNNN)")
+    ap.add_argument("--prompts", help="prompt file (.txt or .jsonl); default: the run's test_prompts")
+    ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    ap.add_argument("--n_per_prompt", type=int, default=4)
+    ap.add_argument("--num_steps", type=int, default=40)
+    ap.add_argument("--guidance_scale", type=float, default=4.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="output folder (default: <ckpt>/eval)")
+    args = ap.parse_args()
+    import data
+    import train as T
+    cfg = T.Config(**json.load(open(os.path.join(args.ckpt, "config.json"))))
+    _, _, device = T.setup_distributed()
+    ctx = T.build(cfg, device, 0, 1)
+    T.load_checkpoint(args.ckpt, ctx)
+    base = args.prompt or [p["prompt"] for p in data.load_prompts(args.prompts or cfg.test_prompts)]
+    prompts = [p for p in base for _ in range(args.n_per_prompt)]
+    images = generate(ctx, prompts, args.seed, args.num_steps, args.guidance_scale)
+    refs = None
+    try:
+        refs = T.load_references(cfg, [{"prompt": p} for p in base]) if cfg.references else None
+    except (SystemExit, ValueError) as e:
+        print(f"references not used: {e}")
+    kind, adv = T.build_adversary(cfg, device)
+    features = adv.features if kind == "dino_adv" else None
+    metrics, skipped = measure(images, prompts, refs, features)
+    pm, ps = measure_preference(images, prompts, device)
+    metrics.update(pm)
+    skipped.update(ps)
+    out = args.out or os.path.join(args.ckpt, "eval")
+    os.makedirs(out, exist_ok=True)
+    from PIL import Image
+    for i, im in enumerate(images):
+        Image.fromarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(os.path.join(out, f"{i:04d}.png"))
+    save_grid(images, os.path.join(out, "grid.png"), nrow=args.n_per_prompt)
+    json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, num_steps=args.num_steps,
+                   guidance_scale=args.guidance_scale, seed=args.seed), open(os.path.join(out, "metrics.json"), "w"),
+              indent=1)
+    print(json.dumps(metrics, indent=1))
+    for k, why in skipped.items():
+        print(f"skipped {k}: {why}")
+
+
+if __name__ == "__main__":
+    main()

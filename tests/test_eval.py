@@ -1,0 +1,79 @@
+"""eval.py: metrics with known answers, the hacking monitor, and the diffusers LoRA round trip."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import eval as E
+import train as T
+from test_train import ADV_PRESET, tiny_cfg
+
+
+def test_frechet_distance_of_gaussians_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(20000, 3, generator=g, dtype=torch.float64) * 2 + torch.tensor([1.0, 0, 0], dtype=torch.float64)
+    # N(0, I) vs N(m, 4I): |m|² + tr(I) + tr(4I) - 2·tr(2I) = 1 + 3 + 12 - 12 = 4
+    assert abs(E.frechet_distance(a, b) - 4.0) < 0.1
+    assert abs(E.frechet_distance(a, a)) < 1e-6
+
+
+def test_hacking_monitor_fires_only_when_reward_rises_and_held_out_falls():
+    up_down = [(0.1, {"toy_geneval": 0.5}), (0.2, {"toy_geneval": 0.45}), (0.3, {"toy_geneval": 0.3})]
+    assert "toy_geneval 0.500 → 0.300" in E.hacking_warning(up_down)
+    up_up = [(0.1, {"toy_geneval": 0.5}), (0.2, {"toy_geneval": 0.6}), (0.3, {"toy_geneval": 0.7})]
+    assert E.hacking_warning(up_up) is None
+    assert E.hacking_warning(up_down[:2]) is None       # not enough evaluations yet
+
+
+def test_paired_dino_sim_uses_own_references_only():
+    class Refs:  # prompt a's reference is the generation itself; b's is different
+        def __init__(self, imgs):
+            self.imgs = imgs
+
+        def images_of(self, p):
+            return self.imgs[p]
+
+    gen = torch.rand(2, 3, 8, 8)
+    refs = Refs({"a": gen[:1], "b": torch.rand(1, 3, 8, 8)})
+    feats = lambda x: (x.flatten(1), None)  # identity "backbone"
+    m, _ = E.measure(gen[:1], ["a"], refs, feats)
+    assert abs(m["dino_sim"] - 1.0) < 1e-6
+    m2, _ = E.measure(gen[:1], ["b"], refs, feats)
+    assert m2["dino_sim"] < 0.99
+
+
+def test_in_loop_eval_writes_grid_curves_and_summary(tmp_path):
+    cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), epochs=4, eval_every=2, eval_num_steps=4, ema_every=1)
+    T.train(cfg)
+    for f in ("curves.png", "summary.json", "samples/epoch_000000.png", "samples/epoch_000004.png"):
+        assert os.path.exists(tmp_path / f), f
+    import json
+    s = json.load(open(tmp_path / "summary.json"))
+    assert s["epochs"] == {"before": 0, "after": 4}
+    assert {"toy_geneval", "background", "dino_sim", "fd_dino"} <= set(s)
+    # with ema_every=1 the EMA moved, so the generated images (and some metric) changed
+    assert any(v["before"] != v["after"] for k, v in s.items() if k != "epochs")
+
+
+def test_exported_lora_reproduces_our_samples_in_diffusers(tmp_path):
+    """Our eval sampler with the EMA LoRA == a fresh diffusers pipeline + load_lora_weights(ckpt/lora)."""
+    import model as M
+    cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), epochs=2, ema_every=1, lr=3e-2)
+    ctx = T.train(cfg)
+    ckpt = T.latest_checkpoint(str(tmp_path))
+    prompts = ["a red circle on the left", "a blue square in the centre"]
+    ours = E.generate(ctx, prompts, seed=3, num_steps=6, guidance_scale=2.0)
+    base = E.generate(ctx, prompts, seed=3, num_steps=6, guidance_scale=2.0, use_ema=False)
+    assert (ours - base).abs().max() > 1e-4  # the LoRA does something
+
+    pipe = M.load_pipeline(cfg.pretrained, t5=False)  # same seed → same random base weights
+    pipe.load_lora_weights(os.path.join(ckpt, "lora"))
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    shape = (pipe.transformer.config.in_channels, cfg.resolution // f, cfg.resolution // f)
+    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(3 * 1_000_003 + i))
+                           for i in range(len(prompts))])
+    theirs = pipe(prompts, latents=latents, num_inference_steps=6, guidance_scale=2.0, output_type="pt",
+                  max_sequence_length=cfg.max_sequence_length, height=cfg.resolution, width=cfg.resolution).images
+    torch.testing.assert_close(theirs.float(), ours, atol=1e-4, rtol=0)
