@@ -1,0 +1,352 @@
+"""
+bench.py — seconds, images/s, TFLOP/s, MFU and peak memory of each stage of an Adv-GRPO epoch, with
+random weights (no download): SD3.5-M on one GPU, or the tiny architecture on a CPU. See docs/PERF.md.
+
+    python bench.py                                   # CUDA: SD3.5-M 512², the per-GPU recipe; CPU: tiny
+    python bench.py --compile --eager_baseline        # eager, then torch.compile'd, in one process
+    python bench.py --low_mem                         # the 24 GB option set
+    python bench.py --count_only --arch=sd3.5-medium  # FLOPs only, on shape-only models (any machine)
+    python bench.py --resolution=1024 --out=b.json    # other --key=value are train.Config keys
+
+It runs train.py's own functions (build, sample_epoch, adversarial_epoch, train_generator) on one GPU's
+share of the recipe: 96 images = 6 prompts × 16, sample batch 16, train batch 8, 10 steps, window 2,
+CFG 4.5 (DESIGN §1.9). Timers sit between torch.cuda.synchronize() calls. The VAE decode (inside
+sample_epoch) and the D step (inside adversarial_epoch) are timed by wrapping those callees and are
+subtracted from the enclosing stage, so the rows are disjoint and add up to the epoch.
+
+FLOPs: FlopCounterMode on one call of each model at the run's batch shapes, times the number of calls,
+counted on a shape-only copy (meta weights made fake tensors): no memory, no gradients left behind, the
+same count on a laptop as on the GPU. Model FLOPs: checkpointing's recomputation is not counted.
+
+Departs from train.py where a benchmark must: the "shared" schedule with one D step (every epoch has
+every stage), new prompts each epoch (encoding is measured, not served from the cache), no progress bars,
+non-finite updates never stop the run. Leaves out DDP all-reduces, reading references from disk, checkpoints.
+"""
+
+import ast
+import contextlib
+import dataclasses
+import gc
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import timm
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+import data
+import reward as R
+import sampler as S
+import train
+
+# -----------------------------------------------------------------------------------------------
+# Config: the bench's own knobs; every other --key=value goes to train.parse_args (train.Config), e.g.
+# --compile, --gradient_checkpointing, --resolution=1024. `epochs` here shadows train.Config's.
+
+@dataclass
+class Bench:
+    arch: str = "sd3.5-medium" if torch.cuda.is_available() else "tiny"  # random-weight architecture (ARCH)
+    epochs: int = 2                  # timed epochs, averaged
+    warmup_epochs: int = 1           # untimed epochs first: CUDA context, cuBLAS autotune, torch.compile
+    eager_baseline: bool = False     # run eager, then compiled (compile=True), in one process; print both
+    low_mem: bool = False            # the 24 GB set (LOW_MEM): checkpointing, no T5, encoders freed, VAE in chunks
+    count_only: bool = False         # count FLOPs and stop (no timing, no real models built)
+    peak_tflops: float = 989.0       # MFU denominator: H100/H200 SXM dense bf16 (NVIDIA data sheet)
+    out: str = ""                    # also write the results as JSON to this file
+
+
+# The per-GPU share of the recipe; everything not named here is train.Config's default (= the paper's).
+ARCH = {
+    "sd3.5-medium": dict(pretrained="random:sd3.5-medium", prompts_per_epoch=6,
+                         dino_backbone="random:vit_base_patch14_dinov2"),  # random DINOv2-B/14, 518²
+    "tiny": dict(pretrained="random:tiny", t5=False, resolution=32, max_sequence_length=8, lora_rank=4, lora_alpha=8,
+                 prompts_per_epoch=2, group_size=4, sample_batch_size=4, train_batch_size=2,
+                 dino_backbone="random:tiny", dino_image_size=28),
+}
+COMMON = dict(reward={"dino_adv": 1.0}, schedule="shared", d_steps=1, max_bad_updates=10 ** 9)
+LOW_MEM = dict(gradient_checkpointing=True, t5=False)
+LOW_MEM_DECODE_CHUNK = 4             # images per VAE decode call under --low_mem (sample_epoch uses 16)
+STAGES = ("encode", "sample", "decode", "reward", "d_step", "g_step")
+INNER = {"sample": "decode", "reward": "d_step"}  # timed inside the outer stage, subtracted from it
+
+
+def parse(argv):
+    """(Bench, train.Config): bench knobs from argv; the rest over ARCH[arch] (and LOW_MEM) through
+    train.parse_args, which refuses unknown keys and wrong types."""
+    b, rest = Bench(), []
+    kinds = {f.name: type(getattr(b, f.name)) for f in dataclasses.fields(Bench)}
+    for arg in argv:
+        key, eq, raw = arg[2:].partition("=")
+        if not (arg.startswith("--") and key in kinds):
+            rest.append(arg)
+            continue
+        try:
+            value = ast.literal_eval(raw) if eq else True
+        except (ValueError, SyntaxError):
+            value = raw
+        value = float(value) if kinds[key] is float and type(value) is int else value
+        value = str(value) if kinds[key] is str else value
+        if type(value) is not kinds[key]:
+            raise SystemExit(f"{key} must be {kinds[key].__name__}, got {value!r}")
+        setattr(b, key, value)
+    if b.arch not in ARCH:
+        raise SystemExit(f"--arch must be one of {sorted(ARCH)}, got {b.arch!r}")
+    preset = {**COMMON, **ARCH[b.arch], **(LOW_MEM if b.low_mem else {})}
+    cfg = train.parse_args([f"--{k}={v!r}" for k, v in preset.items()] + rest)
+    train.validate(cfg, 1)
+    return b, cfg
+
+
+# -----------------------------------------------------------------------------------------------
+# Models and data, as the loop builds them
+
+def make_adversary(cfg, device):
+    """The DINO discriminator as train.build_adversary builds it. reward.make_backbone only knows hub
+    weights and "random:tiny", so "random:<timm name>" (e.g. the full DINOv2-B/14) is built here with
+    pretrained=False and handed to reward.DinoDiscriminator as a module."""
+    name = cfg.dino_backbone
+    if not name.startswith("random:") or name == "random:tiny":
+        return train.build_adversary(cfg, device)[1]
+    backbone = timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=0, img_size=cfg.dino_image_size)
+    adv = R.DinoDiscriminator(backbone, image_size=cfg.dino_image_size, lr=cfg.d_lr).to(device)
+    if device.type == "cuda" and cfg.mixed_precision == "bf16":
+        adv.phi.backbone.to(torch.bfloat16)  # as train.build_adversary: φ in bf16, the head float32
+    return adv
+
+
+def random_references(cfg, k=8):
+    """k random-noise PNGs written to a temporary folder and read back by data.ReferenceSet (folder mode:
+    real for every prompt). The images are held in memory, so the folder can go at once."""
+    from PIL import Image
+    rng = np.random.default_rng(cfg.seed)
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(k):
+            pixels = rng.integers(0, 256, (cfg.resolution, cfg.resolution, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(f"{folder}/{i}.png")
+        return data.ReferenceSet.from_folder(folder, size=cfg.resolution)
+
+
+# -----------------------------------------------------------------------------------------------
+# FLOPs, counted once per call shape
+
+aten = torch.ops.aten
+CPU_ATTENTION = {  # FlopCounterMode counts the CUDA attention kernels but not this one
+    aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v),
+}
+
+
+def count(fn):
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def count_flops(cfg):
+    """FLOPs of one call of each model at the run's shapes, on a shape-only copy: built on the meta
+    device, then turned into fake CPU tensors (torch.autocast refuses the device type "meta")."""
+    cfg = dataclasses.replace(cfg, compile=False, gradient_checkpointing=False, t5=False)  # no T5: zeros, same shape
+    meta = torch.device("meta")
+    ctx = train.build(cfg, meta, 0, 1)
+    with meta:
+        adv = make_adversary(cfg, meta)
+    emb, pool = ctx["encode"]([""])                                   # (1, T, D), (1, P): the real shapes
+    sigmas = S.flow_sigmas(ctx["pipe"].scheduler, cfg.num_steps)     # real CPU floats
+    vae_f = 2 ** (len(ctx["pipe"].vae.config.block_out_channels) - 1)
+    shape = (ctx["transformer"].config.in_channels, cfg.resolution // vae_f, cfg.resolution // vae_f)
+    cfg_rows = 2 if cfg.guidance_scale > 1 else 1                     # CFG doubles the batch
+    sb, tb = cfg.sample_batch_size, cfg.train_batch_size
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for m in (ctx["transformer"], ctx["pipe"].vae, adv):
+            m.to_empty(device="cpu")
+        # the loop needs only the text encoders' outputs, and the count only their shapes
+        ctx["encode"] = lambda p: (torch.empty(len(p), *emb.shape[1:]), torch.empty(len(p), *pool.shape[1:]))
+        ctx["sigmas"] = sigmas
+        e, p = ctx["encode"]([""] * sb)
+        vel = S.make_velocity_fn(ctx["transformer"], e, p, e, p, cfg.guidance_scale, ctx["autocast"])
+        x = torch.empty(tb, cfg.window_size, *shape)                  # (B, K, C, h, w)
+        e, p = ctx["encode"]([""] * tb)
+        batch = dict(emb=e, pool=p, x=x, x_next=x, step_idx=list(range(cfg.window_size)))
+        log_prob = lambda: train.step_log_prob(cfg, ctx, ctx["transformer"], batch, torch.arange(tb), 0)[0]
+        with torch.no_grad():
+            f = dict(sample_forward=count(lambda: vel(torch.empty(sb, *shape), sigmas[0])),
+                     train_forward=count(log_prob),
+                     decode_per_image=count(lambda: S.decode_latents(ctx["pipe"].vae, torch.empty(1, *shape))),
+                     dino_per_image=count(lambda: adv.features(torch.empty(1, 3, cfg.resolution, cfg.resolution))))
+        ctx["transformer"].train()
+        f["train_forward_backward"] = count(lambda: log_prob().sum().backward())
+    f.update(sample_rows=sb * cfg_rows, train_rows=tb * cfg_rows, forward_per_row=f["sample_forward"] / (sb * cfg_rows))
+    return f
+
+
+def flops_per_epoch(cfg, f):
+    """Stage → FLOPs of one epoch (encode and the 2-layer D head are not counted: negligible)."""
+    n = cfg.prompts_per_epoch * cfg.group_size
+    return dict(sample=n // cfg.sample_batch_size * cfg.num_steps * f["sample_forward"],
+                decode=n * f["decode_per_image"],
+                reward=2 * n * f["dino_per_image"],          # generations + one reference each
+                g_step=n // cfg.train_batch_size * cfg.window_size * f["train_forward_backward"])
+
+
+# -----------------------------------------------------------------------------------------------
+# Timing
+
+class Stages:
+    """Seconds and peak CUDA memory per named stage. Regions may nest: an inner region's peak is passed
+    on to the enclosing one, whose own peak statistic the inner reset would otherwise lose."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.seconds, self.peak, self._inner = defaultdict(float), defaultdict(int), 0
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+            outer = max(self._inner, torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+            self._inner = 0
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[name] += time.perf_counter() - t0
+        if self.cuda:
+            peak = max(self._inner, torch.cuda.max_memory_allocated())
+            self.peak[name] = max(self.peak[name], peak)
+            self._inner = max(outer, peak)
+
+
+@contextlib.contextmanager
+def timed_calls(st, name, owner, attr, **override):
+    """Time every call of owner.attr (a callee of a real loop function) as stage `name`, with keyword
+    arguments overridden; put back on exit."""
+    orig, own = getattr(owner, attr), attr in vars(owner)
+
+    def wrapper(*args, **kw):
+        with st(name):
+            return orig(*args, **{**kw, **override})
+    setattr(owner, attr, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, orig) if own else delattr(owner, attr)
+
+
+def run(b, cfg, device, flops):
+    """Build the real models, run warm-up + timed epochs of the real loop; returns the result dict."""
+    torch.manual_seed(cfg.seed)
+    ctx = train.build(cfg, device, 0, 1)
+    ctx.update(adv_kind="dino_adv", adversary=make_adversary(cfg, device), references=random_references(cfg),
+               tqdm=lambda it, **_: it)
+    n, epochs = cfg.prompts_per_epoch * cfg.group_size, b.warmup_epochs + b.epochs
+    prompts = [[f"bench prompt {e}-{i}: a red cube on a blue table" for i in range(cfg.prompts_per_epoch)]
+               for e in range(epochs)]
+    timers = [Stages(device) for _ in range(epochs)]
+    ctx["encode"]([""])
+    for e in range(epochs):  # all prompts first: --low_mem frees the text encoders before sampling
+        with timers[e]("encode"):
+            ctx["encode"](prompts[e])
+    if b.low_mem:
+        ctx["encode"].drop_text_encoders()
+        gc.collect(), torch.cuda.empty_cache()
+    decode = dict(chunk=LOW_MEM_DECODE_CHUNK) if b.low_mem else {}
+    skipped = nonfinite = 0
+    for e in range(epochs):
+        st, mine = timers[e], [p for p in prompts[e] for _ in range(cfg.group_size)]
+        with st("sample"), timed_calls(st, "decode", S, "decode_latents", **decode):
+            batch = train.sample_epoch(cfg, e, ctx, mine, list(range(n)), train.window_for_epoch(cfg, e))
+        with st("reward"), timed_calls(st, "d_step", ctx["adversary"], "d_step"):
+            rewards, _, _ = train.adversarial_epoch(cfg, e, ctx, batch, mine)
+        nonfinite += int(e >= b.warmup_epochs and not torch.isfinite(rewards).all())  # then φ and D did not run
+        with st("g_step"):
+            advantages = train.compute_advantages(rewards, mine, global_std=cfg.global_std)
+            skipped += train.train_generator(cfg, e, ctx, batch, advantages)["skipped_updates"]
+        del batch
+    return summarize(b, cfg, timers, flops, skipped, nonfinite)
+
+
+def summarize(b, cfg, timers, flops, skipped, nonfinite):
+    """Mean per timed epoch of each stage (inner stages subtracted from their outer one), with FLOP rates."""
+    n, timed, fl = cfg.prompts_per_epoch * cfg.group_size, timers[b.warmup_epochs:], flops_per_epoch(cfg, flops)
+    cuda, stages = timers[0].cuda, {}
+    for name in STAGES:
+        s = np.mean([t.seconds[name] - t.seconds.get(INNER.get(name), 0) for t in timed])
+        stages[name] = dict(seconds=s, tflop=fl[name] / 1e12 if name in fl else None,
+                            peak_gib=max(t.peak[name] for t in timed) / 2 ** 30 if cuda else None)
+    stages["epoch"] = dict(seconds=sum(r["seconds"] for r in stages.values()), tflop=sum(fl.values()) / 1e12,
+                           peak_gib=max(r["peak_gib"] for r in stages.values()) if cuda else None)
+    for r in stages.values():
+        r["images_per_s"] = n / r["seconds"]
+        r["tflops"] = r["tflop"] / r["seconds"] if r["tflop"] is not None else None
+        r["mfu"] = r["tflops"] / b.peak_tflops if r["tflop"] is not None else None
+    warmup = sum(v for t in timers[:b.warmup_epochs] for k, v in t.seconds.items() if k not in INNER.values())
+    return dict(stages=stages, images_per_epoch=n, warmup_seconds=warmup, skipped_updates=skipped,
+                nonfinite_epochs=nonfinite, compile=cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing,
+                low_mem=b.low_mem)
+
+
+def table(name, res):
+    head = f"{name}: {res['images_per_epoch']} images/epoch, warm-up {res['warmup_seconds']:.1f} s"
+    if res["skipped_updates"]:
+        head += f", {res['skipped_updates']} non-finite updates skipped (random weights)"
+    if res["nonfinite_epochs"]:
+        head += f", WARNING: {res['nonfinite_epochs']} epochs made non-finite images, so φ and D did not run"
+    cols = ("s/epoch", "img/s", "TFLOP", "TFLOP/s", "MFU", "peak GiB")
+    lines = [head, f"{'stage':8s} " + " ".join(f"{c:>{7 if c == 'MFU' else 9}s}" for c in cols)]
+    fmt = lambda v, f: f"{'—':>{f[:-1].split('.')[0]}}" if v is None else format(v, f)
+    for stage, r in res["stages"].items():
+        lines.append(f"{stage:8s} {r['seconds']:9.3f} {r['images_per_s']:9.1f} {fmt(r['tflop'], '9.3g')} "
+                     f"{fmt(r['tflops'], '9.3g')} {fmt(r['mfu'], '7.2%')} {fmt(r['peak_gib'], '9.1f')}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    b, cfg = parse(sys.argv[1:] if argv is None else argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    f = count_flops(cfg)
+    n = cfg.prompts_per_epoch * cfg.group_size
+    print(f"{b.arch} {cfg.resolution}² | per GPU {cfg.prompts_per_epoch} prompts × {cfg.group_size} = {n} images | "
+          f"sampling {n // cfg.sample_batch_size} batches × {cfg.num_steps} steps, forwards of {f['sample_rows']} rows | "
+          f"training {n // cfg.train_batch_size} batches × {cfg.window_size} steps, fwd+bwd of {f['train_rows']} rows")
+    print(f"FLOPs: forward {f['forward_per_row'] / 1e12:.4g} T/row | training fwd+bwd = "
+          f"{f['train_forward_backward'] / f['train_forward']:.2f} × forward | VAE decode "
+          f"{f['decode_per_image'] / 1e12:.4g} T/image | DINO {f['dino_per_image'] / 1e12:.4g} T/image")
+    fl = flops_per_epoch(cfg, f)
+    print("TFLOP per epoch: " + " | ".join(f"{k} {v / 1e12:.4g}" for k, v in fl.items())
+          + f" | total {sum(fl.values()) / 1e12:.4g} = {sum(fl.values()) / n / 1e12:.4g} per image")
+    results = {"flops": f}
+    if not b.count_only:
+        variants = [("eager", False), ("compiled", True)] if b.eager_baseline else \
+            [("compiled" if cfg.compile else "eager", cfg.compile)]
+        for name, compiled in variants:
+            try:
+                results[name] = run(b, dataclasses.replace(cfg, compile=compiled), device, f)
+                print(table(name, results[name]), flush=True)
+            except torch.OutOfMemoryError as e:  # e.g. the train step without checkpointing on an 80 GB card
+                results[name] = dict(error=f"out of memory: {str(e).splitlines()[0]}")
+                print(f"{name}: {results[name]['error']} (try --gradient_checkpointing or --low_mem)", flush=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if all("stages" in results.get(k, {}) for k in ("eager", "compiled")):
+            e, c = results["eager"]["stages"], results["compiled"]["stages"]
+            print("compiled speed-up: " + " | ".join(f"{k} ×{e[k]['seconds'] / c[k]['seconds']:.2f}" for k in e))
+    results.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+                   date=time.strftime("%Y-%m-%d"), peak_tflops=b.peak_tflops, config=dataclasses.asdict(cfg),
+                   argv=list(sys.argv[1:] if argv is None else argv))
+    if b.out:
+        with open(b.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
