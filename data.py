@@ -243,3 +243,52 @@ class ReferenceSet:
     def images_of(self, prompt: str) -> torch.Tensor:
         """All references of one prompt (the whole folder in folder mode), float in [0, 1]: (k, 3, H, W)."""
         return self.images[self._rows(prompt)].float() / 255
+
+
+# -----------------------------------------------------------------------------------------------
+# Making references: `python data.py make_references --model M --prompts F --out DIR`
+# The paper's references come from a stronger model (Qwen-Image, 512², 50 steps, 8 per prompt);
+# any diffusers text-to-image pipeline works. Writes DIR/<k>_<j>.png and DIR/index.json.
+
+def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0, size=512, seed=0,
+                    batch_size=4, device=None):
+    import json
+    from diffusers import DiffusionPipeline
+    from tqdm.auto import tqdm
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [p["prompt"] for p in load_prompts(prompts_file)]
+    os.makedirs(out, exist_ok=True)
+    index = {}
+    for k, prompt in enumerate(tqdm(prompts, desc="references")):
+        index[prompt] = []
+        for j0 in range(0, n, batch_size):
+            m = min(batch_size, n - j0)
+            gen = [torch.Generator(device).manual_seed(seed * 1_000_003 + k * n + j0 + i) for i in range(m)]
+            images = pipe([prompt] * m, num_inference_steps=steps, guidance_scale=guidance_scale, height=size,
+                          width=size, generator=gen).images
+            for i, im in enumerate(images):
+                name = f"{k:05d}_{j0 + i}.png"
+                im.save(os.path.join(out, name))
+                index[prompt].append(name)
+    with open(os.path.join(out, "index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return os.path.join(out, "index.json")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="make reference images with any diffusers pipeline")
+    ap.add_argument("command", choices=["make_references"])
+    ap.add_argument("--model", required=True, help="hub id or folder of a diffusers text-to-image pipeline")
+    ap.add_argument("--prompts", required=True, help="prompt file (.txt or .jsonl)")
+    ap.add_argument("--out", required=True, help="output folder (PNGs + index.json)")
+    ap.add_argument("--n", type=int, default=8, help="images per prompt")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance_scale", type=float, default=4.0)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    print(make_references(a.model, a.prompts, a.out, a.n, a.steps, a.guidance_scale, a.size, a.seed))

@@ -34,11 +34,11 @@ import sampler as S
 @torch.no_grad()
 def generate(ctx, prompts, seed=0, num_steps=40, guidance_scale=4.5, batch_size=32, use_ema=True):
     """ODE samples for `prompts` (one image each; repeat a prompt for more), image i seeded by (seed, i)."""
-    pipe, device, tr = ctx["pipe"], ctx["device"], ctx["transformer"]
+    pipe, device, tr = ctx["pipe"], ctx["device"], ctx["fast_model"]
     sigmas = S.flow_sigmas(pipe.scheduler, num_steps, device)
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     res = ctx["resolution"]
-    shape = (tr.config.in_channels, res // f, res // f)
+    shape = (ctx["transformer"].config.in_channels, res // f, res // f)
     neg_emb, neg_pool = ctx["encode"]([""])
     out = []
     ema = ctx["ema"].applied(ctx["params"]) if use_ema else _null()

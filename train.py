@@ -289,7 +289,7 @@ def sample_epoch(cfg, epoch, ctx, prompts, global_indices, window_start):
         p, idx = prompts[b:b + bs], global_indices[b:b + bs]
         emb, pool = ctx["encode"](p)
         noise, step_noise = per_image_noise(cfg, epoch, idx, shape, cfg.window_size)
-        vel = S.make_velocity_fn(ctx["transformer"], emb, pool, neg_emb.expand_as(emb), neg_pool.expand_as(pool),
+        vel = S.make_velocity_fn(ctx["fast_model"], emb, pool, neg_emb.expand_as(emb), neg_pool.expand_as(pool),
                                  cfg.guidance_scale, ctx["autocast"])
         r = S.rollout(vel, noise.to(device), sigmas, cfg.sde_kind, cfg.noise_level, window_start, cfg.window_size,
                       step_noise=step_noise.to(device), decode_fn=lambda z: S.decode_latents(pipe.vae, z))
@@ -540,12 +540,13 @@ def build(cfg, device, rank, world):
     ddp_model = transformer
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None)
+    fast_model = transformer  # what sampling and evaluation call (no grad, no DDP)
     if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
+        fast_model, ddp_model = torch.compile(transformer), torch.compile(ddp_model)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     from tqdm.auto import tqdm
     return dict(
-        pipe=pipe, transformer=transformer, ddp_model=ddp_model, params=params, opt=opt, device=device,
+        pipe=pipe, transformer=transformer, ddp_model=ddp_model, fast_model=fast_model, params=params, opt=opt, device=device,
         world=world, rank=rank, ema=M.EMA(params, cfg.ema_decay, cfg.ema_every),
         encode=M.PromptEncoder(pipe, device, cfg.max_sequence_length),
         sigmas=S.flow_sigmas(pipe.scheduler, cfg.num_steps, device),

@@ -23,3 +23,4 @@ reward = {"brightness": 1.0}
 epochs = 2
 save_every = 1
 out_dir = "out/tiny_random"
+eval_every = 0                 # tests that need the held-out evaluation turn it on

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 from data import ReferenceSet, assign_samples, epoch_prompt_indices, load_prompts  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
@@ -274,3 +275,15 @@ def test_from_folder_serves_every_prompt(tmp_path):
         blues = (x[3 * k:3 * (k + 1), 2, 0, 0] > 0.9).sum().item()
         assert blues == 1
     assert torch.equal(refs.images_of("whatever"), refs.images.float() / 255)
+
+
+def test_make_references_writes_the_published_index_format(tmp_path):
+    """Any diffusers pipeline → PNGs + {prompt: [relative paths]} that ReferenceSet reads back."""
+    import model as M
+    M.random_pipeline("tiny").save_pretrained(tmp_path / "pipe")
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    index = data.make_references(str(tmp_path / "pipe"), str(tmp_path / "p.txt"), str(tmp_path / "refs"), n=3,
+                                 steps=2, size=32, batch_size=2, device="cpu")
+    refs = data.ReferenceSet.from_index(index)
+    assert refs.prompts == ["a red circle", "a blue square"] and len(refs) == 6
+    assert refs.images_of("a blue square").shape == (3, 3, 32, 32)
