@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 	touch $@
 
 demo: .venv/.installed
-	$(PY) train.py config/tiny_random.py --out_dir=out/demo
+	$(PY) train.py config/tiny.py --out_dir=out/demo
 
 test: .venv/.installed
 	$(PY) -m pytest -q -m "not slow"

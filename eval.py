@@ -4,6 +4,7 @@ eval.py — held-out evaluation: generate with the EMA weights, measure, draw.
     python eval.py --ckpt out/tiny/checkpoints/epoch_000099                 # the run's test prompts
     python eval.py --ckpt CKPT --prompt "a red circle on the left" --n_per_prompt 8
     python eval.py --ckpt CKPT --prompts my_prompts.txt --num_steps 40 --guidance_scale 4.5
+    python eval.py --summarize out/transfer_s0 out/transfer_s1 out/transfer_s2       # mean ± std over runs
 
 Writes PNGs, a grid and metrics.json next to the checkpoint (or --out). train.py calls `evaluate` every
 `eval_every` epochs on the fixed held-out prompts, with fixed seeds, so curves compare like with like.
@@ -13,8 +14,9 @@ Metrics (each is skipped, with the reason recorded, when its ingredients are mis
   (the published evaluation takes the max over all prompts' references: a generation can then score
   well by resembling some other prompt's picture).
 - fd_dino: Fréchet distance between generations and references in DINO CLS space (FD-DINOv2).
-- toy_geneval (+ per attribute) and background / saturation: exact pixel metrics, for prompts of the
-  shapes world (tinyworld.py). Background brightness is the held-out *style* metric of the demo.
+- toy_geneval (+ per attribute), background / saturation and style_match (share of generations whose
+  background is within 0.25 of the references' mean): exact pixel metrics, for prompts of the shapes
+  world (tinyworld.py). They are the demo's held-out style metrics: no training reward sees them.
 - pickscore / clip_score: when those models can be loaded (needs the hub or a local copy).
 
 Departs from the published code: the paired dino_sim above; FD computed in float64 with an
@@ -115,6 +117,14 @@ def measure(images, prompts, references=None, features=None):
             try:
                 rst = tw.style_stats(torch.cat([references.images_of(p) for p in dict.fromkeys(prompts)]))
                 m["ref_background"] = float(rst["background_brightness"].mean())
+                # style match: share of generations whose background is within 0.25 of the references'
+                match = (st["background_brightness"] - m["ref_background"]).abs() < 0.25
+                m["style_match"] = float(match.float().mean())
+                # content among the generations already in the references' style: separates "content
+                # lost" from "the base is weaker in that style" (the tiny base draws dark less well)
+                if match.any():
+                    ok = [tw.analyse(images[i], prompts[i])["correct"] for i in match.nonzero().flatten().tolist()]
+                    m["toy_geneval_matched"] = float(np.mean(ok))
             except KeyError:
                 pass
     return m, skipped
@@ -150,8 +160,8 @@ def save_grid(images, path, nrow=8, labels=None):
     img.save(path)
 
 
-def plot_curves(metrics_path, out_path, train_key="reward_mean", eval_keys=("eval/toy_geneval", "eval/background",
-                                                                            "eval/dino_sim")):
+def plot_curves(metrics_path, out_path, train_key="reward_mean",
+                eval_keys=("eval/toy_geneval", "eval/style_match", "eval/background", "eval/dino_sim")):
     """Training reward and held-out metrics against epoch on one figure: the reward-hacking picture."""
     import matplotlib
     matplotlib.use("Agg")
@@ -188,9 +198,23 @@ def hacking_warning(history, window=3):
     return None
 
 
+def summarize(run_dirs):
+    """Mean ± std over runs (e.g. seeds) of each run's summary.json: {metric: (before, after)}."""
+    rows = [json.load(open(os.path.join(d, "summary.json"))) for d in run_dirs]
+    out = {}
+    for k in rows[0]:
+        if k == "epochs":
+            continue
+        b, a = np.array([r[k]["before"] for r in rows]), np.array([r[k]["after"] for r in rows])
+        out[k] = dict(before=float(b.mean()), before_std=float(b.std()), after=float(a.mean()), after_std=float(a.std()))
+        print(f"{k:16s} {b.mean():.3f} ± {b.std():.3f}  →  {a.mean():.3f} ± {a.std():.3f}   (n={len(rows)})")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="a checkpoint folder (…/checkpoints/epoch_NNNNNN)")
+    ap.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="mean ± std of several runs' summary.json")
+    ap.add_argument("--ckpt", help="a checkpoint folder (…/checkpoints/epoch_NNNNNN)")
     ap.add_argument("--prompts", help="prompt file (.txt or .jsonl); default: the run's test_prompts")
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     ap.add_argument("--n_per_prompt", type=int, default=4)
@@ -199,6 +223,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="output folder (default: <ckpt>/eval)")
     args = ap.parse_args()
+    if args.summarize:
+        return summarize(args.summarize)
+    if not args.ckpt:
+        ap.error("--ckpt is required (or --summarize)")
     import data
     import train as T
     cfg = T.Config(**json.load(open(os.path.join(args.ckpt, "config.json"))))

@@ -15,8 +15,7 @@ Owns
 Leaves out
 - Image size ("small"/"large") is drawn but not judged: like GenEval we score what the prompt names about
   identity and layout; size is there to make the world less trivially memorised.
-- The builder of the committed tiny assets (pipeline, backbone, prompts, references) is a later change;
-  its section sits at the end of this file.
+- Owns too: the builder of the committed assets (`python tinyworld.py build`), at the end of the file.
 
 Departs from GenEval (and from the prototype of DESIGN §4)
 - GenEval detects objects with a Mask2Former and judges colour with CLIP; here every image is a flat
@@ -306,8 +305,8 @@ def style_stats(images: torch.Tensor) -> dict:
 # The builder of the committed assets: `python tinyworld.py build` (deterministic, ~30-40 min on 2 cores)
 #
 #   assets/tinyworld/pipeline/        a StableDiffusion3Pipeline folder (no T5): tiny VAE (32² → 4×16²),
-#                                     tiny MMDiT trained by flow matching on *light* renders of the train
-#                                     prompts, two frozen random CLIP text encoders with a word-level
+#                                     tiny MMDiT trained by flow matching on renders of the train prompts,
+#                                     90% light and 10% dark, two frozen random CLIP text encoders with a word-level
 #                                     CLIP BPE tokenizer generated from the grammar
 #   assets/tinyworld/backbone.safetensors   a tiny DINOv2-style timm ViT trained to name colour, shape,
 #                                     position and style: the stand-in for DINOv2 (features that see both
@@ -317,11 +316,12 @@ def style_stats(images: torch.Tensor) -> dict:
 #
 # Why light → dark: DESIGN §4 measured that global properties move within minutes under Adv-GRPO while
 # shape faithfulness does not, so the demo's main setting is distribution transfer (the paper's style-
-# customisation claim): the base only ever saw light backgrounds, the references are dark.
+# customisation claim): the base mostly draws light backgrounds, the references are all dark.
 
 BACKBONE = dict(model="vit_small_patch14_dinov2", img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
                 init_values=1.0)  # init_values=1: DINOv2's LayerScale 1e-5 would make a small ViT train slowly
 REF_STYLES = ("dark", "light")
+DARK_FRAC = 0.1  # share of dark renders in the base's training set
 N_REFS = 4
 
 
@@ -390,26 +390,34 @@ def build_text_encoders():
     return tok, encs
 
 
-def build_transformer(t0, pipe, train_scenes, steps=2000):
+def build_transformer(t0, pipe, train_scenes, steps=2000, dark_frac=0.0, lr=1e-3, init=None, seed=1):
     """The base model: flow matching (logit-normal t, 10% empty-prompt dropout for CFG) on VAE latents of
-    light renders of the training prompts (~0.4 s a step at batch 128 on 2 cores)."""
+    renders of the training prompts, a `dark_frac` share of them dark (~0.4 s a step at batch 128 on 2
+    cores). `init`: a folder of transformer weights to continue from."""
     from diffusers import SD3Transformer2DModel
     from model import PromptEncoder
     torch.manual_seed(0)
-    tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
-                               attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
-                               caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=16)
-    pipe.transformer = tr
+    if init:
+        tr = SD3Transformer2DModel.from_pretrained(init, torch_dtype=torch.float32)
+    else:
+        tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+                                   attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
+                                   caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=16)
+    pipe.register_modules(transformer=tr)  # encode_prompt reads joint_attention_dim from it
     enc = PromptEncoder(pipe, "cpu", max_sequence_length=1)
-    imgs, prompts = _render_pool(train_scenes, 24, "light", 1)
+    imgs, prompts = _render_pool(train_scenes, 24, "light", seed)
+    if dark_frac > 0:  # replace a random share of the renders by the same scenes drawn dark
+        dark, _ = _render_pool(train_scenes, 24, "dark", seed + 100)
+        pick = torch.rand(len(imgs), generator=torch.Generator().manual_seed(seed)) < dark_frac
+        imgs[pick] = dark[pick]
     vae = pipe.vae
     with torch.no_grad():
         lat = torch.cat([vae.encode(x * 2 - 1).latent_dist.mean for x in imgs.split(256)])
         lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor           # (N, 4, 16, 16)
         emb, pool = enc(prompts)
         emb0, pool0 = enc([""])
-    opt = torch.optim.AdamW(tr.parameters(), lr=1e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.AdamW(tr.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         i = torch.randint(len(lat), (128,), generator=g)
         x0, e, p = lat[i], emb[i], pool[i]
@@ -423,7 +431,7 @@ def build_transformer(t0, pipe, train_scenes, steps=2000):
                return_dict=False)[0]
         loss = ((v - (noise - x0)) ** 2).mean()
         for grp in opt.param_groups:
-            grp["lr"] = 1e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * (1 - step / steps))
+            grp["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * (1 - step / steps))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
@@ -485,7 +493,7 @@ def build(out="assets/tinyworld", scale=1.0):
     for name, sc in (("train", train_scenes), ("test", test_scenes)):
         with open(os.path.join(out, f"{name}.txt"), "w") as f:
             f.write("\n".join(prompt_of(s) for s in sc) + "\n")
-    for st in REF_STYLES:  # references: N_REFS jittered renders per prompt, train and test
+    for st in REF_STYLES:  # references: N_REFS jittered renders per prompt, train and test (~1 s)
         d = os.path.join(out, f"refs_{st}")
         os.makedirs(d, exist_ok=True)
         rng, index = np.random.default_rng(30), {}
@@ -498,15 +506,27 @@ def build(out="assets/tinyworld", scale=1.0):
         with open(os.path.join(d, "index.json"), "w") as f:
             json.dump(index, f, indent=0)
     _log(t0, "prompts and references written")
-    backbone = build_backbone(t0, steps=max(2, int(800 * scale)))
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, os.path.join(out, "backbone.safetensors"))
-    vae = build_vae(t0, steps=max(2, int(1200 * scale)))
+    # Each stage is skipped when its output exists (every stage is seeded, so a rerun after an
+    # interruption gives the same assets as one uninterrupted build).
+    if not os.path.exists(os.path.join(out, "backbone.safetensors")):
+        backbone = build_backbone(t0, steps=max(2, int(800 * scale)))
+        save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, os.path.join(out, "backbone.safetensors"))
+    if os.path.isdir(os.path.join(out, "pipeline", "vae")):
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(os.path.join(out, "pipeline", "vae"))
+    else:
+        vae = build_vae(t0, steps=max(2, int(1200 * scale)))
     tok, (te1, te2) = build_text_encoders()
     pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=te1,
                                     tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=None,
                                     tokenizer_3=None, transformer=None)
-    build_transformer(t0, pipe, train_scenes, steps=max(2, int(2000 * scale)))
-    pipe.transformer.half()  # fp16 on disk halves the asset size; training loads it back as float32
+    # A DARK_FRAC share of the base's training renders are dark, so it draws a dark background now and
+    # then, unprompted. Adv-GRPO can only reweight what the policy ever samples: a light-only base gives
+    # every group the same background and its adversarial reward then pushes elsewhere (measured:
+    # background flat, content collapsing). The paper's premise is the same: SD3.5 can draw the
+    # references' style, rarely; Adv-GRPO makes it the norm.
+    tr = build_transformer(t0, pipe, train_scenes, steps=max(2, int(2000 * scale)), dark_frac=DARK_FRAC)
+    pipe.register_modules(transformer=tr.half())  # fp16 on disk halves the size; training loads float32
     pipe.save_pretrained(os.path.join(out, "pipeline"))
     _log(t0, f"saved to {out}")
 

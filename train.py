@@ -90,7 +90,9 @@ class Config:
     references: str = "data/references.json"  # {prompt: [relative paths]} index, or a folder (real for every prompt)
     reference_root: str = ""          # root of the index's paths (default: the JSON's folder)
     skip_bad_references: bool = False # drop unreadable reference images with a warning instead of stopping
-    schedule: str = "paper"           # "paper": D-only epochs, G every d_times-th; "shared": G + D on one batch
+    schedule: str = "paper"           # "paper": D-only epochs, G every d_times-th; "shared": G + D on one batch;
+                                      # "frozen": D trains only during d_warmup, then stays fixed (a fixed learned reward)
+    d_warmup: int = 0                 # first epochs in which only the discriminator trains
     d_times: int = 10                 # paper schedule: the generator trains on epochs where (epoch+1) % d_times == 0
     d_steps: int = 1                  # shared schedule: D steps per epoch on the same samples
     d_lr: float = 1e-4
@@ -178,7 +180,7 @@ def validate(cfg, world):
         (cfg.window_start == "random" or cfg.window_start.isdigit(), "window_start must be an integer or 'random'"),
         (cfg.mixed_precision in ("bf16", "no"), "mixed_precision must be 'bf16' or 'no'"),
         (cfg.group_size >= 2, "group_size must be ≥ 2: a group of one has no advantage"),
-        (cfg.schedule in ("paper", "shared"), "schedule must be 'paper' or 'shared'"),
+        (cfg.schedule in ("paper", "shared", "frozen"), "schedule must be 'paper', 'shared' or 'frozen'"),
         (sum(k in ("dino_adv", "pickscore_adv") for k in cfg.reward) <= 1, "at most one adversarial reward"),
         (cfg.beta_kl == 0 or cfg.lora_rank > 0, "beta_kl > 0 needs LoRA (the frozen base is the adapter switched off)"),
     ]
@@ -350,8 +352,13 @@ def adversarial_epoch(cfg, epoch, ctx, batch, prompts):
         rewards = adv.score(*fake, generator=g)
         with torch.no_grad():
             _, info = adv.d_loss_from_features(real, fake, generator=g)                 # before any D step
-        do_d = (epoch + 1) % cfg.d_times != 0 if cfg.schedule == "paper" else True
-        do_g = not do_d if cfg.schedule == "paper" else True
+        if epoch < cfg.d_warmup:
+            do_d, do_g = True, False
+        elif cfg.schedule == "paper":
+            do_d = (epoch + 1) % cfg.d_times != 0
+            do_g = not do_d
+        else:  # shared: both, on the same samples; frozen: the generator alone, against a fixed D
+            do_d, do_g = cfg.schedule == "shared", True
         for _ in range(cfg.d_steps if do_d else 0):
             d = adv.d_step(real, fake, generator=g)
             ctx["counters"]["d_steps"] += 1
@@ -587,7 +594,12 @@ def train(cfg):
     ctx["adv_kind"], ctx["adversary"] = build_adversary(cfg, device)
     ctx["references"] = references
     fixed = {k: w for k, w in cfg.reward.items() if k not in R.ADVERSARIAL}
-    reward_fn = R.build_reward(fixed, device=device, references=references) if fixed else None
+    extra = {}
+    if "dino_sim" in fixed:  # the same frozen backbone as the discriminator's (or as configured)
+        extra["backbone"] = ctx["adversary"].phi if ctx["adv_kind"] == "dino_adv" else R.DinoFeatures(
+            R.make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights, cfg.dino_kwargs),
+            cfg.dino_image_size).to(device)
+    reward_fn = R.build_reward(fixed, device=device, references=references, **extra) if fixed else None
     start = load_checkpoint(resume_from, ctx) + 1 if resume_from else 0
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -697,7 +709,7 @@ def run_eval(cfg, ctx, test_prompts, epoch, history):
     ev = {}
     if ctx["rank"] == 0:
         prompts = [p for p in test_prompts for _ in range(cfg.eval_n_per_prompt)]
-        images = E.generate(ctx, prompts, seed=cfg.seed, num_steps=cfg.eval_num_steps,
+        images = E.generate(ctx, prompts, seed=0, num_steps=cfg.eval_num_steps,  # same noise in every run
                             guidance_scale=cfg.eval_guidance_scale)
         adv = ctx.get("adversary")
         features = adv.features if ctx.get("adv_kind") == "dino_adv" else None

@@ -36,6 +36,7 @@ clip_range = 1e-3
 reward = {"dino_adv": 1.0}
 schedule = "shared"
 d_steps = 1
+d_warmup = 5                     # the head learns light vs dark before the generator listens to it
 d_lr = 1e-4
 ema_every = 1
 ema_decay = 0.9

@@ -256,3 +256,13 @@ def test_train_defaults_are_the_paper_dino_preset():
     assert dino == T.Config()
     assert (T.Config().group_size, T.Config().prompts_per_epoch, T.Config().clip_range, T.Config().d_times) == (16, 48, 1e-5, 10)
     assert pick.reward == {"pickscore_adv": 1.0} and pick.pickscore_lr == 5e-6
+
+
+def test_d_warmup_then_frozen_discriminator(tmp_path):
+    cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), schedule="frozen", d_warmup=2, epochs=4)
+    ctx = T.train(cfg)
+    c = ctx["counters"]
+    assert c["d_steps"] == 2 and c["g_epochs"] == 2      # D only in epochs 0-1, G only in 2-3
+    import json
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["g_epochs"] for r in rows] == [0, 0, 1, 2] and [r["d_steps"] for r in rows] == [1, 2, 2, 2]
