@@ -112,6 +112,7 @@ class Config:
     keep_last: int = 3                # checkpoints kept on disk
     resume: bool = False              # continue from the newest checkpoint in out_dir
     max_bad_updates: int = 5          # stop after this many consecutive non-finite updates
+    log_to: str = ""                  # also log to "wandb" or "tensorboard" (installed separately)
     # held-out evaluation (EMA weights, ODE, fixed seeds) every eval_every epochs and at the end
     eval_every: int = 20              # 0 = never
     eval_num_steps: int = 40
@@ -611,6 +612,7 @@ def train(cfg):
               f"({n // world} per rank) | {len(prompts)} training prompts | trainable params "
               f"{sum(p.numel() for p in ctx['params'].values()):,} of {M.count_params(ctx['transformer']):,}")
         log = open_metrics(cfg.out_dir, start)
+        extra_log = external_logger(cfg)
     # SIGTERM (preemption): finish the epoch, save, exit 0. The flag is all-reduced so ranks agree.
     stop = torch.zeros(1, device=device)
     signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
@@ -668,6 +670,7 @@ def train(cfg):
             print(epoch_line(stats), flush=True)
             log.write(json.dumps(stats) + "\n")
             log.flush()
+            extra_log(stats)
         # 6. checkpoint
         if dist.is_initialized():
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
@@ -751,6 +754,26 @@ def note_bad_update(cfg, ctx, master, msg):
     if ctx["counters"]["bad_updates"] >= cfg.max_bad_updates:
         raise SystemExit(f"{cfg.max_bad_updates} non-finite updates in a row: stopping without writing a "
                          "checkpoint. Check the reward for NaN/inf, or lower lr.")
+
+
+def external_logger(cfg):
+    """stats -> None for wandb / tensorboard, when asked for; a clear stop when not installed."""
+    if not cfg.log_to:
+        return lambda stats: None
+    try:
+        if cfg.log_to == "wandb":
+            import wandb
+            run = wandb.init(project="nanoAdvGRPO", name=os.path.basename(cfg.out_dir.rstrip("/")),
+                             config=dataclasses.asdict(cfg), resume="allow")
+            return lambda stats: run.log(stats, step=stats["epoch"])
+        if cfg.log_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+            return lambda stats: [writer.add_scalar(k, v, stats["epoch"]) for k, v in stats.items()
+                                  if isinstance(v, (int, float))]
+    except ImportError as e:
+        raise SystemExit(f"log_to={cfg.log_to!r} needs its package: pip install {cfg.log_to} ({e})") from None
+    raise SystemExit(f"config error: log_to must be '', 'wandb' or 'tensorboard', got {cfg.log_to!r}")
 
 
 def open_metrics(out_dir, start):

@@ -156,3 +156,17 @@ def test_non_finite_rewards_skip_the_update_then_stop(tmp_path):
         w = load_file(os.path.join(tmp_path, "checkpoints", d, "trainable.safetensors"))
         assert all(torch.isfinite(v).all() for v in w.values())
     del R.REWARDS["flaky_test_reward"]
+
+
+def test_broken_style_folder_is_refused_naming_the_file(tmp_path):
+    """Style transfer from a folder of images, one of which is truncated: a clear error before training."""
+    from PIL import Image
+    folder = tmp_path / "style"
+    folder.mkdir()
+    Image.new("RGB", (48, 48), (10, 10, 10)).save(folder / "ok.png")
+    Image.new("LA", (31, 17), (90, 255)).save(folder / "gray_alpha_odd.png")
+    good = (folder / "ok.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    with pytest.raises(SystemExit, match="truncated.png"):
+        T.train(tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "run"), references=str(folder)))
+    assert not os.path.exists(tmp_path / "run")

@@ -266,3 +266,19 @@ def test_d_warmup_then_frozen_discriminator(tmp_path):
     import json
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [r["g_epochs"] for r in rows] == [0, 0, 1, 2] and [r["d_steps"] for r in rows] == [1, 2, 2, 2]
+
+
+def test_external_logger_off_by_default_and_clear_when_missing(monkeypatch):
+    assert T.external_logger(tiny_cfg())({"epoch": 0}) is None
+    import builtins
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **k):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        T.external_logger(tiny_cfg(log_to="wandb"))
+    with pytest.raises(SystemExit, match="log_to must be"):
+        T.external_logger(tiny_cfg(log_to="mlflow"))
