@@ -257,7 +257,11 @@ def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0,
     from tqdm.auto import tqdm
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    # a local folder saved without some component (e.g. SD3 without T5) lists it as [null, null]
+    index_file = os.path.join(model, "model_index.json")
+    absent = {k: None for k, v in json.load(open(index_file)).items()
+              if isinstance(v, list) and v[0] is None} if os.path.exists(index_file) else {}
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **absent).to(device)
     pipe.set_progress_bar_config(disable=True)
     prompts = [p["prompt"] for p in load_prompts(prompts_file)]
     os.makedirs(out, exist_ok=True)
