@@ -24,6 +24,7 @@ eigen-decomposition (no scipy).
 """
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -43,7 +44,7 @@ def generate(ctx, prompts, seed=0, num_steps=40, guidance_scale=4.5, batch_size=
     shape = (ctx["transformer"].config.in_channels, res // f, res // f)
     neg_emb, neg_pool = ctx["encode"]([""])
     out = []
-    ema = ctx["ema"].applied(ctx["params"]) if use_ema else _null()
+    ema = ctx["ema"].applied(ctx["params"]) if use_ema else contextlib.nullcontext()
     with ema:
         for b in range(0, len(prompts), batch_size):
             p = prompts[b:b + batch_size]
@@ -55,14 +56,6 @@ def generate(ctx, prompts, seed=0, num_steps=40, guidance_scale=4.5, batch_size=
             r = S.rollout(vel, noise, sigmas, window_size=0, decode_fn=lambda z: S.decode_latents(pipe.vae, z))
             out.append(r["images"].float().cpu())
     return torch.cat(out)                                                  # (B, 3, H, W) in [0, 1]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def frechet_distance(a, b):
