@@ -31,6 +31,7 @@ import os
 import numpy as np
 import torch
 
+import model as M
 import sampler as S
 
 
@@ -39,9 +40,7 @@ def generate(ctx, prompts, seed=0, num_steps=40, guidance_scale=4.5, batch_size=
     """ODE samples for `prompts` (one image each; repeat a prompt for more), image i seeded by (seed, i)."""
     pipe, device, tr = ctx["pipe"], ctx["device"], ctx["fast_model"]
     sigmas = S.flow_sigmas(pipe.scheduler, num_steps, device)
-    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    res = ctx["resolution"]
-    shape = (ctx["transformer"].config.in_channels, res // f, res // f)
+    shape = M.latent_shape(pipe, ctx["resolution"])
     neg_emb, neg_pool = ctx["encode"]([""])
     out = []
     ema = ctx["ema"].applied(ctx["params"]) if use_ema else contextlib.nullcontext()

@@ -248,5 +248,11 @@ class PromptEncoder:
             setattr(self.pipe, name, None)
 
 
+def latent_shape(pipe, resolution):
+    """(C, h, w) of one latent for square images of `resolution` pixels."""
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # the VAE's downsampling factor
+    return pipe.transformer.config.in_channels, resolution // f, resolution // f
+
+
 def count_params(module: nn.Module):
     return sum(p.numel() for p in module.parameters())

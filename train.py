@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import eval as E
 import model as M
 import sampler as S
 
@@ -283,8 +284,7 @@ def sample_epoch(cfg, epoch, ctx, prompts, global_indices, window_start):
     """Roll out every image of this rank. Returns a dict of per-image tensors on the device."""
     pipe, device = ctx["pipe"], ctx["device"]
     neg_emb, neg_pool = ctx["encode"]([""])
-    vae_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    shape = (pipe.transformer.config.in_channels, cfg.resolution // vae_f, cfg.resolution // vae_f)
+    shape = M.latent_shape(pipe, cfg.resolution)
     sigmas = ctx["sigmas"]
     out = []
     bs = cfg.sample_batch_size
@@ -659,7 +659,7 @@ def train(cfg):
         stats.update(ev)
         if ev:  # pair the evaluation with this epoch's training reward, then ask the monitor
             history[-1] = (float(all_rewards.mean()), history[-1][1])
-            warn = hacking_warning(history)
+            warn = E.hacking_warning(history)
             if warn:
                 print(f"WARNING {warn}", flush=True)
                 stats["hacking_warning"] = 1
@@ -695,11 +695,6 @@ def train(cfg):
     return ctx
 
 
-def hacking_warning(history):
-    import eval as E
-    return E.hacking_warning(history)
-
-
 def load_test_prompts(cfg):
     prompts = [p["prompt"] for p in data.load_prompts(cfg.test_prompts)]
     return prompts[:cfg.eval_max_prompts] if cfg.eval_max_prompts else prompts
@@ -708,7 +703,6 @@ def load_test_prompts(cfg):
 def run_eval(cfg, ctx, test_prompts, epoch, history):
     """Rank 0 generates the held-out set with the EMA weights and measures it; the others wait.
     Returns {"eval/<metric>": value}; warns when the reward-hacking monitor fires."""
-    import eval as E
     ev = {}
     if ctx["rank"] == 0:
         prompts = [p for p in test_prompts for _ in range(cfg.eval_n_per_prompt)]
@@ -729,7 +723,6 @@ def run_eval(cfg, ctx, test_prompts, epoch, history):
 
 def report(cfg):
     """End of run: curves, and the before/after numbers of the held-out evaluation (first vs last)."""
-    import eval as E
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
     rows = [json.loads(l) for l in open(path) if l.strip()]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
