@@ -35,7 +35,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-import timm
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -55,7 +54,7 @@ class Bench:
     epochs: int = 2                  # timed epochs, averaged
     warmup_epochs: int = 1           # untimed epochs first: CUDA context, cuBLAS autotune, torch.compile
     eager_baseline: bool = False     # run eager, then compiled (compile=True), in one process; print both
-    low_mem: bool = False            # the 24 GB set (LOW_MEM): checkpointing, no T5, encoders freed, VAE in chunks
+    low_mem: bool = False            # the 24 GB set (LOW_MEM): checkpointing, T5 run once then freed, VAE in chunks
     count_only: bool = False         # count FLOPs and stop (no timing, no real models built)
     peak_tflops: float = 989.0       # MFU denominator: H100/H200 SXM dense bf16 (NVIDIA data sheet)
     out: str = ""                    # also write the results as JSON to this file
@@ -70,8 +69,7 @@ ARCH = {
                  dino_backbone="random:tiny", dino_image_size=28),
 }
 COMMON = dict(reward={"dino_adv": 1.0}, schedule="shared", d_steps=1, max_bad_updates=10 ** 9)
-LOW_MEM = dict(gradient_checkpointing=True, t5=False)
-LOW_MEM_DECODE_CHUNK = 4             # images per VAE decode call under --low_mem (sample_epoch uses 16)
+LOW_MEM = dict(low_mem=True, gradient_checkpointing=True)  # = config/sd35m_24gb.py
 STAGES = ("encode", "sample", "decode", "reward", "d_step", "g_step")
 INNER = {"sample": "decode", "reward": "d_step"}  # timed inside the outer stage, subtracted from it
 
@@ -106,20 +104,6 @@ def parse(argv):
 # -----------------------------------------------------------------------------------------------
 # Models and data, as the loop builds them
 
-def make_adversary(cfg, device):
-    """The DINO discriminator as train.build_adversary builds it. reward.make_backbone only knows hub
-    weights and "random:tiny", so "random:<timm name>" (e.g. the full DINOv2-B/14) is built here with
-    pretrained=False and handed to reward.DinoDiscriminator as a module."""
-    name = cfg.dino_backbone
-    if not name.startswith("random:") or name == "random:tiny":
-        return train.build_adversary(cfg, device)[1]
-    backbone = timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=0, img_size=cfg.dino_image_size)
-    adv = R.DinoDiscriminator(backbone, image_size=cfg.dino_image_size, lr=cfg.d_lr).to(device)
-    if device.type == "cuda" and cfg.mixed_precision == "bf16":
-        adv.phi.backbone.to(torch.bfloat16)  # as train.build_adversary: φ in bf16, the head float32
-    return adv
-
-
 def random_references(cfg, k=8):
     """k random-noise PNGs written to a temporary folder and read back by data.ReferenceSet (folder mode:
     real for every prompt). The images are held in memory, so the folder can go at once."""
@@ -152,11 +136,11 @@ def count(fn):
 def count_flops(cfg):
     """FLOPs of one call of each model at the run's shapes, on a shape-only copy: built on the meta
     device, then turned into fake CPU tensors (torch.autocast refuses the device type "meta")."""
-    cfg = dataclasses.replace(cfg, compile=False, gradient_checkpointing=False, t5=False)  # no T5: zeros, same shape
+    cfg = dataclasses.replace(cfg, compile=False, gradient_checkpointing=False, t5=False, low_mem=False)  # no T5: zeros, same shape
     meta = torch.device("meta")
     ctx = train.build(cfg, meta, 0, 1)
     with meta:
-        adv = make_adversary(cfg, meta)
+        adv = train.build_adversary(cfg, meta)[1]
     emb, pool = ctx["encode"]([""])                                   # (1, T, D), (1, P): the real shapes
     sigmas = S.flow_sigmas(ctx["pipe"].scheduler, cfg.num_steps)     # real CPU floats
     vae_f = 2 ** (len(ctx["pipe"].vae.config.block_out_channels) - 1)
@@ -244,7 +228,7 @@ def run(b, cfg, device, flops):
     """Build the real models, run warm-up + timed epochs of the real loop; returns the result dict."""
     torch.manual_seed(cfg.seed)
     ctx = train.build(cfg, device, 0, 1)
-    ctx.update(adv_kind="dino_adv", adversary=make_adversary(cfg, device), references=random_references(cfg),
+    ctx.update(adv_kind="dino_adv", adversary=train.build_adversary(cfg, device)[1], references=random_references(cfg),
                tqdm=lambda it, **_: it)
     n, epochs = cfg.prompts_per_epoch * cfg.group_size, b.warmup_epochs + b.epochs
     prompts = [[f"bench prompt {e}-{i}: a red cube on a blue table" for i in range(cfg.prompts_per_epoch)]
@@ -254,14 +238,15 @@ def run(b, cfg, device, flops):
     for e in range(epochs):  # all prompts first: --low_mem frees the text encoders before sampling
         with timers[e]("encode"):
             ctx["encode"](prompts[e])
-    if b.low_mem:
+    if cfg.low_mem:  # as train.train does
         ctx["encode"].drop_text_encoders()
-        gc.collect(), torch.cuda.empty_cache()
-    decode = dict(chunk=LOW_MEM_DECODE_CHUNK) if b.low_mem else {}
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     skipped = nonfinite = 0
     for e in range(epochs):
         st, mine = timers[e], [p for p in prompts[e] for _ in range(cfg.group_size)]
-        with st("sample"), timed_calls(st, "decode", S, "decode_latents", **decode):
+        with st("sample"), timed_calls(st, "decode", S, "decode_latents"):
             batch = train.sample_epoch(cfg, e, ctx, mine, list(range(n)), train.window_for_epoch(cfg, e))
         with st("reward"), timed_calls(st, "d_step", ctx["adversary"], "d_step"):
             rewards, _, _ = train.adversarial_epoch(cfg, e, ctx, batch, mine)

@@ -52,7 +52,7 @@ def generate(ctx, prompts, seed=0, num_steps=40, guidance_scale=4.5, batch_size=
                                  for i in range(len(p))]).to(device)
             vel = S.make_velocity_fn(tr, emb, pool, neg_emb.expand_as(emb), neg_pool.expand_as(pool),
                                      guidance_scale, ctx["autocast"])
-            r = S.rollout(vel, noise, sigmas, window_size=0, decode_fn=lambda z: S.decode_latents(pipe.vae, z))
+            r = S.rollout(vel, noise, sigmas, window_size=0, decode_fn=ctx["decode"])
             out.append(r["images"].float().cpu())
     return torch.cat(out)                                                  # (B, 3, H, W) in [0, 1]
 

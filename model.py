@@ -225,21 +225,25 @@ class PromptEncoder:
     Returns (prompt_embeds (B, T, D), pooled (B, P)). The cache lives on `device`; after the first
     epoch of a fixed prompt set the text encoders never run again (they could even be freed)."""
 
-    def __init__(self, pipe, device, max_sequence_length=128):
-        self.pipe, self.device, self.max_len = pipe, device, max_sequence_length
+    def __init__(self, pipe, device, max_sequence_length=128, cache_device=None, chunk=64):
+        self.pipe, self.device, self.max_len, self.chunk = pipe, device, max_sequence_length, chunk
+        self.cache_device = device if cache_device is None else cache_device  # "cpu" saves GPU memory
         self.cache = {}
 
     @torch.no_grad()
     def __call__(self, prompts):
         todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if todo:
-            emb, _, pooled, _ = self.pipe.encode_prompt(todo, todo, todo, device=self.device,
+        if todo and self.pipe.text_encoder is None:
+            raise RuntimeError(f"prompt {todo[0]!r} was not encoded before the text encoders were freed (low_mem)")
+        for c in range(0, len(todo), self.chunk):                   # bounded batches: T5-XXL is large
+            part = todo[c:c + self.chunk]
+            emb, _, pooled, _ = self.pipe.encode_prompt(part, part, part, device=self.device,
                                                         do_classifier_free_guidance=False,
                                                         max_sequence_length=self.max_len)
-            for i, p in enumerate(todo):
-                self.cache[p] = (emb[i], pooled[i])
-        emb = torch.stack([self.cache[p][0] for p in prompts])        # (B, T, D)
-        pooled = torch.stack([self.cache[p][1] for p in prompts])     # (B, P)
+            for i, p in enumerate(part):
+                self.cache[p] = (emb[i].to(self.cache_device), pooled[i].to(self.cache_device))
+        emb = torch.stack([self.cache[p][0] for p in prompts]).to(self.device)       # (B, T, D)
+        pooled = torch.stack([self.cache[p][1] for p in prompts]).to(self.device)    # (B, P)
         return emb, pooled
 
     def drop_text_encoders(self):

@@ -210,8 +210,13 @@ class DinoDiscriminator(nn.Module):
 
 def make_backbone(name, image_size=518, weights="", timm_kwargs=None):
     """The frozen feature backbone by config: a timm name (hub weights, or a local `weights` file, with
-    optional architecture kwargs), or "random:tiny" — a 2-layer DINOv2-style ViT with random weights,
-    for tests and smoke runs only."""
+    optional architecture kwargs), "random:tiny" — a 2-layer DINOv2-style ViT with random weights, for
+    tests and smoke runs — or "random:<timm name>", that architecture with random weights (bench.py)."""
+    if name.startswith("random:") and name != "random:tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=0, img_size=image_size,
+                                     **(timm_kwargs or {}))
     if name == "random:tiny":
         with torch.random.fork_rng(devices=[]):  # identical on every rank, global RNG untouched
             torch.manual_seed(0)

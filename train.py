@@ -59,6 +59,9 @@ class Config:
     lora_alpha: int = 64
     gradient_checkpointing: bool = False
     compile: bool = False             # torch.compile the transformer
+    low_mem: bool = False             # 24 GB GPUs: every prompt encoded once at start-up, then the text encoders
+                                      # are freed and the embeddings kept on the CPU; VAE decodes 4 images at a time.
+                                      # Pair with gradient_checkpointing (config/sd35m_24gb.py)
     mixed_precision: str = "bf16"     # "bf16" (CUDA only) or "no"; the CPU always runs float32
     # data
     train_prompts: str = "data/train.txt"       # .txt (one per line) or .jsonl with "prompt"
@@ -295,7 +298,7 @@ def sample_epoch(cfg, epoch, ctx, prompts, global_indices, window_start):
         vel = S.make_velocity_fn(ctx["fast_model"], emb, pool, neg_emb.expand_as(emb), neg_pool.expand_as(pool),
                                  cfg.guidance_scale, ctx["autocast"])
         r = S.rollout(vel, noise.to(device), sigmas, cfg.sde_kind, cfg.noise_level, window_start, cfg.window_size,
-                      step_noise=step_noise.to(device), decode_fn=lambda z: S.decode_latents(pipe.vae, z))
+                      step_noise=step_noise.to(device), decode_fn=ctx["decode"])
         out.append(dict(images=r["images"], x=r["x"], x_next=r["x_next"], log_probs=r["log_probs"],
                         emb=emb, pool=pool))
     batch = {k: torch.cat([o[k] for o in out]) for k in out[0]}
@@ -550,13 +553,16 @@ def build(cfg, device, rank, world):
         ddp_model = torch.nn.parallel.DistributedDataParallel(transformer, device_ids=[device.index] if cuda else None)
     fast_model = transformer  # what sampling and evaluation call (no grad, no DDP)
     if cfg.compile:
-        fast_model, ddp_model = torch.compile(transformer), torch.compile(ddp_model)
+        # dynamic=False: a handful of batch shapes (sampling, training, eval), each compiled static, since
+        # kernels specialised to the shape are faster than the dynamic-shape ones dynamo would switch to
+        fast_model, ddp_model = torch.compile(transformer, dynamic=False), torch.compile(ddp_model, dynamic=False)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     from tqdm.auto import tqdm
     return dict(
         pipe=pipe, transformer=transformer, ddp_model=ddp_model, fast_model=fast_model, params=params, opt=opt, device=device,
         world=world, rank=rank, ema=M.EMA(params, cfg.ema_decay, cfg.ema_every),
-        encode=M.PromptEncoder(pipe, device, cfg.max_sequence_length),
+        encode=M.PromptEncoder(pipe, device, cfg.max_sequence_length, cache_device="cpu" if cfg.low_mem else device),
+        decode=lambda z: S.decode_latents(pipe.vae, z, chunk=4 if cfg.low_mem else 16),
         sigmas=S.flow_sigmas(pipe.scheduler, cfg.num_steps, device),
         autocast=torch.bfloat16 if bf16 else None, resolution=cfg.resolution,
         counters=dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0),
@@ -594,6 +600,12 @@ def train(cfg):
     ctx = build(cfg, device, rank, world)
     ctx["adv_kind"], ctx["adversary"] = build_adversary(cfg, device)
     ctx["references"] = references
+    test_prompts = load_test_prompts(cfg) if cfg.eval_every else []
+    if cfg.low_mem:  # every prompt this run will see, encoded now; then the text encoders (T5: ~9 GiB) go
+        ctx["encode"](["", *(p["prompt"] for p in prompts), *test_prompts])
+        ctx["encode"].drop_text_encoders()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     fixed = {k: w for k, w in cfg.reward.items() if k not in R.ADVERSARIAL}
     extra = {}
     if "dino_sim" in fixed:  # the same frozen backbone as the discriminator's (or as configured)
@@ -617,7 +629,6 @@ def train(cfg):
     stop = torch.zeros(1, device=device)
     signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
 
-    test_prompts = load_test_prompts(cfg) if cfg.eval_every else []
     history = []  # (training reward, held-out metrics) per evaluation, for the reward-hacking monitor
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
@@ -666,6 +677,8 @@ def train(cfg):
         stats.update(epoch=epoch, window=w, reward_mean=float(r.mean()), reward_std=float(r.std()),
                      zero_std_groups=float((r.std(1) < 1e-8).mean()), seconds=time.time() - t0,
                      images_per_s=len(all_rewards) / (time.time() - t0), **ctx["counters"])
+        if device.type == "cuda":  # this rank's peak since start-up (torch.cuda.max_memory_allocated)
+            stats["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if master:
             print(epoch_line(stats), flush=True)
             log.write(json.dumps(stats) + "\n")
@@ -786,7 +799,8 @@ def epoch_line(s):
         line += f" | ref {s['d_real']:+.3f} gen {s['d_fake']:+.3f} D acc {s['d_acc']:.2f}"
     if "clipfrac" in s:
         line += f" | clipfrac {s['clipfrac']:.3f} kl {s['approx_kl']:.1e}"
-    return line + f" | {s['seconds']:.1f}s {s['images_per_s']:.1f} img/s"
+    line += f" | {s['seconds']:.1f}s {s['images_per_s']:.1f} img/s"
+    return line + (f" | peak {s['peak_gib']:.1f} GiB" if "peak_gib" in s else "")
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """bench.py: the real loop timed stage by stage on the tiny arch (CPU), and the FLOP counter checked
 against arithmetic we can do by hand."""
 import json
+import os
 
 import pytest
 import torch
@@ -52,7 +53,10 @@ def test_parser_routes_bench_and_train_keys():
     assert (b.epochs, b.out, cfg.resolution, cfg.compile) == (3, "x.json", 64, True)
     assert cfg.epochs == 1000 and cfg.prompts_per_epoch * cfg.group_size == 8   # train's own epochs untouched
     b, cfg = bench.parse(["--arch=tiny", "--low_mem"])
-    assert b.low_mem and cfg.gradient_checkpointing and not cfg.t5
+    assert b.low_mem and cfg.low_mem and cfg.gradient_checkpointing
+    ns = {}  # bench --low_mem measures exactly what config/sd35m_24gb.py sets
+    exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "sd35m_24gb.py")).read(), ns)
+    assert {k: v for k, v in ns.items() if not k.startswith("__")} == bench.LOW_MEM
     with pytest.raises(SystemExit, match="arch must be one of"):
         bench.parse(["--arch=huge"])
     with pytest.raises(SystemExit, match="unknown config key 'warmup_epoch'"):

@@ -282,3 +282,21 @@ def test_external_logger_off_by_default_and_clear_when_missing(monkeypatch):
         T.external_logger(tiny_cfg(log_to="wandb"))
     with pytest.raises(SystemExit, match="log_to must be"):
         T.external_logger(tiny_cfg(log_to="mlflow"))
+
+
+def test_low_mem_frees_text_encoders_and_trains_like_the_default(tmp_path):
+    """config/sd35m_24gb.py's keys: every prompt encoded at start-up, the text encoders freed, the embedding
+    cache on the CPU, VAE decoded 4 at a time, checkpointed activations. The arithmetic is unchanged, so the
+    trained weights match the default run's."""
+    a = T.train(tiny_cfg(out_dir=str(tmp_path / "a"), sample_batch_size=8))
+    b = T.train(tiny_cfg(out_dir=str(tmp_path / "b"), sample_batch_size=8, low_mem=True, gradient_checkpointing=True))
+    assert a["pipe"].text_encoder is not None
+    assert b["pipe"].text_encoder is None and b["pipe"].text_encoder_2 is None
+    every = {"", *(p["prompt"] for p in data.load_prompts(tiny_cfg().train_prompts))}
+    assert set(b["encode"].cache) == every and set(a["encode"].cache) <= every
+    assert all(e.device.type == "cpu" for e, _ in b["encode"].cache.values())
+    wa, wb = _weights(str(tmp_path / "a"), 1), _weights(str(tmp_path / "b"), 1)
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
+    with pytest.raises(RuntimeError, match="low_mem"):
+        b["encode"](["a prompt that was never encoded"])
