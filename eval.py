@@ -73,23 +73,32 @@ def measure(images, prompts, references=None, features=None):
     `references` a data.ReferenceSet. Returns (metrics dict, skipped {name: reason})."""
     m, skipped = {}, {}
     if features is not None and references is not None:
-        cls = torch.nn.functional.normalize(features(images)[0].float().cpu(), dim=-1)     # (B, D)
-        sims, ref_feats = [], {}
-        for i, p in enumerate(prompts):
-            if p not in ref_feats:
-                try:
-                    ref_feats[p] = features(references.images_of(p))[0].float().cpu()
-                except KeyError:
-                    ref_feats[p] = None  # a held-out prompt without references: not scored
-            if ref_feats[p] is not None:
-                sims.append((cls[i] @ torch.nn.functional.normalize(ref_feats[p], dim=-1).T).mean())
-        refs = [f for f in ref_feats.values() if f is not None]
-        if sims:
-            m["dino_sim"] = float(torch.stack(sims).mean())
-        if len(refs) and len(torch.cat(refs)) > 1 and len(images) > 1:
-            m["fd_dino"] = frechet_distance(features(images)[0].float().cpu(), torch.cat(refs))
-        else:
+        gen = features(images)[0].float().cpu()                                  # (B, D) CLS of the generations
+        ref_feats = {}
+        for p in dict.fromkeys(prompts):
+            try:
+                ref_feats[p] = features(references.images_of(p))[0].float().cpu()
+            except KeyError:
+                ref_feats[p] = None  # a held-out prompt without references: not scored
+        scored = [i for i, p in enumerate(prompts) if ref_feats[p] is not None]
+        refs = torch.cat([f for f in ref_feats.values() if f is not None]) if scored else None
+        bad = int((~torch.isfinite(gen).all(1)).sum())
+        if not scored:
             skipped["dino_sim"] = skipped["fd_dino"] = "no references for these prompts"
+        elif bad or not torch.isfinite(refs).all():  # a diverged model: say so rather than crash the run
+            skipped["dino_sim"] = skipped["fd_dino"] = (f"non-finite DINO features in {bad} of {len(gen)} generations"
+                                                        + ("" if torch.isfinite(refs).all() else " and in the references"))
+        else:
+            cls = torch.nn.functional.normalize(gen, dim=-1)
+            m["dino_sim"] = float(torch.stack([(cls[i] @ torch.nn.functional.normalize(ref_feats[prompts[i]], dim=-1).T)
+                                               .mean() for i in scored]).mean())
+            if len(refs) > 1 and len(images) > 1:
+                try:
+                    m["fd_dino"] = frechet_distance(gen, refs)
+                except torch.linalg.LinAlgError as e:
+                    skipped["fd_dino"] = f"covariance eigendecomposition failed ({str(e)[:80]})"
+            else:
+                skipped["fd_dino"] = "needs at least 2 generations and 2 references"
     else:
         skipped["dino_sim"] = skipped["fd_dino"] = "no references or no feature backbone in this run"
     try:

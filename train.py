@@ -723,12 +723,13 @@ def run_eval(cfg, ctx, test_prompts, epoch, history):
                             guidance_scale=cfg.eval_guidance_scale)
         adv = ctx.get("adversary")
         features = adv.features if ctx.get("adv_kind") == "dino_adv" else None
-        m, _ = E.measure(images, prompts, ctx.get("references"), features)
+        m, skipped = E.measure(images, prompts, ctx.get("references"), features)
         ev = {f"eval/{k}": v for k, v in m.items()}
         os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
         E.save_grid(images[:64], os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"))
         history.append((float("nan"), m))
-        print(f"eval @ epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
+        print(f"eval @ epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in m.items())
+              + "".join(f" | no {k}: {why}" for k, why in skipped.items() if "grammar" not in why), flush=True)
     if dist.is_initialized():
         dist.barrier()
     return ev

@@ -22,12 +22,14 @@ GC=""; [ "${MEM:-0}" -lt 120000 ] && GC="--gradient_checkpointing"
 # 2 prompts × 16 = 32 images per epoch: the recipe's per-GPU batches (16 sampled, 8 trained) and a third of
 # its per-GPU epoch (96 images); per-image figures are those of the full epoch.
 B="--prompts_per_epoch=2 --epochs=1"
+if [ -z "${SMOKE_ONLY:-}" ]; then   # SMOKE_ONLY=1: step 4 alone
 step "bench eager + compiled $GC"
 timeout 390 python3 bench.py $B $GC --eager_baseline --out="$OUT/compile.json" 2>&1 | tee -a "$LOG"
 step "bench low_mem"
 timeout 150 python3 bench.py $B --low_mem --out="$OUT/low_mem.json" 2>&1 | tee -a "$LOG"
 step "pytest cuda"
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_bench.py -k cuda 2>&1 | tail -3 | tee -a "$LOG"
+fi
 step "train.py sd35m_dino + sd35m_24gb, random weights"
 timeout 180 python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py config/sd35m_dino.py \
     config/sd35m_24gb.py --pretrained=random:sd3.5-medium --dino_backbone=random:vit_base_patch14_dinov2 \

@@ -43,6 +43,16 @@ def test_paired_dino_sim_uses_own_references_only():
     m2, _ = E.measure(gen[:1], ["b"], refs, feats)
     assert m2["dino_sim"] < 0.99
 
+    # two generations, two references: FD-DINO too; a non-finite generation skips both, with the reason
+    refs2 = Refs({"a": torch.rand(2, 3, 8, 8)})
+    m3, sk3 = E.measure(gen, ["a", "a"], refs2, feats)
+    assert m3["fd_dino"] > 0 and "fd_dino" not in sk3
+    bad = gen.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    m4, sk4 = E.measure(bad, ["a", "a"], refs2, feats)
+    assert "dino_sim" not in m4 and "fd_dino" not in m4
+    assert sk4["fd_dino"] == sk4["dino_sim"] == "non-finite DINO features in 1 of 2 generations"
+
 
 def test_in_loop_eval_writes_grid_curves_and_summary(tmp_path):
     cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), epochs=4, eval_every=2, eval_num_steps=4, ema_every=1)
