@@ -69,7 +69,7 @@ ARCH = {
                  dino_backbone="random:tiny", dino_image_size=28),
 }
 COMMON = dict(reward={"dino_adv": 1.0}, schedule="shared", d_steps=1, max_bad_updates=10 ** 9)
-LOW_MEM = dict(low_mem=True, gradient_checkpointing=True)  # = config/sd35m_24gb.py
+LOW_MEM = dict(low_mem=True, gradient_checkpointing=True, compile=False)  # = config/sd35m_24gb.py
 STAGES = ("encode", "sample", "decode", "reward", "d_step", "g_step")
 INNER = {"sample": "decode", "reward": "d_step"}  # timed inside the outer stage, subtracted from it
 
@@ -315,7 +315,7 @@ def main(argv=None):
             try:
                 results[name] = run(b, dataclasses.replace(cfg, compile=compiled), device, f)
                 print(table(name, results[name]), flush=True)
-            except torch.OutOfMemoryError as e:  # e.g. the train step without checkpointing on an 80 GB card
+            except torch.OutOfMemoryError as e:  # e.g. a larger resolution without checkpointing
                 results[name] = dict(error=f"out of memory: {str(e).splitlines()[0]}")
                 print(f"{name}: {results[name]['error']} (try --gradient_checkpointing or --low_mem)", flush=True)
             gc.collect()

@@ -213,10 +213,12 @@ def make_backbone(name, image_size=518, weights="", timm_kwargs=None):
     optional architecture kwargs), "random:tiny" — a 2-layer DINOv2-style ViT with random weights, for
     tests and smoke runs — or "random:<timm name>", that architecture with random weights (bench.py)."""
     if name.startswith("random:") and name != "random:tiny":
+        arch, kw = name.split(":", 1)[1], dict(timm_kwargs or {})
+        if "dinov2" in arch:  # LayerScale 1e-5 in a random model makes every CLS the same (seen on the H200)
+            kw.setdefault("init_values", 1.0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=0, img_size=image_size,
-                                     **(timm_kwargs or {}))
+            return timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size, **kw)
     if name == "random:tiny":
         with torch.random.fork_rng(devices=[]):  # identical on every rank, global RNG untouched
             torch.manual_seed(0)

@@ -242,12 +242,13 @@ def setup_distributed():
     """torchrun → one process per GPU (nccl) or per CPU worker (gloo); plain python → world of 1."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return rank, world, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if not torch.cuda.is_available():
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)  # bound to its GPU: no guessing in barrier()
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def all_gather_cat(t):
@@ -776,8 +777,13 @@ def external_logger(cfg):
         if cfg.log_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-            return lambda stats: [writer.add_scalar(k, v, stats["epoch"]) for k, v in stats.items()
-                                  if isinstance(v, (int, float))]
+
+            def log(stats):
+                for k, v in stats.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        writer.add_scalar(k, v, stats["epoch"])
+                writer.flush()  # an epoch is minutes long: flush, so a killed run loses nothing
+            return log
     except ImportError as e:
         raise SystemExit(f"log_to={cfg.log_to!r} needs its package: pip install {cfg.log_to} ({e})") from None
     raise SystemExit(f"config error: log_to must be '', 'wandb' or 'tensorboard', got {cfg.log_to!r}")

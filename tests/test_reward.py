@@ -11,7 +11,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reward import (REWARDS, CLIPScorer, DinoDiscriminator, DinoFeatures, PickScoreAdversary,  # noqa: E402
-                    build_reward)
+                    build_reward, make_backbone)
 
 IMG = 28  # tiny DINOv2-style ViT: 28² input, patch 7 -> 16 patch tokens
 
@@ -247,3 +247,16 @@ def test_build_reward_is_weighted_sum_of_components():
     assert info["reward/dino_sim"] == pytest.approx(sim.mean().item())
     with pytest.raises(KeyError):
         build_reward({"dino_adv": 1.0}, **ctx)  # adversarial rewards are driven by train.py
+
+
+def test_random_timm_backbone_tells_images_apart():
+    """"random:<timm name>" (bench.py, GPU smoke runs): the architecture with random weights, the same on every
+    call, and for DINOv2 with LayerScale 1 so that different images get different CLS features (with
+    DINOv2's 1e-5 every CLS was the same and FD-DINO could not be computed, seen on the H200)."""
+    a = make_backbone("random:vit_small_patch14_dinov2", image_size=56)
+    b = make_backbone("random:vit_small_patch14_dinov2", image_size=56)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    phi = DinoFeatures(a, 56).eval()
+    with torch.no_grad():
+        cls = torch.nn.functional.normalize(phi(torch.rand(2, 3, 32, 32))[0], dim=-1)
+    assert (cls[0] @ cls[1]).item() < 0.99
