@@ -250,6 +250,21 @@ class ReferenceSet:
 # The paper's references come from a stronger model (Qwen-Image, 512², 50 steps, 8 per prompt);
 # any diffusers text-to-image pipeline works. Writes DIR/<k>_<j>.png and DIR/index.json.
 
+def guidance_kwargs(pipe, guidance_scale, m):
+    """The pipeline's own way of asking for classifier-free guidance of strength `guidance_scale`, for m
+    prompts. Most pipelines take `guidance_scale`. Qwen-Image (the paper's reference model) and other
+    pipelines with `true_cfg_scale` run real CFG only when given that *and* a negative prompt; their
+    `guidance_scale` is for guidance-distilled transformers and is otherwise ignored with a warning, which
+    would silently give references without CFG."""
+    import inspect
+    params = inspect.signature(pipe.__call__).parameters
+    transformer_cfg = getattr(getattr(pipe, "transformer", None), "config", None) or {}
+    distilled = bool(transformer_cfg.get("guidance_embeds", False))  # e.g. FLUX.1-dev: guidance is an input
+    if "true_cfg_scale" in params and not distilled:
+        return dict(true_cfg_scale=guidance_scale, negative_prompt=[" "] * m)  # " ": diffusers' own advice
+    return dict(guidance_scale=guidance_scale)
+
+
 def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0, size=512, seed=0,
                     batch_size=4, device=None):
     import json
@@ -271,8 +286,8 @@ def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0,
         for j0 in range(0, n, batch_size):
             m = min(batch_size, n - j0)
             gen = [torch.Generator(device).manual_seed(seed * 1_000_003 + k * n + j0 + i) for i in range(m)]
-            images = pipe([prompt] * m, num_inference_steps=steps, guidance_scale=guidance_scale, height=size,
-                          width=size, generator=gen).images
+            images = pipe([prompt] * m, num_inference_steps=steps, height=size, width=size, generator=gen,
+                          **guidance_kwargs(pipe, guidance_scale, m)).images
             for i, im in enumerate(images):
                 name = f"{k:05d}_{j0 + i}.png"
                 im.save(os.path.join(out, name))

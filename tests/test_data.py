@@ -287,3 +287,17 @@ def test_make_references_writes_the_published_index_format(tmp_path):
     refs = data.ReferenceSet.from_index(index)
     assert refs.prompts == ["a red circle", "a blue square"] and len(refs) == 6
     assert refs.images_of("a blue square").shape == (3, 3, 32, 32)
+
+
+def test_reference_guidance_follows_the_pipeline():
+    """make_references asks each pipeline for CFG its own way. Qwen-Image (the paper's reference model) only
+    runs CFG given true_cfg_scale and a negative prompt; its guidance_scale would be ignored (no CFG)."""
+    from types import SimpleNamespace as NS
+
+    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+    qwen = NS(__call__=QwenImagePipeline.__call__, transformer=NS(config={"guidance_embeds": False}))
+    assert data.guidance_kwargs(qwen, 4.0, 2) == dict(true_cfg_scale=4.0, negative_prompt=[" ", " "])
+    flux_dev = NS(__call__=FluxPipeline.__call__, transformer=NS(config={"guidance_embeds": True}))
+    assert data.guidance_kwargs(flux_dev, 3.5, 1) == dict(guidance_scale=3.5)   # distilled: guidance is an input
+    sd3 = NS(__call__=StableDiffusion3Pipeline.__call__, transformer=NS(config={}))
+    assert data.guidance_kwargs(sd3, 4.5, 3) == dict(guidance_scale=4.5)
