@@ -288,7 +288,8 @@ def test_external_logger_off_by_default_and_clear_when_missing(monkeypatch):
 def test_low_mem_frees_text_encoders_and_trains_like_the_default(tmp_path):
     """config/sd35m_24gb.py's keys: every prompt encoded at start-up, the text encoders freed, the embedding
     cache on the CPU, VAE decoded 4 at a time, checkpointed activations. The arithmetic is unchanged, so the
-    trained weights match the default run's."""
+    trained weights match the default run's: to 1e-4, because a batch of 4 convolutions is not bitwise one
+    of 8 with 2 CPU threads (oneDNN picks per shape; 1.4e-5 seen, on weights of size ~0.9)."""
     a = T.train(tiny_cfg(out_dir=str(tmp_path / "a"), sample_batch_size=8))
     b = T.train(tiny_cfg(out_dir=str(tmp_path / "b"), sample_batch_size=8, low_mem=True, gradient_checkpointing=True))
     assert a["pipe"].text_encoder is not None
@@ -298,7 +299,7 @@ def test_low_mem_frees_text_encoders_and_trains_like_the_default(tmp_path):
     assert all(e.device.type == "cpu" for e, _ in b["encode"].cache.values())
     wa, wb = _weights(str(tmp_path / "a"), 1), _weights(str(tmp_path / "b"), 1)
     assert wa.keys() == wb.keys()
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-4, rtol=0) for k in wa)
     with pytest.raises(RuntimeError, match="low_mem"):
         b["encode"](["a prompt that was never encoded"])
 
