@@ -7,7 +7,8 @@ eval.py — held-out evaluation: generate with the EMA weights, measure, draw.
     python eval.py --summarize out/transfer_s0 out/transfer_s1 out/transfer_s2       # mean ± std over runs
 
 Writes PNGs, a grid and metrics.json next to the checkpoint (or --out). train.py calls `evaluate` every
-`eval_every` epochs on the fixed held-out prompts, with fixed seeds, so curves compare like with like.
+`eval_every` epochs on the fixed held-out prompts, with fixed seeds, so curves compare like with like,
+and `report` at the end (curves.png, summary.json).
 
 Metrics (each is skipped, with the reason recorded, when its ingredients are missing):
 - dino_sim: mean cosine of DINO CLS features between a generation and *its own prompt's* references
@@ -197,6 +198,49 @@ def hacking_warning(history, window=3):
                 + ", ".join(f"{k} {old[1][k]:.3f} → {new[1][k]:.3f}" for k in falling)
                 + f" over the last {window} evaluations")
     return None
+
+
+# -----------------------------------------------------------------------------------------------
+# In the training loop
+
+def evaluate(cfg, ctx, test_prompts, epoch, history):
+    """Rank 0 generates the held-out set with the EMA weights and measures it; the others wait.
+    Returns {"eval/<metric>": value}; warns when the reward-hacking monitor fires."""
+    ev = {}
+    if ctx["rank"] == 0:
+        prompts = [p for p in test_prompts for _ in range(cfg.eval_n_per_prompt)]
+        images = generate(ctx, prompts, seed=0, num_steps=cfg.eval_num_steps,  # same noise in every run
+                            guidance_scale=cfg.eval_guidance_scale)
+        adv = ctx.get("adversary")
+        features = adv.features if ctx.get("adv_kind") == "dino_adv" else None
+        m, skipped = measure(images, prompts, ctx.get("references"), features)
+        ev = {f"eval/{k}": v for k, v in m.items()}
+        os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
+        save_grid(images[:64], os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"))
+        history.append((float("nan"), m))
+        print(f"eval @ epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in m.items())
+              + "".join(f" | no {k}: {why}" for k, why in skipped.items() if "grammar" not in why), flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return ev
+
+
+def report(out_dir):
+    """End of run: curves, and the before/after numbers of the held-out evaluation (first vs last)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    rows = [json.loads(l) for l in open(path) if l.strip()]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    plot_curves(path, os.path.join(out_dir, "curves.png"))
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        summary = {k[5:]: dict(before=first[k], after=last[k]) for k in last if k.startswith("eval/") and k in first}
+        summary["epochs"] = dict(before=first["epoch"], after=last["epoch"])
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"held-out before (epoch {first['epoch']}) → after (epoch {last['epoch']}):")
+        for k, v in summary.items():
+            if k != "epochs":
+                print(f"  {k:20s} {v['before']:.4f} → {v['after']:.4f}")
 
 
 def summarize(run_dirs):

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import difflib
 import json
-import math
 import os
 import shutil
 import signal
@@ -634,7 +633,7 @@ def train(cfg):
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         # 0. held-out evaluation of the weights as they enter this epoch (epoch 0 = the base model)
-        ev = run_eval(cfg, ctx, test_prompts, epoch, history) if cfg.eval_every and epoch % cfg.eval_every == 0 else {}
+        ev = E.evaluate(cfg, ctx, test_prompts, epoch, history) if cfg.eval_every and epoch % cfg.eval_every == 0 else {}
         # 1. which prompts, which images on this rank (identical on every rank, no communication)
         pidx = data.epoch_prompt_indices(len(prompts), cfg.prompts_per_epoch, epoch, cfg.seed)
         group_of, mine = data.assign_samples(pidx, cfg.group_size, world, rank)
@@ -699,11 +698,11 @@ def train(cfg):
             break
     else:
         if cfg.eval_every and start < cfg.epochs:  # the trained model, logged as epoch = cfg.epochs
-            ev = run_eval(cfg, ctx, test_prompts, cfg.epochs, history)
+            ev = E.evaluate(cfg, ctx, test_prompts, cfg.epochs, history)
             if master:
                 log.write(json.dumps(dict(epoch=cfg.epochs, **ev)) + "\n")
                 log.flush()
-                report(cfg)
+                E.report(cfg.out_dir)
     if dist.is_initialized():
         dist.destroy_process_group()
     return ctx
@@ -712,46 +711,6 @@ def train(cfg):
 def load_test_prompts(cfg):
     prompts = [p["prompt"] for p in data.load_prompts(cfg.test_prompts)]
     return prompts[:cfg.eval_max_prompts] if cfg.eval_max_prompts else prompts
-
-
-def run_eval(cfg, ctx, test_prompts, epoch, history):
-    """Rank 0 generates the held-out set with the EMA weights and measures it; the others wait.
-    Returns {"eval/<metric>": value}; warns when the reward-hacking monitor fires."""
-    ev = {}
-    if ctx["rank"] == 0:
-        prompts = [p for p in test_prompts for _ in range(cfg.eval_n_per_prompt)]
-        images = E.generate(ctx, prompts, seed=0, num_steps=cfg.eval_num_steps,  # same noise in every run
-                            guidance_scale=cfg.eval_guidance_scale)
-        adv = ctx.get("adversary")
-        features = adv.features if ctx.get("adv_kind") == "dino_adv" else None
-        m, skipped = E.measure(images, prompts, ctx.get("references"), features)
-        ev = {f"eval/{k}": v for k, v in m.items()}
-        os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
-        E.save_grid(images[:64], os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"))
-        history.append((float("nan"), m))
-        print(f"eval @ epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in m.items())
-              + "".join(f" | no {k}: {why}" for k, why in skipped.items() if "grammar" not in why), flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return ev
-
-
-def report(cfg):
-    """End of run: curves, and the before/after numbers of the held-out evaluation (first vs last)."""
-    path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    rows = [json.loads(l) for l in open(path) if l.strip()]
-    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
-    E.plot_curves(path, os.path.join(cfg.out_dir, "curves.png"))
-    if len(evals) >= 2:
-        first, last = evals[0], evals[-1]
-        summary = {k[5:]: dict(before=first[k], after=last[k]) for k in last if k.startswith("eval/") and k in first}
-        summary["epochs"] = dict(before=first["epoch"], after=last["epoch"])
-        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(f"held-out before (epoch {first['epoch']}) → after (epoch {last['epoch']}):")
-        for k, v in summary.items():
-            if k != "epochs":
-                print(f"  {k:16s} {v['before']:.4f} → {v['after']:.4f}")
 
 
 def note_bad_update(cfg, ctx, master, msg):

@@ -1,8 +1,6 @@
 """eval.py: metrics with known answers, the hacking monitor, and the diffusers LoRA round trip."""
 import os
 
-import numpy as np
-import pytest
 import torch
 
 import eval as E

@@ -94,7 +94,6 @@ def test_broken_reference_images_stop_before_any_weight_is_written(tmp_path, cas
     refs.mkdir()
     Image.new("L", (17, 23), 128).save(refs / "gray_odd.png")          # fine: converted and resized
     Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(refs / "rgba.png")  # fine: composited on white
-    index = {"gray_odd.png": None, "rgba.png": None}
     bad = {"missing": "nothere.png", "corrupt": "corrupt.png", "empty": "empty.png"}[case]
     if case == "corrupt":
         (refs / bad).write_bytes(os.urandom(300))

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import data
-import model as M
 import reward as R
 import tinyworld as tw
 import train as T
