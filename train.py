@@ -570,17 +570,20 @@ def build(cfg, device, rank, world):
     )
 
 
-def train(cfg):
-    rank, world, device = setup_distributed()
-    master = rank == 0
-    # --- everything the user gave us is checked before the (slow) model load: fail in seconds ---
+def check_inputs(cfg, world):
+    """Everything the user gave us, checked before the (slow) model load, so a mistake costs seconds.
+    Returns (training prompts, held-out prompts, references or None, checkpoint to resume from or None)."""
+    import reward as R
     validate(cfg, world)
     try:
         prompts = data.load_prompts(cfg.train_prompts)
     except ValueError as e:
         raise SystemExit(f"{e}\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and "
                          "weights: see README. To try the method on a laptop: `make demo`.)") from None
-    import reward as R
+    try:
+        test_prompts = load_test_prompts(cfg) if cfg.eval_every else []
+    except ValueError as e:
+        raise SystemExit(f"held-out prompts (test_prompts; eval_every=0 turns the evaluation off): {e}") from None
     unknown = [k for k in cfg.reward if k not in R.REWARDS and k not in R.ADVERSARIAL]
     if unknown:
         raise SystemExit(f"config error: unknown reward {unknown[0]!r}; known: {sorted(R.REWARDS) + list(R.ADVERSARIAL)}")
@@ -594,25 +597,39 @@ def train(cfg):
         resume_from = latest_checkpoint(cfg.out_dir)
         if resume_from is None:
             raise SystemExit(f"--resume: no complete checkpoint in {cfg.out_dir}/checkpoints")
+    return prompts, test_prompts, references, resume_from
+
+
+def build_fixed_reward(cfg, ctx):
+    """The weighted sum of the fixed (not adversarial) rewards in cfg.reward, or None."""
+    import reward as R
+    fixed = {k: w for k, w in cfg.reward.items() if k not in R.ADVERSARIAL}
+    if not fixed:
+        return None
+    extra = {}
+    if "dino_sim" in fixed:  # the same frozen backbone as the discriminator's (or as configured)
+        extra["backbone"] = ctx["adversary"].phi if ctx["adv_kind"] == "dino_adv" else R.DinoFeatures(
+            R.make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights, cfg.dino_kwargs),
+            cfg.dino_image_size).to(ctx["device"])
+    return R.build_reward(fixed, device=ctx["device"], references=ctx["references"], **extra)
+
+
+def train(cfg):
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    prompts, test_prompts, references, resume_from = check_inputs(cfg, world)
 
     # --- models ---
     torch.manual_seed(cfg.seed)
     ctx = build(cfg, device, rank, world)
     ctx["adv_kind"], ctx["adversary"] = build_adversary(cfg, device)
     ctx["references"] = references
-    test_prompts = load_test_prompts(cfg) if cfg.eval_every else []
     if cfg.low_mem:  # every prompt this run will see, encoded now; then the text encoders (T5: ~9 GiB) go
         ctx["encode"](["", *(p["prompt"] for p in prompts), *test_prompts])
         ctx["encode"].drop_text_encoders()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    fixed = {k: w for k, w in cfg.reward.items() if k not in R.ADVERSARIAL}
-    extra = {}
-    if "dino_sim" in fixed:  # the same frozen backbone as the discriminator's (or as configured)
-        extra["backbone"] = ctx["adversary"].phi if ctx["adv_kind"] == "dino_adv" else R.DinoFeatures(
-            R.make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights, cfg.dino_kwargs),
-            cfg.dino_image_size).to(device)
-    reward_fn = R.build_reward(fixed, device=device, references=references, **extra) if fixed else None
+    reward_fn = build_fixed_reward(cfg, ctx)
     start = load_checkpoint(resume_from, ctx) + 1 if resume_from else 0
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)

@@ -354,3 +354,12 @@ def test_external_logger_writes_tensorboard_scalars(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("reward_mean")] == [(0, 0.25), (1, 0.75)]
     assert [(e.step, e.value) for e in acc.Scalars("g_steps")] == [(1, 2.0)]
     assert "note" not in acc.Tags()["scalars"]
+
+
+def test_missing_held_out_prompts_refused_before_the_model_loads(tmp_path):
+    """check_inputs runs before build(): a wrong test_prompts path costs seconds, not a model load."""
+    cfg = tiny_cfg(eval_every=5, test_prompts=str(tmp_path / "nope.txt"))
+    with pytest.raises(SystemExit, match="held-out prompts .*nope.txt"):
+        T.check_inputs(cfg, 1)
+    prompts, test_prompts, refs, resume = T.check_inputs(tiny_cfg(eval_every=0, test_prompts="nope.txt"), 1)
+    assert len(prompts) == 4 and test_prompts == [] and refs is None and resume is None
