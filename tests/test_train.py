@@ -363,3 +363,14 @@ def test_missing_held_out_prompts_refused_before_the_model_loads(tmp_path):
         T.check_inputs(cfg, 1)
     prompts, test_prompts, refs, resume = T.check_inputs(tiny_cfg(eval_every=0, test_prompts="nope.txt"), 1)
     assert len(prompts) == 4 and test_prompts == [] and refs is None and resume is None
+
+
+@pytest.mark.slow  # two processes compile the tiny transformer: ~1 min cold
+def test_compiled_ddp_matches_eager_ddp(tmp_path):
+    """torch.compile around DDP (with no_sync accumulation) trains the same weights as eager DDP."""
+    c, e = str(tmp_path / "c"), str(tmp_path / "e")
+    _run([f"--out_dir={c}", "--epochs=3", "--compile=True"], nproc=2)
+    _run([f"--out_dir={e}", "--epochs=3"], nproc=2)
+    wc, we = _weights(c, 2), _weights(e, 2)
+    assert wc.keys() == we.keys()
+    assert all(torch.allclose(wc[k], we[k], atol=1e-5, rtol=0) for k in wc)
