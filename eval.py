@@ -210,7 +210,7 @@ def evaluate(cfg, ctx, test_prompts, epoch, history):
     if ctx["rank"] == 0:
         prompts = [p for p in test_prompts for _ in range(cfg.eval_n_per_prompt)]
         images = generate(ctx, prompts, seed=0, num_steps=cfg.eval_num_steps,  # same noise in every run
-                            guidance_scale=cfg.eval_guidance_scale)
+                          guidance_scale=cfg.eval_guidance_scale)
         adv = ctx.get("adversary")
         features = adv.features if ctx.get("adv_kind") == "dino_adv" else None
         m, skipped = measure(images, prompts, ctx.get("references"), features)

@@ -222,8 +222,9 @@ class EMA:
 class PromptEncoder:
     """Encodes prompts with the pipeline's text encoders, each distinct prompt once (in-memory cache).
 
-    Returns (prompt_embeds (B, T, D), pooled (B, P)). The cache lives on `device`; after the first
-    epoch of a fixed prompt set the text encoders never run again (they could even be freed)."""
+    Returns (prompt_embeds (B, T, D), pooled (B, P)) on `device`. The cache lives on `cache_device`
+    (default `device`; the CPU under train.py's low_mem). Once every prompt is cached the text encoders
+    never run again, and `drop_text_encoders` frees them (train.py does so under low_mem)."""
 
     def __init__(self, pipe, device, max_sequence_length=128, cache_device=None, chunk=64):
         self.pipe, self.device, self.max_len, self.chunk = pipe, device, max_sequence_length, chunk
