@@ -40,6 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import data
+import model as M
 import sampler as S
 import train
 
@@ -142,8 +143,7 @@ def count_flops(cfg):
         adv = train.build_adversary(cfg, meta)[1]
     emb, pool = ctx["encode"]([""])                                   # (1, T, D), (1, P): the real shapes
     sigmas = S.flow_sigmas(ctx["pipe"].scheduler, cfg.num_steps)     # real CPU floats
-    vae_f = 2 ** (len(ctx["pipe"].vae.config.block_out_channels) - 1)
-    shape = (ctx["transformer"].config.in_channels, cfg.resolution // vae_f, cfg.resolution // vae_f)
+    shape = M.latent_shape(ctx["pipe"], cfg.resolution)                # (C, h, w)
     cfg_rows = 2 if cfg.guidance_scale > 1 else 1                     # CFG doubles the batch
     sb, tb = cfg.sample_batch_size, cfg.train_batch_size
     with FakeTensorMode(allow_non_fake_inputs=True):

@@ -253,9 +253,14 @@ class PromptEncoder:
             setattr(self.pipe, name, None)
 
 
+def vae_factor(pipe):
+    """The VAE's downsampling factor (8 for SD3)."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
 def latent_shape(pipe, resolution):
     """(C, h, w) of one latent for square images of `resolution` pixels."""
-    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # the VAE's downsampling factor
+    f = vae_factor(pipe)
     return pipe.transformer.config.in_channels, resolution // f, resolution // f
 
 

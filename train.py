@@ -537,7 +537,7 @@ def build(cfg, device, rank, world):
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if m is not None:
             m.requires_grad_(False).eval()
-    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1) * pipe.transformer.config.patch_size
+    f = M.vae_factor(pipe) * pipe.transformer.config.patch_size
     if cfg.resolution % f:
         raise SystemExit(f"config error: resolution {cfg.resolution} must be a multiple of {f} "
                          f"(VAE factor × patch size of {cfg.pretrained})")

@@ -1,6 +1,6 @@
 # The shapes world (tinyworld.py): Adv-GRPO on a laptop CPU through the same code path as SD3.5.
 #   python train.py config/tiny.py          (= make demo)
-# The base model only saw light backgrounds; the references are dark. The adversarial reward (a
+# The base model saw mostly light backgrounds (90 %); the references are dark. The adversarial reward (a
 # discriminator on the frozen tiny ViT that stands in for DINOv2) should move held-out generations
 # to the references' style (eval/background → eval/ref_background) without losing content
 # (eval/toy_geneval). See README "Results" for what this measured.
