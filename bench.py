@@ -70,8 +70,8 @@ ARCH = {
 }
 COMMON = dict(reward={"dino_adv": 1.0}, schedule="shared", d_steps=1, max_bad_updates=10 ** 9)
 LOW_MEM = dict(low_mem=True, gradient_checkpointing=True, compile=False)  # = config/sd35m_24gb.py
-STAGES = ("encode", "sample", "decode", "reward", "d_step", "g_step")
-INNER = {"sample": "decode", "reward": "d_step"}  # timed inside the outer stage, subtracted from it
+STAGES = ("encode", "sample", "decode", "reward", "d_step", "old_logp", "g_step")
+INNER = {"sample": "decode", "reward": "d_step", "g_step": "old_logp"}  # timed inside the outer stage, subtracted
 
 
 def parse(argv):
@@ -175,6 +175,9 @@ def flops_per_epoch(cfg, f):
     return dict(sample=n // cfg.sample_batch_size * cfg.num_steps * f["sample_forward"],
                 decode=n * f["decode_per_image"],
                 reward=2 * n * f["dino_per_image"],          # generations + one reference each
+                # the old log-probs: forwards of the passes after the first optimizer step (train.old_log_probs)
+                old_logp=(cfg.updates_per_epoch - 1) * (n // cfg.train_batch_size * cfg.window_size
+                                                         // cfg.updates_per_epoch) * f["train_forward"],
                 g_step=n // cfg.train_batch_size * cfg.window_size * f["train_forward_backward"])
 
 
@@ -250,7 +253,7 @@ def run(b, cfg, device, flops):
         with st("reward"), timed_calls(st, "d_step", ctx["adversary"], "d_step"):
             rewards, _, _ = train.adversarial_epoch(cfg, e, ctx, batch, mine)
         nonfinite += int(e >= b.warmup_epochs and not torch.isfinite(rewards).all())  # then φ and D did not run
-        with st("g_step"):
+        with st("g_step"), timed_calls(st, "old_logp", train, "old_log_probs"):
             advantages = train.compute_advantages(rewards, mine, global_std=cfg.global_std)
             skipped += train.train_generator(cfg, e, ctx, batch, advantages)["skipped_updates"]
         del batch

@@ -265,11 +265,17 @@ def guidance_kwargs(pipe, guidance_scale, m):
     return dict(guidance_scale=guidance_scale)
 
 
-def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0, size=512, seed=0,
+def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0, size=None, seed=0,
                     batch_size=4, device=None):
+    """n images per prompt from any diffusers pipeline. `size` defaults to the folder's sample_settings.json
+    resolution (pipelines this project writes), else 512; its text length is honoured the same way."""
+    import inspect
     import json
     from diffusers import DiffusionPipeline
     from tqdm.auto import tqdm
+    from model import pipeline_settings
+    settings = pipeline_settings(model)
+    size = size or settings.get("resolution", 512)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     # a local folder saved without some component (e.g. SD3 without T5) lists it as [null, null]
@@ -278,6 +284,9 @@ def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0,
               if isinstance(v, list) and v[0] is None} if os.path.exists(index_file) else {}
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **absent).to(device)
     pipe.set_progress_bar_config(disable=True)
+    extra = guidance_kwargs(pipe, guidance_scale, 1)
+    if "max_sequence_length" in settings and "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+        extra["max_sequence_length"] = settings["max_sequence_length"]
     prompts = [p["prompt"] for p in load_prompts(prompts_file)]
     os.makedirs(out, exist_ok=True)
     index = {}
@@ -287,7 +296,7 @@ def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0,
             m = min(batch_size, n - j0)
             gen = [torch.Generator(device).manual_seed(seed * 1_000_003 + k * n + j0 + i) for i in range(m)]
             images = pipe([prompt] * m, num_inference_steps=steps, height=size, width=size, generator=gen,
-                          **guidance_kwargs(pipe, guidance_scale, m)).images
+                          **{**extra, **guidance_kwargs(pipe, guidance_scale, m)}).images
             for i, im in enumerate(images):
                 name = f"{k:05d}_{j0 + i}.png"
                 im.save(os.path.join(out, name))
@@ -307,7 +316,7 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=8, help="images per prompt")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance_scale", type=float, default=4.0)
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--size", type=int, default=None, help="default: the pipeline's sample_settings.json, else 512")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     print(make_references(a.model, a.prompts, a.out, a.n, a.steps, a.guidance_scale, a.size, a.seed))

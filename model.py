@@ -67,8 +67,12 @@ ARCHS = {
     ),
 }
 
-# The LoRA targets of the published recipe: every attention projection of both MMDiT streams.
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# The LoRA targets of the published recipe: every projection of the *joint* attention (`attn`) of both
+# MMDiT streams. peft matches a target against the end of a module's dotted name, so the "attn." prefix
+# keeps out the second, image-only attention (`attn2`) of SD3.5-M's 13 dual-attention blocks: 191 adapted
+# Linears / 18.78 M parameters at rank 32, as published (bare "to_q" etc. would give 243 / 23.9 M).
+LORA_TARGETS = tuple(f"attn.{n}" for n in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                            "add_v_proj", "to_add_out"))
 
 
 def char_tokenizer(max_length, words=()):
@@ -147,6 +151,22 @@ def load_pipeline(name_or_path, t5=True, device="cpu", dtype=torch.float32):
     return pipe.to(device)
 
 
+SETTINGS_FILE = "sample_settings.json"  # beside model_index.json in pipeline folders this project writes
+
+
+def pipeline_settings(name_or_path):
+    """What a pipeline folder needs to be sampled correctly and diffusers cannot know: {} or e.g.
+    {"max_sequence_length": 1, "resolution": 32} from `<folder>/sample_settings.json`. The tiny world's
+    pipeline was trained with a 1-token text sequence (T5's slot, zeros); sampled with diffusers' default
+    of 256 zero tokens its images are blank backgrounds and smudges."""
+    path = os.path.join(name_or_path, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    import json
+    with open(path) as f:
+        return json.load(f)
+
+
 # -----------------------------------------------------------------------------------------------
 # Trainable parameters: LoRA or full fine-tuning
 
@@ -179,20 +199,31 @@ def adapters_disabled(transformer):
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters, updated every `every` optimizer steps.
+    """Exponential moving average of the trainable parameters, updated every `every` optimizer steps with
+    the published warm-up: after optimizer step s (s = 1, 2, ...), when s % every == 0,
 
-    Flow-GRPO's recipe: decay 0.9 every 8 steps. Kept in float32 whatever the model dtype."""
+        decay(s) = min((1 + s) / (10 + s), max_decay)        shadow = decay·shadow + (1 - decay)·params
+
+    so the first updates follow the weights closely and the decay reaches max_decay (0.9) from s = 81 on.
+    The recipe: max_decay 0.9 every 8 steps. The published code evaluates the same formula at its global
+    step counter, one step earlier ((s + 1) % every == 0), and repeats the update once per micro-batch of
+    that step; here it is one update per `every` optimizer steps. Kept in float32 whatever the model dtype."""
 
     def __init__(self, params: dict, decay=0.9, every=8):
         self.decay, self.every = decay, every
         self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
 
+    def decay_at(self, step: int) -> float:
+        return min((1 + step) / (10 + step), self.decay)
+
     @torch.no_grad()
     def update(self, params: dict, step: int):
+        """`step`: optimizer steps taken so far, this one included."""
         if step % self.every != 0:
             return
+        d = self.decay_at(step)
         for n, p in params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)  # s = d·s + (1-d)·p
+            self.shadow[n].lerp_(p.detach().float(), 1 - d)  # s = d·s + (1-d)·p
 
     @contextlib.contextmanager
     def applied(self, params: dict):

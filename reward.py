@@ -125,19 +125,20 @@ class DinoDiscriminator(nn.Module):
     Checkpoints: use `head_state()` / `load_head_state()` (head + Adam state). `state_dict()` is plain
     nn.Module's and would also save the frozen backbone. Do not `disc.to(torch.bfloat16)`: cast
     `disc.backbone` only; d_step refuses a non-float32 head. Under torch.distributed every rank must
-    build the head identically: it is initialised from a fixed seed, independent of the global RNG.
+    build the head identically: it is initialised from `seed` (train.py passes cfg.seed), independent of the
+    global RNG.
     """
 
     def __init__(self, backbone="vit_base_patch14_dinov2.lvd142m", image_size=518, hidden=512, n_patches=64,
                  patch_loss_weight=0.3, cls_reward_weight=0.7, lr=1e-4, betas=(0.5, 0.999), pretrained=True,
-                 pretrained_file=None):
+                 pretrained_file=None, seed=0):
         super().__init__()
         # a DinoFeatures may be passed in, to share one φ with the dino_sim reward
         self.phi = backbone if isinstance(backbone, DinoFeatures) else \
             DinoFeatures(backbone, image_size, pretrained, pretrained_file)
         D = getattr(self.phi.backbone, "num_features", None) or self.phi.backbone.embed_dim
-        with torch.random.fork_rng(devices=[]):  # same head on every rank, global RNG untouched
-            torch.manual_seed(0)
+        with torch.random.fork_rng(devices=[]):  # same head on every rank (from `seed`), global RNG untouched
+            torch.manual_seed(seed)
             self.head = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1)).float()
         self.n_patches, self.patch_loss_weight, self.cls_reward_weight = n_patches, patch_loss_weight, cls_reward_weight
         self.opt = torch.optim.Adam(self.head.parameters(), lr=lr, betas=betas)
@@ -313,8 +314,9 @@ class CLIPScorer(nn.Module):
 
 class PickScoreAdversary(CLIPScorer):
     """PickScore (= logit_scale.exp() · cos(text, image), ≈ 22 for SD3.5-M images) used as a discriminator:
-    only the last `train_last_k` vision layers + post_layernorm + visual_projection train, in float32
-    (train_last_k=0 gives the frozen `pickscore` reward). Each epoch in train.py:
+    only the last `train_last_k` vision encoder layers train, in float32 (train_last_k=0 gives the frozen
+    `pickscore` reward). The final layer norm and the visual projection stay frozen: they map into the
+    embedding space shared with the (frozen) text tower. Each epoch in train.py:
         r_gen, r_ref = adv.reward(gen, prompts), adv.reward(ref, prompts)   # ref[i] is one of prompts[i]'s references
         if adv.should_train_d(all_reduce_mean(r_gen), all_reduce_mean(r_ref)): adv.d_step(ref, gen, prompts)  # G skips
         else: update the generator with advantages from r_gen
@@ -324,8 +326,7 @@ class PickScoreAdversary(CLIPScorer):
                  train_last_k=1, lr=5e-6, betas=(0.5, 0.999)):
         super().__init__(model, processor)
         vm = self.model.vision_model
-        parts = [*vm.encoder.layers[len(vm.encoder.layers) - train_last_k:], vm.post_layernorm,
-                 self.model.visual_projection] if train_last_k > 0 else []
+        parts = vm.encoder.layers[len(vm.encoder.layers) - train_last_k:] if train_last_k > 0 else []
         self.trainable = [p for m in parts for p in m.parameters()]
         for p in self.trainable:
             p.requires_grad_(True)
@@ -410,7 +411,7 @@ def dino_sim(references, backbone="vit_base_patch14_dinov2.lvd142m", device="cpu
 def pickscore(device="cpu", pickscore_model="yuvalkirstain/PickScore_v1",
               pickscore_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **_):
     """Frozen PickScore (raw scale, ≈ 20; Flow-GRPO divides by 26, which advantages do not notice)."""
-    scorer = PickScoreAdversary(pickscore_model, pickscore_processor, train_last_k=0).to(device)
+    scorer = PickScoreAdversary(*load_clip(pickscore_model, pickscore_processor), train_last_k=0).to(device)
 
     def fn(images, prompts, metadata):
         return scorer.reward(images, prompts).to(images.device), {}
@@ -421,7 +422,7 @@ def pickscore(device="cpu", pickscore_model="yuvalkirstain/PickScore_v1",
 def clip_score(device="cpu", clip_model="openai/clip-vit-large-patch14", clip_processor=None, **_):
     """Raw cosine of CLIP image and text embeddings, in [-1, 1] like dino_sim. CLIPScore's ×100 (or ×2.5)
     scale is a weight in build_reward, e.g. {"clip_score": 100.0}."""
-    scorer = CLIPScorer(clip_model, clip_processor or clip_model).to(device)
+    scorer = CLIPScorer(*load_clip(clip_model, clip_processor or clip_model)).to(device)
 
     def fn(images, prompts, metadata):
         with torch.no_grad():

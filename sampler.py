@@ -172,6 +172,7 @@ def decode_latents(vae, latents, chunk=16):
 
 
 def flow_sigmas(scheduler, num_steps, device="cpu"):
-    """The scheduler's N+1 sigmas (shift applied, final 0), as float32 on `device`."""
+    """The scheduler's N+1 sigmas (shift applied, final 0), as a float32 copy on `device` (a copy: the
+    scheduler keeps and mutates its own tensor, e.g. in the next set_timesteps)."""
     scheduler.set_timesteps(num_steps, device=device)
-    return scheduler.sigmas.to(device=device, dtype=torch.float32)
+    return scheduler.sigmas.to(device=device, dtype=torch.float32, copy=True)

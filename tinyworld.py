@@ -528,6 +528,9 @@ def build(out="assets/tinyworld", scale=1.0):
     tr = build_transformer(t0, pipe, train_scenes, steps=max(2, int(2000 * scale)), dark_frac=DARK_FRAC)
     pipe.register_modules(transformer=tr.half())  # fp16 on disk halves the size; training loads float32
     pipe.save_pretrained(os.path.join(out, "pipeline"))
+    from model import SETTINGS_FILE  # what diffusers cannot know: the text length it was trained with
+    with open(os.path.join(out, "pipeline", SETTINGS_FILE), "w") as f:
+        json.dump(dict(max_sequence_length=1, resolution=32), f)
     _log(t0, f"saved to {out}")
 
 

@@ -31,6 +31,7 @@ import shutil
 import signal
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,7 +53,8 @@ class Config:
     # model
     pretrained: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local folder, or random:<arch>
     t5: bool = True                   # load T5-XXL; False feeds zeros in its place (as diffusers allows)
-    max_sequence_length: int = 128    # T5 tokens (77 CLIP + 128 T5 = 205 text tokens)
+    max_sequence_length: int | None = None  # T5 tokens; None: the pipeline folder's own (sample_settings.json), else 128
+                                      # (the recipe: 77 CLIP + 128 T5 = 205 text tokens)
     resolution: int = 512
     lora_rank: int = 32               # 0 = full fine-tuning
     lora_alpha: int = 64
@@ -61,7 +63,7 @@ class Config:
     low_mem: bool = False             # 24 GB GPUs: every prompt encoded once at start-up, then the text encoders
                                       # are freed and the embeddings kept on the CPU; VAE decodes 4 images at a time.
                                       # Pair with gradient_checkpointing (config/sd35m_24gb.py)
-    mixed_precision: str = "bf16"     # "bf16" (CUDA only) or "no"; the CPU always runs float32
+    mixed_precision: str = "bf16"     # "bf16" (frozen weights bf16, autocast; CPU too) or "no" (float32)
     # data
     train_prompts: str = "data/train.txt"       # .txt (one per line) or .jsonl with "prompt"
     test_prompts: str = "data/test.txt"
@@ -69,8 +71,9 @@ class Config:
     num_steps: int = 10
     guidance_scale: float = 4.5       # CFG when sampling and when recomputing log-probs; 1 = off
     sde_kind: str = "cps"             # "cps" (Adv-GRPO) or "sde" (Flow-GRPO)
-    noise_level: float = 0.8          # a: 0.8 for cps, 0.7 for sde
-    window_start: str = "0"           # first trained step: an integer, or "random" (first half, per epoch)
+    noise_level: float | None = None  # a; None: by sde_kind (cps 0.8 as Adv-GRPO, sde 0.7 as Flow-GRPO)
+    window_start: str = "0"           # first trained step: an integer (published: 0), or "random": drawn per epoch
+                                      # from 0..N/2 inclusive (the paper's text; the published range)
     window_size: int = 2              # K trained (stochastic) steps; the rest are ODE
     # batch arithmetic (global = across all ranks)
     group_size: int = 16              # images per prompt
@@ -82,11 +85,11 @@ class Config:
     lr: float = 3e-4
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
-    clip_range: float = 1e-5          # ε of the ratio clip (1e-5 with cps's unscaled log-prob)
+    clip_range: float | None = None   # ε of the ratio clip; None: by sde_kind (cps 1e-5: its log-prob is unscaled; sde 1e-4)
     adv_clip: float = 5.0
     beta_kl: float = 0.0              # KL to the frozen base, β·mean((μ_θ - μ_ref)²)
     global_std: bool = True           # normalise advantages by the std of all rewards of the epoch
-    ema_decay: float = 0.9
+    ema_decay: float = 0.9            # the EMA's decay after its warm-up: min((1 + s)/(10 + s), ema_decay) at step s
     ema_every: int = 8                # EMA update every N optimizer steps
     # reward: a weighted sum; "dino_adv" / "pickscore_adv" are learned adversarially, others fixed
     reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})
@@ -107,6 +110,7 @@ class Config:
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     pickscore_train_last_k: int = 1   # vision layers the PickScore adversary trains (paper 2, published code 1)
     pickscore_lr: float = 5e-6
+    clip_model: str = "openai/clip-vit-large-patch14"  # the fixed clip_score reward (hub id, folder or "random:tiny")
     # run
     epochs: int = 1000
     seed: int = 0
@@ -124,23 +128,29 @@ class Config:
     eval_max_prompts: int = 64        # first N test prompts (0 = all)
 
 
+# What `None` means for the keys whose default depends on another one (resolved by parse_args)
+SDE_DEFAULTS = {"cps": dict(noise_level=0.8, clip_range=1e-5), "sde": dict(noise_level=0.7, clip_range=1e-4)}
+
+
 def parse_args(argv):
     """Preset files (*.py, executed in order) then --key=value overrides. Refuses unknown keys and
     values of the wrong type, naming the key and where it came from."""
     cfg = Config()
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
 
     def set_key(key, value, where):
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
             raise SystemExit(f"{where}: unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        want = type(getattr(Config(), key))
-        if want is float and type(value) is int:
-            value = float(value)
-        if want is str and not isinstance(value, str):
-            value = str(value)  # e.g. --window_start=0 parses as an int
-        if type(value) is not want:
-            raise SystemExit(f"{where}: {key} must be {want.__name__}, got {value!r} ({type(value).__name__})")
+        kinds = typing.get_args(hints[key]) or (hints[key],)        # `float | None` -> (float, NoneType)
+        want = kinds[0]
+        if not (value is None and type(None) in kinds):
+            if want is float and type(value) is int:
+                value = float(value)
+            if want is str and not isinstance(value, str):
+                value = str(value)  # e.g. --window_start=0 parses as an int
+            if type(value) is not want:
+                raise SystemExit(f"{where}: {key} must be {want.__name__}, got {value!r} ({type(value).__name__})")
         setattr(cfg, key, value)
 
     for arg in argv:
@@ -164,6 +174,24 @@ def parse_args(argv):
             set_key(key, value, "command line")
         else:
             raise SystemExit(f"unexpected argument {arg!r}: give preset files (*.py) and --key=value")
+    return resolve_defaults(cfg)
+
+
+def resolve_defaults(cfg):
+    """Fill in the keys left None: noise_level / clip_range by sde_kind, max_sequence_length from the
+    pipeline folder's sample_settings.json (else 128). A value that contradicts the pipeline's settings
+    is refused: it would sample garbage without an error."""
+    for key, value in SDE_DEFAULTS.get(cfg.sde_kind, {}).items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    for key, value in M.pipeline_settings(cfg.pretrained).items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+        elif getattr(cfg, key) != value:
+            raise SystemExit(f"config error: {cfg.pretrained} was trained with {key} = {value} "
+                             f"({M.SETTINGS_FILE}); {key} = {getattr(cfg, key)} would sample garbage")
+    if cfg.max_sequence_length is None:
+        cfg.max_sequence_length = 128
     return cfg
 
 
@@ -180,8 +208,16 @@ def validate(cfg, world):
         ((n_global // world // cfg.train_batch_size * cfg.window_size) % cfg.updates_per_epoch == 0,
          f"backward passes per epoch ({n_global // world // cfg.train_batch_size} batches × {cfg.window_size} "
          f"steps) must be a multiple of updates_per_epoch ({cfg.updates_per_epoch})"),
-        (cfg.sde_kind in S.STEP_KINDS, f"sde_kind must be one of {S.STEP_KINDS}"),
+        (cfg.sde_kind in SDE_DEFAULTS, f"sde_kind must be one of {sorted(SDE_DEFAULTS)} for training (\"ode\" has "
+                                        "no noise, hence no log-probability to train on), got {cfg.sde_kind!r}"),
         (cfg.window_start == "random" or cfg.window_start.isdigit(), "window_start must be an integer or 'random'"),
+        (1 <= cfg.window_size <= cfg.num_steps, f"window_size must be in 1..num_steps ({cfg.num_steps}), "
+                                                f"got {cfg.window_size}"),
+        (not cfg.window_start.isdigit() or int(cfg.window_start) + cfg.window_size <= cfg.num_steps,
+         f"the training window [{cfg.window_start}, {cfg.window_start}+{cfg.window_size}) does not fit in "
+         f"num_steps = {cfg.num_steps} steps"),
+        (cfg.noise_level is not None and cfg.clip_range is not None, "noise_level and clip_range must be set "
+                                                                      "(parse_args fills them in from sde_kind)"),
         (cfg.mixed_precision in ("bf16", "no"), "mixed_precision must be 'bf16' or 'no'"),
         (cfg.group_size >= 2, "group_size must be ≥ 2: a group of one has no advantage"),
         (cfg.schedule in ("paper", "shared", "frozen"), "schedule must be 'paper', 'shared' or 'frozen'"),
@@ -230,8 +266,12 @@ def window_for_epoch(cfg, epoch):
     epoch) alone, so every rank draws the same window with no communication."""
     if cfg.window_start != "random":
         return int(cfg.window_start)
-    hi = max(1, min(cfg.num_steps // 2, cfg.num_steps - cfg.window_size + 1))
-    return int(np.random.default_rng([cfg.seed, epoch, 7]).integers(0, hi))
+    # 0..N/2 inclusive, as the published code draws it (random.randint(0, N // 2)): N = 10 gives 0..5, so
+    # the window always covers part of the high-noise half. Capped so the window fits (N - K).
+    # The published code reseeds Python's RNG with the rank before each draw, so every epoch of a rank
+    # trains the same window; here it is drawn per epoch, the same on every rank.
+    hi = min(cfg.num_steps // 2, cfg.num_steps - cfg.window_size)
+    return int(np.random.default_rng([cfg.seed, epoch, 7]).integers(0, hi + 1))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -315,8 +355,8 @@ def build_adversary(cfg, device):
     kind = next((k for k in cfg.reward if k in R.ADVERSARIAL), None)
     if kind == "dino_adv":
         backbone = R.make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights, cfg.dino_kwargs)
-        adv = R.DinoDiscriminator(backbone, image_size=cfg.dino_image_size, lr=cfg.d_lr).to(device)
-        if device.type == "cuda" and cfg.mixed_precision == "bf16":
+        adv = R.DinoDiscriminator(backbone, image_size=cfg.dino_image_size, lr=cfg.d_lr, seed=cfg.seed).to(device)
+        if cfg.mixed_precision == "bf16":
             adv.phi.backbone.to(torch.bfloat16)   # φ frozen in bf16; the head stays float32
     elif kind == "pickscore_adv":
         model, tok = R.load_clip(cfg.pickscore_model, cfg.pickscore_processor)
@@ -401,6 +441,18 @@ def step_log_prob(cfg, ctx, model, batch, mb, j):
     return logp, mean
 
 
+def old_log_probs(cfg, ctx, batch, passes):
+    """Log-probs of the stored transitions of `passes` [(images, j)] under the current weights, computed
+    exactly as the update computes them (training module, grad on, same micro-batches), then detached."""
+    with no_sync(ctx["ddp_model"], ctx["world"]):
+        return [step_log_prob(cfg, ctx, ctx["ddp_model"], batch, mb, j)[0].detach() for mb, j in passes]
+
+
+def no_sync(model, world):
+    """DDP's no_sync (no gradient all-reduce in this backward) when there is more than one rank."""
+    return model.no_sync() if world > 1 else contextlib.nullcontext()
+
+
 def train_generator(cfg, epoch, ctx, batch, advantages):
     """One pass of clipped-GRPO over this rank's images, `updates_per_epoch` optimizer steps.
 
@@ -411,17 +463,25 @@ def train_generator(cfg, epoch, ctx, batch, advantages):
     n = len(advantages)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_of(cfg.seed, epoch, ctx["rank"], 3)))
     micro = [order[i:i + cfg.train_batch_size] for i in range(0, n, cfg.train_batch_size)]
-    passes = [(mb, j) for mb in micro for j in range(len(batch["step_idx"]))]
+    passes = [(mb.to(device), j) for mb in micro for j in range(len(batch["step_idx"]))]
     accum = len(passes) // cfg.updates_per_epoch
     stats, bad = [], 0
     model.train()
+    # The old log-probs (π_θold) are recomputed here, by the very computation the update uses: the same
+    # module, micro-batches and grad mode. The sampler's log-probs would do in exact arithmetic, but under
+    # bf16 + torch.compile the sampling graph (no grad) and the training graph round differently: measured
+    # |log ratio| ~ 2e-4 at unchanged weights, so with ε = 1e-5 every sample would start out clipped.
+    # Passes of the first optimizer step use their own forward (weights are unchanged until it); the later
+    # ones are recomputed now, before any step: (U-1)/U extra forwards for U = updates_per_epoch.
+    old_logp = [None] * accum + old_log_probs(cfg, ctx, batch, passes[accum:])
     for k, (mb, j) in enumerate(ctx["tqdm"](passes, desc=f"epoch {epoch} training", leave=False)):
-        mb = mb.to(device)
         sync = (k + 1) % accum == 0
-        sync_ctx = model.no_sync() if (ctx["world"] > 1 and not sync) else contextlib.nullcontext()
-        with sync_ctx:
+        with contextlib.nullcontext() if sync else no_sync(model, ctx["world"]):
             logp, mean = step_log_prob(cfg, ctx, model, batch, mb, j)
-            loss, info = grpo_loss(logp, batch["log_probs"][mb, j], advantages[mb], cfg.clip_range, cfg.adv_clip)
+            old = logp.detach() if k < accum else old_logp[k]
+            loss, info = grpo_loss(logp, old, advantages[mb], cfg.clip_range, cfg.adv_clip)
+            # how far the sampler's own log-probs were from these (rounding only: 0 in float32 eager)
+            info["sampler_logp_gap"] = (old - batch["log_probs"][mb, j]).abs().max().item()
             if cfg.beta_kl > 0:
                 with torch.no_grad(), M.adapters_disabled(ctx["transformer"]):
                     _, mean_ref = step_log_prob(cfg, ctx, ctx["transformer"], batch, mb, j)
@@ -444,7 +504,7 @@ def train_generator(cfg, epoch, ctx, batch, advantages):
                 note_bad_update(cfg, ctx, ctx["rank"] == 0, f"epoch {epoch}: non-finite gradient norm, step skipped")
             opt.zero_grad(set_to_none=True)
     model.eval()
-    out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+    out = {k: float((np.max if k == "sampler_logp_gap" else np.mean)([s[k] for s in stats])) for k in stats[0]}
     out["skipped_updates"] = bad
     return out
 
@@ -531,8 +591,9 @@ def load_checkpoint(path, ctx):
 def build(cfg, device, rank, world):
     """Pipeline, trainable parameters, optimizer, EMA, prompt encoder, DDP wrapper."""
     cuda = device.type == "cuda"
-    bf16 = cuda and cfg.mixed_precision == "bf16"
-    # Frozen weights in bf16 on the GPU (memory), trainable ones float32 (Adam needs the precision).
+    bf16 = cfg.mixed_precision == "bf16"
+    # Frozen weights in bf16 (memory), trainable ones float32 (Adam needs the precision). The CPU honours
+    # bf16 too (autocast works there), so the bf16 path users run on GPUs is testable without one.
     pipe = M.load_pipeline(cfg.pretrained, t5=cfg.t5, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if m is not None:
@@ -611,7 +672,8 @@ def build_fixed_reward(cfg, ctx):
         extra["backbone"] = ctx["adversary"].phi if ctx["adv_kind"] == "dino_adv" else R.DinoFeatures(
             R.make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights, cfg.dino_kwargs),
             cfg.dino_image_size).to(ctx["device"])
-    return R.build_reward(fixed, device=ctx["device"], references=ctx["references"], **extra)
+    return R.build_reward(fixed, device=ctx["device"], references=ctx["references"], clip_model=cfg.clip_model,
+                          pickscore_model=cfg.pickscore_model, pickscore_processor=cfg.pickscore_processor, **extra)
 
 
 def train(cfg):

@@ -8,7 +8,7 @@ import tinyworld as _tw
 
 pretrained = "assets/tinyworld/pipeline"
 t5 = False
-max_sequence_length = 1          # no T5: one zero token stands in for its sequence
+# max_sequence_length (1: one zero token in T5's slot) comes from the pipeline folder's sample_settings.json
 resolution = 32
 mixed_precision = "no"
 train_prompts = "assets/tinyworld/train.txt"

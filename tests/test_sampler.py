@@ -92,3 +92,12 @@ def test_rollout_window_records_trained_steps():
     torch.testing.assert_close(lp, out["log_probs"][:, 0])
     with pytest.raises(ValueError, match="window"):
         S.rollout(lambda x, s: x, torch.randn(1, 4, 8, 8), sigmas, window_start=9, window_size=2)
+
+
+def test_flow_sigmas_is_a_copy_not_the_schedulers_tensor():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sigmas = S.flow_sigmas(sched, 10)
+    before = sched.sigmas.clone()
+    sigmas[0] = -1.0
+    assert torch.equal(sched.sigmas, before) and sigmas.dtype == torch.float32 and len(sigmas) == 11
