@@ -10,7 +10,7 @@ random weights (no download): SD3.5-M on one GPU, or the tiny architecture on a 
 
 It runs train.py's own functions (build, sample_epoch, adversarial_epoch, train_generator) on one GPU's
 share of the recipe: 96 images = 6 prompts × 16, sample batch 16, train batch 8, 10 steps, window 2,
-CFG 4.5 (DESIGN §1.9). Timers sit between torch.cuda.synchronize() calls. The VAE decode (inside
+CFG 4.5 (the published recipe). Timers sit between torch.cuda.synchronize() calls. The VAE decode (inside
 sample_epoch) and the D step (inside adversarial_epoch) are timed by wrapping those callees and are
 subtracted from the enclosing stage, so the rows are disjoint and add up to the epoch.
 

@@ -132,13 +132,16 @@ def measure(images, prompts, references=None, features=None):
     return m, skipped
 
 
-def measure_preference(images, prompts, device):
-    """PickScore and CLIP score, when their weights can be loaded (hub or cache). (metrics, skipped)."""
+def measure_preference(images, prompts, device, cfg):
+    """PickScore and CLIP score from the models the run's config names, when their weights can be loaded
+    (hub, cache or local folder). (metrics, skipped)."""
     import reward as R
     m, skipped = {}, {}
+    models = dict(pickscore_model=cfg.pickscore_model, pickscore_processor=cfg.pickscore_processor,
+                  clip_model=cfg.clip_model)
     for name in ("pickscore", "clip_score"):
         try:
-            fn = R.REWARDS[name](device=device)
+            fn = R.REWARDS[name](device=device, **models)
         except Exception as e:  # offline, no cache, gated model...
             skipped[name] = f"model not available ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
             continue
@@ -289,7 +292,7 @@ def main():
     kind, adv = T.build_adversary(cfg, device)
     features = adv.features if kind == "dino_adv" else None
     metrics, skipped = measure(images, prompts, refs, features)
-    pm, ps = measure_preference(images, prompts, device)
+    pm, ps = measure_preference(images, prompts, device, cfg)
     metrics.update(pm)
     skipped.update(ps)
     out = args.out or os.path.join(args.ckpt, "eval")

@@ -1,6 +1,6 @@
 """
 tinyworld.py — the shapes world: a toy text-to-image world small enough to run and *measure* Adv-GRPO
-exactly on a laptop (DESIGN §4).
+exactly on a laptop.
 
 Owns
 - The prompt grammar: "a [small|large] <colour> <shape> <where>", e.g. "a red circle on the left",
@@ -17,7 +17,7 @@ Leaves out
   identity and layout; size is there to make the world less trivially memorised.
 - Owns too: the builder of the committed assets (`python tinyworld.py build`), at the end of the file.
 
-Departs from GenEval (and from the prototype of DESIGN §4)
+Departs from GenEval (and from an earlier prototype of this world)
 - GenEval detects objects with a Mask2Former and judges colour with CLIP; here every image is a flat
   background plus flat shapes, so exact pixel rules replace both and the score has no model error.
 - The prototype judged shape by bounding-box corners. At 32 px a small triangle is ~6 px wide and the
@@ -57,7 +57,7 @@ SIZES = {"small": 0.1, "medium": 0.125, "large": 0.16}  # half-extent of the obj
 
 # A style is a global look: background colour and how far the palette is pulled toward grey.
 #   light: near-white background, pure palette (what the base model is trained on)
-#   dark:  near-black background, the same pure palette (the distribution-transfer target of DESIGN §4)
+#   dark:  near-black background, the same pure palette (the distribution-transfer target)
 #   muted: light-grey background, palette 40% of the way to mid-grey (less saturated, a second target)
 STYLES = {
     "light": dict(background=(245, 245, 245), grey=0.0),
@@ -310,11 +310,12 @@ def style_stats(images: torch.Tensor) -> dict:
 #                                     CLIP BPE tokenizer generated from the grammar
 #   assets/tinyworld/backbone.safetensors   a tiny DINOv2-style timm ViT trained to name colour, shape,
 #                                     position and style: the stand-in for DINOv2 (features that see both
-#                                     content and style, which a random ViT does not — DESIGN §4)
+#                                     content and style; a random ViT's CLS is
+#                                     near-identical for every image, cosine ≈ 0.99)
 #   assets/tinyworld/{train,test}.txt        prompts: 216 train scenes, 54 held-out (18 combinations × 3 sizes)
 #   assets/tinyworld/refs_<style>/           4 references per prompt + index.json (the published format)
 #
-# Why light → dark: DESIGN §4 measured that global properties move within minutes under Adv-GRPO while
+# Why light → dark: a prototype of this world measured that global properties move within minutes under Adv-GRPO while
 # shape faithfulness does not, so the demo's main setting is distribution transfer (the paper's style-
 # customisation claim): the base mostly draws light backgrounds, the references are all dark.
 

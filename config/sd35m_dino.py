@@ -1,4 +1,4 @@
-# The paper's main setting (DESIGN §1.9): SD3.5-Medium, 512², adversarial DINOv2 reward.
+# The paper's main setting (its published recipe): SD3.5-Medium, 512², adversarial DINOv2 reward.
 # 8 GPUs: torchrun --nproc_per_node=8 train.py config/sd35m_dino.py
 # Identical to train.py's defaults except compile (off there, so CPUs and tests skip compiling), spelled out
 # so a fork can edit one file.

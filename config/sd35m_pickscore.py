@@ -1,4 +1,4 @@
-# The paper's first experiment (DESIGN §1.7): PickScore as an adversary, trained on reference-vs-
+# The paper's first experiment: PickScore as an adversary, trained on reference-vs-
 # generation pairs whenever generations out-score the references.
 exec(open("config/sd35m_dino.py").read())
 reward = {"pickscore_adv": 1.0}

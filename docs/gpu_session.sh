@@ -3,9 +3,9 @@
 # From the repo root on a CUDA machine with requirements.txt installed:   OUT=/tmp/gpu bash docs/gpu_session.sh
 # Writes run.log (everything printed), compile.json, low_mem.json, smoke_metrics.jsonl, eval_metrics.json to $OUT.
 #   1. bench.py eager then compiled, same process (checkpointing on cards under 120 GB: the plain train step
-#      peaks at ~101 GiB, DESIGN §3)
+#      peaks at ~101 GiB, docs/PERF.md §3.2)
 #   2. bench.py --low_mem: the 24 GB option set (config/sd35m_24gb.py), peak memory per stage
-#   3. the CUDA-only test of bench.py's memory bookkeeping
+#   3. the CUDA-only tests: bench.py's memory bookkeeping; the first-recompute ratio (exactly 1) at SD3.5-M size
 #   4. train.py with the SD3.5-M DINO preset + the 24 GB preset, random weights, 2 epochs, then eval.py on its
 #      checkpoint: the README's commands at full size (prompts and references from assets/, no hub weights)
 # Each step has a time limit so that one slow step cannot eat the others'.
@@ -29,6 +29,10 @@ step "bench low_mem"
 timeout 150 python3 bench.py $B --low_mem --out="$OUT/low_mem.json" 2>&1 | tee -a "$LOG"
 step "pytest cuda"
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_bench.py -k cuda 2>&1 | tail -3 | tee -a "$LOG"
+fi
+if [ -z "${SKIP_RATIO:-}" ]; then   # ~5 min, most of it compiling SD3.5-M twice (sampling and training graphs)
+step "first-recompute ratio at SD3.5-M size, bf16, grad on, eager and compiled"
+timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_train.py -k cuda_bf16 2>&1 | grep "compile=\|passed\|failed" | tee -a "$LOG"
 fi
 step "train.py sd35m_dino + sd35m_24gb, random weights"
 timeout 180 python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py config/sd35m_dino.py \

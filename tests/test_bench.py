@@ -91,9 +91,9 @@ def test_nested_stage_passes_its_peak_memory_to_the_enclosing_one(monkeypatch):
 
 
 @pytest.mark.slow
-def test_sd35_medium_flops_match_design_figure():
-    """DESIGN §3 measured ≈ 2.22 TFLOP per forward row at 512² with 205 text tokens; our count adds
-    LoRA r32 (≈ 1.5 %). Counted on shape-only tensors: no memory, ~15 s on 2 cores."""
+def test_sd35_medium_flops_match_the_earlier_h200_figure():
+    """An earlier H200 measurement (docs/PERF.md §3.2) gave ≈ 2.22 TFLOP per forward row at 512² with 205 text
+    tokens; our count adds LoRA r32 (≈ 1 %). Counted on shape-only tensors: no memory, ~15 s on 2 cores."""
     f = bench.main(["--arch=sd3.5-medium", "--count_only"])["flops"]
     assert 2.2e12 < f["forward_per_row"] < 2.3e12
     assert 1.9 < f["train_forward_backward"] / f["train_forward"] < 2.5   # LoRA: no weight gradients for the base
