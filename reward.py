@@ -1,6 +1,6 @@
 """
-Rewards for nanoAdvGRPO: the adversarial DINO discriminator (the paper's main new part, DESIGN §1.5),
-the adversarial PickScore model (§1.7), fixed rewards (§1.8) and the registry that combines them.
+Rewards for nanoAdvGRPO: the adversarial DINO discriminator (the paper's main new part),
+the adversarial PickScore model, fixed rewards and the registry that combines them.
 
 What this file owns
 - `DinoFeatures`: a frozen timm ViT (DINOv2-B/14 at 518² by default) turning [0,1] images into
@@ -13,7 +13,7 @@ What this file owns
   built by name and combined as a weighted sum.
 
 What it leaves out
-- The adversarial rewards ("dino_adv", "pickscore_adv") are *stateful* and their schedule (§1.6) belongs
+- The adversarial rewards ("dino_adv", "pickscore_adv") are *stateful* and their schedule (D and G alternation) belongs
   to the loop, so train.py drives them directly (features -> score -> d_step); `build_reward` only builds
   the fixed ones (train.py drops the names in `ADVERSARIAL` before calling it).
 - No OCR engine is a dependency. Adding the paper's text-rendering reward λ·R_ocr + (1-λ)·sim(gen, ref)
@@ -71,7 +71,7 @@ def _all_reduce_grads_(params):
 
 
 # -----------------------------------------------------------------------------
-# DINO features and the adversarial DINO discriminator (DESIGN §1.5)
+# DINO features and the adversarial DINO discriminator
 
 class DinoFeatures(nn.Module):
     """Frozen ViT φ: [0,1] images of any size -> (CLS (B,D), patch tokens (B,N,D)), both float32.
@@ -131,7 +131,7 @@ class DinoDiscriminator(nn.Module):
 
     def __init__(self, backbone="vit_base_patch14_dinov2.lvd142m", image_size=518, hidden=512, n_patches=64,
                  patch_loss_weight=0.3, cls_reward_weight=0.7, lr=1e-4, betas=(0.5, 0.999), pretrained=True,
-                 pretrained_file=None, seed=0):
+                 pretrained_file=None, seed=0, cond_dim=0):
         super().__init__()
         # a DinoFeatures may be passed in, to share one φ with the dino_sim reward
         self.phi = backbone if isinstance(backbone, DinoFeatures) else \
@@ -140,8 +140,17 @@ class DinoDiscriminator(nn.Module):
         with torch.random.fork_rng(devices=[]):  # same head on every rank (from `seed`), global RNG untouched
             torch.manual_seed(seed)
             self.head = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1)).float()
+            # Beyond the paper (cond_dim > 0): a projection discriminator. The CLS logit gains a term
+            # <W·e, GELU(h_1(c))>, e = the prompt's pooled text embedding (unit norm), so "right image, wrong
+            # prompt" can be told from "right image, right prompt". Starts at zero: the paper's head at step 0.
+            self.proj = nn.Linear(cond_dim, hidden, bias=False).float() if cond_dim else None
+            if self.proj is not None:
+                nn.init.zeros_(self.proj.weight)
         self.n_patches, self.patch_loss_weight, self.cls_reward_weight = n_patches, patch_loss_weight, cls_reward_weight
-        self.opt = torch.optim.Adam(self.head.parameters(), lr=lr, betas=betas)
+        self.opt = torch.optim.Adam(self.trainable_parameters(), lr=lr, betas=betas)
+
+    def trainable_parameters(self):
+        return [*self.head.parameters(), *(self.proj.parameters() if self.proj is not None else ())]
 
     @property
     def backbone(self):
@@ -150,36 +159,51 @@ class DinoDiscriminator(nn.Module):
     def features(self, images):
         return self.phi(images)  # (B, D), (B, N, D) float32, no grad
 
-    def _logits(self, cls, patches, generator=None):
+    def _cls_logit(self, cls, cond=None):
+        if self.proj is None:
+            return self.head(cls.float()).squeeze(-1)                              # (B,)
+        hidden = self.head[1](self.head[0](cls.float()))                           # (B, hidden)
+        e = F.normalize(cond.float(), dim=-1)                                      # (B, P)
+        return self.head[2](hidden).squeeze(-1) + (self.proj(e) * hidden).sum(-1)  # (B,)
+
+    def _logits(self, cls, patches, cond=None, generator=None):
         """The single token path of both the reward and the loss: head logits of the CLS token and of
-        n_patches patch tokens drawn at random per image (all of them if N <= n_patches)."""
+        n_patches patch tokens drawn at random per image (all of them if N <= n_patches). `cond` (B, P):
+        the prompts' pooled text embeddings, used (and required) by a conditional head only."""
         B, N, D = patches.shape
         if N > self.n_patches:
             dev = generator.device if generator is not None else "cpu"
             idx = torch.rand(B, N, generator=generator, device=dev).argsort(dim=1)[:, :self.n_patches]  # (B, k)
             patches = patches.gather(1, idx.to(patches.device)[..., None].expand(-1, -1, D))  # (B, k, D)
-        return self.head(cls.float()).squeeze(-1), self.head(patches.float()).squeeze(-1)  # (B,), (B, k)
+        return self._cls_logit(cls, cond), self.head(patches.float()).squeeze(-1)  # (B,), (B, k)
 
     def _combine(self, cls_logit, patch_logits):
         w = self.cls_reward_weight
         return w * cls_logit + (1 - w) * patch_logits.mean(dim=1)  # (B,)
 
     @torch.no_grad()
-    def score(self, cls, patches, generator=None):
+    def score(self, cls, patches, cond=None, generator=None):
         """Reward from precomputed features: 0.7·h(c) + 0.3·mean_k h(p_k). Never differentiated."""
-        return self._combine(*self._logits(cls, patches, generator))  # (B,)
+        return self._combine(*self._logits(cls, patches, cond, generator=generator))  # (B,)
 
     @torch.no_grad()
     def reward(self, images, generator=None):
         return self.score(*self.features(images), generator=generator)  # (B,)
 
-    def d_loss_from_features(self, real_feats, fake_feats, generator=None):
+    def d_loss_from_features(self, real_feats, fake_feats, generator=None, wrong=None):
         """Hinge loss, each term averaged over its own batch (reals and fakes may differ in number):
         L_D = ½[relu(1-h(c_r)) + relu(1+h(c_f))] + λ_p·½[mean_k relu(1-h(p_r,k)) + mean_k relu(1+h(p_f,k))].
+        Feature tuples are (cls, patches) or, for a conditional head, (cls, patches, text embedding).
+        `wrong` (conditional head only): (cls, text embedding) of reference images paired with *another*
+        prompt — a real image of the wrong prompt counts as fake, half of the CLS fake term (the
+        matching-aware loss of text-to-image GANs); patch tokens stay unconditional.
         info: d_loss, d_acc (CLS logits on the right side of 0), d_real / d_fake (mean reward-formula score)."""
         c_r, p_r = self._logits(*real_feats, generator=generator)  # (Br,), (Br, k)
         c_f, p_f = self._logits(*fake_feats, generator=generator)  # (Bf,), (Bf, k)
-        loss_cls = 0.5 * (F.relu(1 - c_r).mean() + F.relu(1 + c_f).mean())
+        fake_term = F.relu(1 + c_f).mean()
+        if wrong is not None and len(wrong[0]):
+            fake_term = 0.5 * (fake_term + F.relu(1 + self._cls_logit(*wrong)).mean())
+        loss_cls = 0.5 * (F.relu(1 - c_r).mean() + fake_term)
         loss_patch = 0.5 * (F.relu(1 - p_r).mean() + F.relu(1 + p_f).mean())
         loss = loss_cls + self.patch_loss_weight * loss_patch
         correct = (c_r > 0).sum() + (c_f < 0).sum()
@@ -190,22 +214,27 @@ class DinoDiscriminator(nn.Module):
     def d_loss(self, real_images, fake_images, generator=None):
         return self.d_loss_from_features(self.features(real_images), self.features(fake_images), generator)
 
-    def d_step(self, real_feats, fake_feats, generator=None):
+    def d_step(self, real_feats, fake_feats, generator=None, wrong=None):
         """One Adam step on the head; gradients are averaged over ranks first (all-reduce, mean) when
         torch.distributed runs with world > 1 — this is what keeps the head synchronised."""
         assert self.head[0].weight.dtype == torch.float32, "keep the head float32: cast disc.backbone, not disc"
         self.opt.zero_grad(set_to_none=True)
-        loss, info = self.d_loss_from_features(real_feats, fake_feats, generator)
+        loss, info = self.d_loss_from_features(real_feats, fake_feats, generator, wrong)
         loss.backward()
-        _all_reduce_grads_(self.head.parameters())
+        _all_reduce_grads_(self.trainable_parameters())
         self.opt.step()
         return info
 
     def head_state(self):
-        return {"head": self.head.state_dict(), "opt": self.opt.state_dict()}
+        state = {"head": self.head.state_dict(), "opt": self.opt.state_dict()}
+        if self.proj is not None:
+            state["proj"] = self.proj.state_dict()
+        return state
 
     def load_head_state(self, state):
         self.head.load_state_dict(state["head"])
+        if self.proj is not None:
+            self.proj.load_state_dict(state["proj"])
         self.opt.load_state_dict(state["opt"])
 
 
@@ -253,7 +282,7 @@ def load_clip(model, processor):
 
 
 # -----------------------------------------------------------------------------
-# CLIP scoring and the adversarial PickScore model (DESIGN §1.7)
+# CLIP scoring and the adversarial PickScore model
 
 def _pooled(out):
     # transformers v5 returns a model output from get_*_features, v4 a tensor
@@ -368,7 +397,7 @@ class PickScoreAdversary(CLIPScorer):
 
 
 # -----------------------------------------------------------------------------
-# Fixed rewards and the registry (DESIGN §1.8)
+# Fixed rewards and the registry
 # A factory takes keyword context (device, references, backbone, ...), ignores the rest (**_), and returns
 # fn(images (B,3,H,W) in [0,1], prompts, metadata) -> (rewards float32 (B,), info {str: float}).
 

@@ -102,6 +102,8 @@ class Config:
     d_times: int = 10                 # paper schedule: the generator trains on epochs where (epoch+1) % d_times == 0
     d_steps: int = 1                  # shared schedule: D steps per epoch on the same samples
     d_lr: float = 1e-4
+    d_conditional: bool = False       # beyond the paper: the D head also sees the prompt (projection term on the
+                                      # pooled text embedding), and references of other prompts count as fakes
     dino_backbone: str = "vit_base_patch14_dinov2.lvd142m"  # timm name, or "random:tiny" (tests)
     dino_weights: str = ""            # local weights file for the backbone (clusters without hub access)
     dino_kwargs: dict = field(default_factory=dict)  # timm.create_model architecture kwargs (tiny world)
@@ -222,6 +224,7 @@ def validate(cfg, world):
         (cfg.group_size >= 2, "group_size must be ≥ 2: a group of one has no advantage"),
         (cfg.schedule in ("paper", "shared", "frozen"), "schedule must be 'paper', 'shared' or 'frozen'"),
         (sum(k in ("dino_adv", "pickscore_adv") for k in cfg.reward) <= 1, "at most one adversarial reward"),
+        (not cfg.d_conditional or "dino_adv" in cfg.reward, "d_conditional needs the dino_adv reward"),
         (cfg.beta_kl == 0 or cfg.lora_rank > 0, "beta_kl > 0 needs LoRA (the frozen base is the adapter switched off)"),
     ]
     for ok, msg in checks:
@@ -349,13 +352,15 @@ def sample_epoch(cfg, epoch, ctx, prompts, global_indices, window_start):
 # -----------------------------------------------------------------------------------------------
 # The adversarial reward: scores from the current discriminator, and the D steps the schedule asks for
 
-def build_adversary(cfg, device):
-    """(kind, model) for the adversarial reward named in cfg.reward, or (None, None)."""
+def build_adversary(cfg, device, cond_dim=0):
+    """(kind, model) for the adversarial reward named in cfg.reward, or (None, None). `cond_dim`: the
+    pooled text embedding's width, for cfg.d_conditional."""
     import reward as R
     kind = next((k for k in cfg.reward if k in R.ADVERSARIAL), None)
     if kind == "dino_adv":
         backbone = R.make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights, cfg.dino_kwargs)
-        adv = R.DinoDiscriminator(backbone, image_size=cfg.dino_image_size, lr=cfg.d_lr, seed=cfg.seed).to(device)
+        adv = R.DinoDiscriminator(backbone, image_size=cfg.dino_image_size, lr=cfg.d_lr, seed=cfg.seed,
+                                  cond_dim=cond_dim if cfg.d_conditional else 0).to(device)
         if cfg.mixed_precision == "bf16":
             adv.phi.backbone.to(torch.bfloat16)   # φ frozen in bf16; the head stays float32
     elif kind == "pickscore_adv":
@@ -373,6 +378,9 @@ def load_references(cfg, prompts):
     else:
         refs = data.ReferenceSet.from_index(cfg.references, cfg.reference_root or None, size=cfg.resolution,
                                            skip_bad=cfg.skip_bad_references)
+    if cfg.d_conditional and refs.folder_mode:
+        raise SystemExit("config error: d_conditional needs references per prompt (an index): in a folder every "
+                         "image is real for every prompt, so there is no 'wrong prompt'")
     missing = refs.missing([p["prompt"] for p in prompts])
     if missing:
         raise SystemExit(f"{len(missing)} of {len(prompts)} training prompts have no reference images in "
@@ -393,9 +401,15 @@ def adversarial_epoch(cfg, epoch, ctx, batch, prompts):
     real_images = real_images.to(device)                                                # (n, 3, H, W)
     if kind == "dino_adv":
         fake, real = adv.features(images), adv.features(real_images)                    # φ: once per image
+        wrong = None
+        if cfg.d_conditional:  # each image with its prompt's text embedding; reals paired with the next group's
+            fake, real = (*fake, batch["pool"]), (*real, batch["pool"])
+            other = torch.arange(len(prompts)).roll(-cfg.group_size)                    # a different prompt, mostly
+            keep = torch.tensor([prompts[i] != prompts[j] for i, j in enumerate(other.tolist())])
+            wrong = (real[0][other[keep]], batch["pool"][keep.to(device)])
         rewards = adv.score(*fake, generator=g)
         with torch.no_grad():
-            _, info = adv.d_loss_from_features(real, fake, generator=g)                 # before any D step
+            _, info = adv.d_loss_from_features(real, fake, generator=g, wrong=wrong)    # before any D step
         if epoch < cfg.d_warmup:
             do_d, do_g = True, False
         elif cfg.schedule == "paper":
@@ -404,7 +418,7 @@ def adversarial_epoch(cfg, epoch, ctx, batch, prompts):
         else:  # shared: both, on the same samples; frozen: the generator alone, against a fixed D
             do_d, do_g = cfg.schedule == "shared", True
         for _ in range(cfg.d_steps if do_d else 0):
-            d = adv.d_step(real, fake, generator=g)
+            d = adv.d_step(real, fake, generator=g, wrong=wrong)
             ctx["counters"]["d_steps"] += 1
             info["d_loss"] = d["d_loss"]
     else:  # pickscore_adv: the trigger rule, on means over all ranks
@@ -684,7 +698,7 @@ def train(cfg):
     # --- models ---
     torch.manual_seed(cfg.seed)
     ctx = build(cfg, device, rank, world)
-    ctx["adv_kind"], ctx["adversary"] = build_adversary(cfg, device)
+    ctx["adv_kind"], ctx["adversary"] = build_adversary(cfg, device, ctx["pipe"].transformer.config.pooled_projection_dim)
     ctx["references"] = references
     if cfg.low_mem:  # every prompt this run will see, encoded now; then the text encoders (T5: ~9 GiB) go
         ctx["encode"](["", *(p["prompt"] for p in prompts), *test_prompts])

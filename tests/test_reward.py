@@ -279,3 +279,28 @@ def test_fixed_rewards_load_the_configured_models(tmp_path):
 def test_discriminator_head_init_follows_the_seed():
     heads = [DinoDiscriminator(tiny_vit(), image_size=IMG, seed=s).head[0].weight for s in (0, 0, 1)]
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
+def test_conditional_head_tells_the_right_prompt_from_the_wrong_one():
+    """d_conditional (beyond the paper): a projection term on the prompt embedding. At init it is the
+    paper's head exactly; trained with "reference of another prompt" as extra fakes it ranks an image higher
+    under its own prompt than under another, which an unconditional head cannot do at all."""
+    torch.manual_seed(0)
+    emb = torch.randn(2, 8)                                           # two prompts' pooled text embeddings
+    plain = DinoDiscriminator(tiny_vit(), image_size=IMG, seed=3)
+    cond = DinoDiscriminator(tiny_vit(), image_size=IMG, seed=3, cond_dim=8, lr=1e-3)
+    red, blue, grey = tinted(8, RED, 1), tinted(8, BLUE, 2), tinted(8, (0.5, 0.5, 0.5), 3)
+    fr, fb, fg = cond.features(red), cond.features(blue), cond.features(grey)
+    e_r, e_b = emb[0].expand(8, -1), emb[1].expand(8, -1)
+    assert torch.allclose(cond.score(*fr, e_r), plain.score(*fr), atol=1e-6)     # zero-initialised projection
+    real = (torch.cat([fr[0], fb[0]]), torch.cat([fr[1], fb[1]]), torch.cat([e_r, e_b]))
+    fake = (torch.cat([fg[0], fg[0]]), torch.cat([fg[1], fg[1]]), torch.cat([e_r, e_b]))
+    wrong = (torch.cat([fr[0], fb[0]]), torch.cat([e_b, e_r]))           # each colour under the other prompt
+    for _ in range(200):
+        cond.d_step(real, fake, wrong=wrong)
+    assert (cond.score(*fr, e_r) > cond.score(*fr, e_b) + 0.5).all()
+    assert (cond.score(*fb, e_b) > cond.score(*fb, e_r) + 0.5).all()
+    state = copy.deepcopy(cond.head_state())
+    other = DinoDiscriminator(tiny_vit(), image_size=IMG, seed=5, cond_dim=8)
+    other.load_head_state(state)
+    assert torch.equal(other.score(*fr, e_b), cond.score(*fr, e_b))
