@@ -8,11 +8,12 @@ random weights (no download): SD3.5-M on one GPU, or the tiny architecture on a 
     python bench.py --count_only --arch=sd3.5-medium  # FLOPs only, on shape-only models (any machine)
     python bench.py --resolution=1024 --out=b.json    # other --key=value are train.Config keys
 
-It runs train.py's own functions (build, sample_epoch, adversarial_epoch, train_generator) on one GPU's
-share of the recipe: 96 images = 6 prompts × 16, sample batch 16, train batch 8, 10 steps, window 2,
-CFG 4.5 (the published recipe). Timers sit between torch.cuda.synchronize() calls. The VAE decode (inside
-sample_epoch) and the D step (inside adversarial_epoch) are timed by wrapping those callees and are
-subtracted from the enclosing stage, so the rows are disjoint and add up to the epoch.
+It runs train.py's own functions (model.build_generator, sample_epoch, score_epoch, update_discriminator,
+train_generator) on one GPU's share of the recipe: 96 images = 6 prompts × 16, sample batch 16, train batch
+8, 10 steps, window 2, CFG 4.5 (the published recipe). Timers sit between torch.cuda.synchronize() calls.
+Two rows are work that happens inside another stage: the VAE decode (inside sample_epoch) and the
+recompute of the old log-probs (inside train_generator). Each is timed by a second call of the same
+function on as much work, and subtracted from its enclosing stage, so the rows add up to the epoch.
 
 FLOPs: FlopCounterMode on one call of each model at the run's batch shapes, times the number of calls,
 counted on a shape-only copy (meta weights made fake tensors): no memory, no gradients left behind, the
@@ -23,7 +24,6 @@ every stage), new prompts each epoch (encoding is measured, not served from the 
 non-finite updates never stop the run. Leaves out DDP all-reduces, reading references from disk, checkpoints.
 """
 
-import ast
 import contextlib
 import dataclasses
 import gc
@@ -39,14 +39,16 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+import configurator
 import data
 import model as M
+import reward as R
 import sampler as S
 import train
 
 # -----------------------------------------------------------------------------------------------
-# Config: the bench's own knobs; every other --key=value goes to train.parse_args (train.Config), e.g.
-# --compile, --gradient_checkpointing, --resolution=1024. `epochs` here shadows train.Config's.
+# Config: the bench's own knobs; every other --key=value is a train.py key (configurator.Config), e.g.
+# --compile, --gradient_checkpointing, --resolution=1024. `epochs` here shadows Config's.
 
 @dataclass
 class Bench:
@@ -54,7 +56,6 @@ class Bench:
     epochs: int = 2                  # timed epochs, averaged
     warmup_epochs: int = 1           # untimed epochs first: CUDA context, cuBLAS autotune, torch.compile
     eager_baseline: bool = False     # run eager, then compiled (compile=True), in one process; print both
-    low_mem: bool = False            # the 24 GB set (LOW_MEM): checkpointing, T5 run once then freed, VAE in chunks
     count_only: bool = False         # count FLOPs and stop (no timing, no real models built)
     peak_tflops: float = 989.0       # MFU denominator: H100/H200 SXM dense bf16 (NVIDIA data sheet)
     out: str = ""                    # also write the results as JSON to this file
@@ -71,33 +72,20 @@ ARCH = {
 COMMON = dict(reward={"dino_adv": 1.0}, schedule="shared", d_steps=1, max_bad_updates=10 ** 9)
 LOW_MEM = dict(low_mem=True, gradient_checkpointing=True, compile=False)  # = config/sd35m_24gb.py
 STAGES = ("encode", "sample", "decode", "reward", "d_step", "old_logp", "g_step")
-INNER = {"sample": "decode", "reward": "d_step", "g_step": "old_logp"}  # timed inside the outer stage, subtracted
+INNER = {"sample": "decode", "g_step": "old_logp"}  # work inside the outer stage, timed alone and subtracted
 
 
 def parse(argv):
-    """(Bench, train.Config): bench knobs from argv; the rest over ARCH[arch] (and LOW_MEM) through
-    train.parse_args, which refuses unknown keys and wrong types."""
-    b, rest = Bench(), []
-    kinds = {f.name: type(getattr(b, f.name)) for f in dataclasses.fields(Bench)}
-    for arg in argv:
-        key, eq, raw = arg[2:].partition("=")
-        if not (arg.startswith("--") and key in kinds):
-            rest.append(arg)
-            continue
-        try:
-            value = ast.literal_eval(raw) if eq else True
-        except (ValueError, SyntaxError):
-            value = raw
-        value = float(value) if kinds[key] is float and type(value) is int else value
-        value = str(value) if kinds[key] is str else value
-        if type(value) is not kinds[key]:
-            raise SystemExit(f"{key} must be {kinds[key].__name__}, got {value!r}")
-        setattr(b, key, value)
+    """(Bench, Config): the bench's keys and train.py's, through the one parser; the Config keys start
+    from ARCH[arch] (and LOW_MEM), then the command line."""
+    b, cfg = configurator.parse(argv, Bench, configurator.Config, usage=__doc__.split("\n\n")[1] + "\n")
     if b.arch not in ARCH:
         raise SystemExit(f"--arch must be one of {sorted(ARCH)}, got {b.arch!r}")
-    preset = {**COMMON, **ARCH[b.arch], **(LOW_MEM if b.low_mem else {})}
-    cfg = train.parse_args([f"--{k}={v!r}" for k, v in preset.items()] + rest)
-    train.validate(cfg, 1)
+    # --low_mem (a train.py key) brings the whole 24 GB set: what config/sd35m_24gb.py sets
+    preset = {**COMMON, **ARCH[b.arch], **(LOW_MEM if cfg.low_mem else {})}
+    b, cfg = configurator.parse([f"--{k}={v!r}" for k, v in preset.items()] + list(argv), Bench, configurator.Config)
+    cfg = configurator.resolve_defaults(cfg)
+    configurator.validate(cfg, 1)
     return b, cfg
 
 
@@ -136,37 +124,46 @@ def count(fn):
 def count_flops(cfg):
     """FLOPs of one call of each model at the run's shapes, on a shape-only copy: built on the meta
     device, then turned into fake CPU tensors (torch.autocast refuses the device type "meta")."""
-    cfg = dataclasses.replace(cfg, compile=False, gradient_checkpointing=False, t5=False, low_mem=False)  # no T5: zeros, same shape
+    cfg = dataclasses.replace(cfg, compile=False, gradient_checkpointing=False, t5=False, low_mem=False)  # no T5: zeros
     meta = torch.device("meta")
-    ctx = train.build(cfg, meta, 0, 1)
+    gen = M.build_generator(cfg, meta)
     with meta:
-        adv = train.build_adversary(cfg, meta)[1]
-    emb, pool = ctx["encode"]([""])                                   # (1, T, D), (1, P): the real shapes
-    sigmas = S.flow_sigmas(ctx["pipe"].scheduler, cfg.num_steps)     # real CPU floats
-    shape = M.latent_shape(ctx["pipe"], cfg.resolution)                # (C, h, w)
+        adv = R.build_adversary(cfg, meta)[1]
+    emb, pool = gen.encode([""])                                       # (1, T, D), (1, P): the real shapes
+    shape = gen.latent_shape()                                         # (C, h, w)
     cfg_rows = 2 if cfg.guidance_scale > 1 else 1                     # CFG doubles the batch
     sb, tb = cfg.sample_batch_size, cfg.train_batch_size
     with FakeTensorMode(allow_non_fake_inputs=True):
-        for m in (ctx["transformer"], ctx["pipe"].vae, adv):
+        for m in (gen.transformer, gen.pipe.vae, adv):
             m.to_empty(device="cpu")
         # the loop needs only the text encoders' outputs, and the count only their shapes
-        ctx["encode"] = lambda p: (torch.empty(len(p), *emb.shape[1:]), torch.empty(len(p), *pool.shape[1:]))
-        ctx["sigmas"] = sigmas
-        e, p = ctx["encode"]([""] * sb)
-        vel = S.make_velocity_fn(ctx["transformer"], e, p, e, p, cfg.guidance_scale, ctx["autocast"])
+        gen = dataclasses.replace(gen, encode=ShapeOnlyEncoder(emb.shape[1:], pool.shape[1:]),
+                                  sigmas=S.flow_sigmas(gen.pipe.scheduler, cfg.num_steps))  # real CPU floats
+        e, p = gen.encode([""] * sb)
+        vel = S.make_velocity_fn(gen.transformer, e, p, e, p, cfg.guidance_scale, gen.autocast)
         x = torch.empty(tb, cfg.window_size, *shape)                  # (B, K, C, h, w)
-        e, p = ctx["encode"]([""] * tb)
+        e, p = gen.encode([""] * tb)
         batch = dict(emb=e, pool=p, x=x, x_next=x, step_idx=list(range(cfg.window_size)))
-        log_prob = lambda: train.step_log_prob(cfg, ctx, ctx["transformer"], batch, torch.arange(tb), 0)[0]
+        log_prob = lambda: train.step_log_prob(cfg, gen, gen.transformer, batch, torch.arange(tb), 0)[0]
         with torch.no_grad():
-            f = dict(sample_forward=count(lambda: vel(torch.empty(sb, *shape), sigmas[0])),
+            f = dict(sample_forward=count(lambda: vel(torch.empty(sb, *shape), gen.sigmas[0])),
                      train_forward=count(log_prob),
-                     decode_per_image=count(lambda: S.decode_latents(ctx["pipe"].vae, torch.empty(1, *shape))),
+                     decode_per_image=count(lambda: S.decode_latents(gen.pipe.vae, torch.empty(1, *shape))),
                      dino_per_image=count(lambda: adv.features(torch.empty(1, 3, cfg.resolution, cfg.resolution))))
-        ctx["transformer"].train()
+        gen.transformer.train()
         f["train_forward_backward"] = count(lambda: log_prob().sum().backward())
     f.update(sample_rows=sb * cfg_rows, train_rows=tb * cfg_rows, forward_per_row=f["sample_forward"] / (sb * cfg_rows))
     return f
+
+
+class ShapeOnlyEncoder:
+    """Stands in for model.PromptEncoder when only the shapes of the embeddings matter (FLOP counting)."""
+
+    def __init__(self, emb_shape, pool_shape):
+        self.emb_shape, self.pool_shape = emb_shape, pool_shape
+
+    def __call__(self, prompts):
+        return torch.empty(len(prompts), *self.emb_shape), torch.empty(len(prompts), *self.pool_shape)
 
 
 def flops_per_epoch(cfg, f):
@@ -210,52 +207,44 @@ class Stages:
             self._inner = max(outer, peak)
 
 
-@contextlib.contextmanager
-def timed_calls(st, name, owner, attr, **override):
-    """Time every call of owner.attr (a callee of a real loop function) as stage `name`, with keyword
-    arguments overridden; put back on exit."""
-    orig, own = getattr(owner, attr), attr in vars(owner)
-
-    def wrapper(*args, **kw):
-        with st(name):
-            return orig(*args, **{**kw, **override})
-    setattr(owner, attr, wrapper)
-    try:
-        yield
-    finally:
-        setattr(owner, attr, orig) if own else delattr(owner, attr)
-
-
 def run(b, cfg, device, flops):
     """Build the real models, run warm-up + timed epochs of the real loop; returns the result dict."""
     torch.manual_seed(cfg.seed)
-    ctx = train.build(cfg, device, 0, 1)
-    ctx.update(adv_kind="dino_adv", adversary=train.build_adversary(cfg, device)[1], references=random_references(cfg),
-               tqdm=lambda it, **_: it)
+    gen = M.build_generator(cfg, device)
+    adversary, references = R.build_adversary(cfg, device)[1], random_references(cfg)
     n, epochs = cfg.prompts_per_epoch * cfg.group_size, b.warmup_epochs + b.epochs
     prompts = [[f"bench prompt {e}-{i}: a red cube on a blue table" for i in range(cfg.prompts_per_epoch)]
                for e in range(epochs)]
     timers = [Stages(device) for _ in range(epochs)]
-    ctx["encode"]([""])
+    gen.encode([""])
     for e in range(epochs):  # all prompts first: --low_mem frees the text encoders before sampling
         with timers[e]("encode"):
-            ctx["encode"](prompts[e])
+            gen.encode(prompts[e])
     if cfg.low_mem:  # as train.train does
-        ctx["encode"].drop_text_encoders()
+        gen.encode.drop_text_encoders()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     skipped = nonfinite = 0
     for e in range(epochs):
-        st, mine = timers[e], [p for p in prompts[e] for _ in range(cfg.group_size)]
-        with st("sample"), timed_calls(st, "decode", S, "decode_latents"):
-            batch = train.sample_epoch(cfg, e, ctx, mine, list(range(n)), train.window_for_epoch(cfg, e))
-        with st("reward"), timed_calls(st, "d_step", ctx["adversary"], "d_step"):
-            rewards, _, _ = train.adversarial_epoch(cfg, e, ctx, batch, mine)
-        nonfinite += int(e >= b.warmup_epochs and not torch.isfinite(rewards).all())  # then φ and D did not run
-        with st("g_step"), timed_calls(st, "old_logp", train, "old_log_probs"):
-            advantages = train.compute_advantages(rewards, mine, global_std=cfg.global_std)
-            skipped += train.train_generator(cfg, e, ctx, batch, advantages)["skipped_updates"]
+        st, mine = timers[e], [{"prompt": p} for p in prompts[e] for _ in range(cfg.group_size)]
+        with st("sample"):   # the VAE decode included; timed alone below, on as many latents, and subtracted
+            batch = train.sample_epoch(cfg, e, gen, [p["prompt"] for p in mine], list(range(n)),
+                                       train.window_for_epoch(cfg, e), progress=False)
+        with st("decode"), torch.no_grad():
+            gen.decode(torch.randn(n, *gen.latent_shape(), device=device))
+        with st("reward"):
+            rewards, d_batch, _ = train.score_epoch(cfg, e, 0, batch, mine, None, adversary, references)
+        with st("d_step"):
+            train.update_discriminator(adversary, d_batch, 1)
+        nonfinite += int(e >= b.warmup_epochs and d_batch is None)  # then φ and D did not run
+        advantages = train.compute_advantages(rewards, [p["prompt"] for p in mine], global_std=cfg.global_std)
+        with st("old_logp"):  # train_generator's recompute of the old log-probs, timed alone and subtracted
+            passes = train.training_passes(cfg, e, 0, n, device)
+            train.old_log_probs(cfg, gen, batch, passes[len(passes) // cfg.updates_per_epoch:])
+        with st("g_step"):
+            counters = dict(g_steps=0, bad_updates=0)
+            skipped += train.train_generator(cfg, e, gen, batch, advantages, counters, progress=False)["skipped_updates"]
         del batch
     return summarize(b, cfg, timers, flops, skipped, nonfinite)
 
@@ -277,7 +266,7 @@ def summarize(b, cfg, timers, flops, skipped, nonfinite):
     warmup = sum(v for t in timers[:b.warmup_epochs] for k, v in t.seconds.items() if k not in INNER.values())
     return dict(stages=stages, images_per_epoch=n, warmup_seconds=warmup, skipped_updates=skipped,
                 nonfinite_epochs=nonfinite, compile=cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing,
-                low_mem=b.low_mem)
+                low_mem=cfg.low_mem)
 
 
 def table(name, res):

@@ -245,6 +245,24 @@ class ReferenceSet:
         return self.images[self._rows(prompt)].float() / 255
 
 
+def load_references(cfg, prompts):
+    """The run's "real" images (cfg.references: an index or a folder), validated at start-up: every
+    training prompt in `prompts` [{"prompt": ...}] must have references."""
+    if os.path.isdir(cfg.references):
+        refs = ReferenceSet.from_folder(cfg.references, size=cfg.resolution, skip_bad=cfg.skip_bad_references)
+    else:
+        refs = ReferenceSet.from_index(cfg.references, cfg.reference_root or None, size=cfg.resolution,
+                                       skip_bad=cfg.skip_bad_references)
+    if cfg.d_conditional and refs.folder_mode:
+        raise SystemExit("config error: d_conditional needs references per prompt (an index): in a folder every "
+                         "image is real for every prompt, so there is no 'wrong prompt'")
+    missing = refs.missing([p["prompt"] for p in prompts])
+    if missing:
+        raise SystemExit(f"{len(missing)} of {len(prompts)} training prompts have no reference images in "
+                         f"{cfg.references}, e.g. {missing[:3]}. Add references or remove these prompts.")
+    return refs
+
+
 # -----------------------------------------------------------------------------------------------
 # Making references: `python data.py make_references --model M --prompts F --out DIR`
 # The paper's references come from a stronger model (Qwen-Image, 512², 50 steps, 8 per prompt);

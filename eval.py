@@ -24,36 +24,31 @@ Departs from the published code: the paired dino_sim above; FD computed in float
 eigen-decomposition (no scipy).
 """
 
-import argparse
 import contextlib
 import json
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-import model as M
+import reward as R
 import sampler as S
 
 
 @torch.no_grad()
-def generate(ctx, prompts, seed=0, num_steps=40, guidance_scale=4.5, batch_size=32, use_ema=True):
-    """ODE samples for `prompts` (one image each; repeat a prompt for more), image i seeded by (seed, i)."""
-    pipe, device, tr = ctx["pipe"], ctx["device"], ctx["fast_model"]
-    sigmas = S.flow_sigmas(pipe.scheduler, num_steps, device)
-    shape = M.latent_shape(pipe, ctx["resolution"])
-    neg_emb, neg_pool = ctx["encode"]([""])
-    out = []
-    ema = ctx["ema"].applied(ctx["params"]) if use_ema else contextlib.nullcontext()
-    with ema:
+def generate(gen, prompts, seed=0, num_steps=40, guidance_scale=4.5, batch_size=32, use_ema=True):
+    """ODE samples of the model.Generator `gen` for `prompts` (one image each; repeat a prompt for more),
+    image i seeded by (seed, i)."""
+    sigmas = S.flow_sigmas(gen.pipe.scheduler, num_steps, gen.device)
+    shape, out = gen.latent_shape(), []
+    with gen.ema.applied(gen.params) if use_ema else contextlib.nullcontext():
         for b in range(0, len(prompts), batch_size):
             p = prompts[b:b + batch_size]
-            emb, pool = ctx["encode"](p)
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + b + i))
-                                 for i in range(len(p))]).to(device)
-            vel = S.make_velocity_fn(tr, emb, pool, neg_emb.expand_as(emb), neg_pool.expand_as(pool),
-                                     guidance_scale, ctx["autocast"])
-            r = S.rollout(vel, noise, sigmas, window_size=0, decode_fn=ctx["decode"])
+                                 for i in range(len(p))]).to(gen.device)
+            vel = S.make_velocity_fn(gen.sample_model, *gen.encode(p), *gen.encode([""]), guidance_scale, gen.autocast)
+            r = S.rollout(vel, noise, sigmas, window_size=0, decode_fn=gen.decode)
             out.append(r["images"].float().cpu())
     return torch.cat(out)                                                  # (B, 3, H, W) in [0, 1]
 
@@ -90,9 +85,7 @@ def measure(images, prompts, references=None, features=None):
             skipped["dino_sim"] = skipped["fd_dino"] = (f"non-finite DINO features in {bad} of {len(gen)} generations"
                                                         + ("" if torch.isfinite(refs).all() else " and in the references"))
         else:
-            cls = torch.nn.functional.normalize(gen, dim=-1)
-            m["dino_sim"] = float(torch.stack([(cls[i] @ torch.nn.functional.normalize(ref_feats[prompts[i]], dim=-1).T)
-                                               .mean() for i in scored]).mean())
+            m["dino_sim"] = float(R.paired_cosine(gen[scored], [prompts[i] for i in scored], ref_feats).mean())
             if len(refs) > 1 and len(images) > 1:
                 try:
                     m["fd_dino"] = frechet_distance(gen, refs)
@@ -135,7 +128,6 @@ def measure(images, prompts, references=None, features=None):
 def measure_preference(images, prompts, device, cfg):
     """PickScore and CLIP score from the models the run's config names, when their weights can be loaded
     (hub, cache or local folder). (metrics, skipped)."""
-    import reward as R
     m, skipped = {}, {}
     models = dict(pickscore_model=cfg.pickscore_model, pickscore_processor=cfg.pickscore_processor,
                   clip_model=cfg.clip_model)
@@ -206,17 +198,15 @@ def hacking_warning(history, window=3):
 # -----------------------------------------------------------------------------------------------
 # In the training loop
 
-def evaluate(cfg, ctx, test_prompts, epoch, history):
+def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=0):
     """Rank 0 generates the held-out set with the EMA weights and measures it; the others wait.
-    Returns {"eval/<metric>": value}; warns when the reward-hacking monitor fires."""
+    `features`: the DINO φ (or None). Returns {"eval/<metric>": value}."""
     ev = {}
-    if ctx["rank"] == 0:
+    if rank == 0:
         prompts = [p for p in test_prompts for _ in range(cfg.eval_n_per_prompt)]
-        images = generate(ctx, prompts, seed=0, num_steps=cfg.eval_num_steps,  # same noise in every run
+        images = generate(gen, prompts, seed=0, num_steps=cfg.eval_num_steps,  # same noise in every run
                           guidance_scale=cfg.eval_guidance_scale)
-        adv = ctx.get("adversary")
-        features = adv.features if ctx.get("adv_kind") == "dino_adv" else None
-        m, skipped = measure(images, prompts, ctx.get("references"), features)
+        m, skipped = measure(images, prompts, references, features)
         ev = {f"eval/{k}": v for k, v in m.items()}
         os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
         save_grid(images[:64], os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"))
@@ -259,39 +249,46 @@ def summarize(run_dirs):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="mean ± std of several runs' summary.json")
-    ap.add_argument("--ckpt", help="a checkpoint folder (…/checkpoints/epoch_NNNNNN)")
-    ap.add_argument("--prompts", help="prompt file (.txt or .jsonl); default: the run's test_prompts")
-    ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    ap.add_argument("--n_per_prompt", type=int, default=4)
-    ap.add_argument("--num_steps", type=int, default=40)
-    ap.add_argument("--guidance_scale", type=float, default=4.5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", help="output folder (default: <ckpt>/eval)")
-    args = ap.parse_args()
+@dataclass
+class EvalArgs:
+    ckpt: str = ""                    # a checkpoint folder (…/checkpoints/epoch_NNNNNN)
+    prompts: str = ""                 # prompt file (.txt or .jsonl); default: the run's test_prompts
+    prompt: list = field(default_factory=list)  # prompts given directly: --prompt "a cat" "a dog"
+    n_per_prompt: int = 4             # images per prompt
+    num_steps: int = 40               # ODE steps
+    guidance_scale: float = 4.5       # CFG
+    seed: int = 0                     # image i of the run is seeded by (seed, i)
+    out: str = ""                     # output folder (default: <ckpt>/eval)
+    summarize: list = field(default_factory=list)  # run folders: mean ± std of their summary.json
+
+
+def main(argv=None):
+    import sys
+
+    import configurator
+    import data
+    import model as M
+    (args,) = configurator.parse(sys.argv[1:] if argv is None else argv, EvalArgs,
+                                 usage=__doc__.split("\n\n")[1] + "\n")
     if args.summarize:
         return summarize(args.summarize)
     if not args.ckpt:
-        ap.error("--ckpt is required (or --summarize)")
-    import data
-    import train as T
-    cfg = T.Config(**json.load(open(os.path.join(args.ckpt, "config.json"))))
-    _, _, device = T.setup_distributed()
-    ctx = T.build(cfg, device, 0, 1)
-    T.load_checkpoint(args.ckpt, ctx)
+        raise SystemExit("--ckpt is required (or --summarize)")
+    cfg = configurator.Config(**json.load(open(os.path.join(args.ckpt, "config.json"))))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    gen = M.build_generator(cfg, device)
+    M.load_weights(gen, args.ckpt)
     base = args.prompt or [p["prompt"] for p in data.load_prompts(args.prompts or cfg.test_prompts)]
     prompts = [p for p in base for _ in range(args.n_per_prompt)]
-    images = generate(ctx, prompts, args.seed, args.num_steps, args.guidance_scale)
+    images = generate(gen, prompts, args.seed, args.num_steps, args.guidance_scale)
     refs = None
     try:
-        refs = T.load_references(cfg, [{"prompt": p} for p in base]) if cfg.references else None
+        refs = data.load_references(cfg, [{"prompt": p} for p in base]) if cfg.references else None
     except (SystemExit, ValueError) as e:
         print(f"references not used: {e}")
-    kind, adv = T.build_adversary(cfg, device)
-    features = adv.features if kind == "dino_adv" else None
-    metrics, skipped = measure(images, prompts, refs, features)
+    kind, adv = R.build_adversary(cfg, device)
+    metrics, skipped = measure(images, prompts, refs, adv.features if kind == "dino_adv" else None)
     pm, ps = measure_preference(images, prompts, device, cfg)
     metrics.update(pm)
     skipped.update(ps)

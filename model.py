@@ -20,11 +20,14 @@ zeros in place of the T5 tokens, exactly as diffusers does when `text_encoder_3`
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+import sampler as S
 
 # -----------------------------------------------------------------------------------------------
 # Named architectures for random-weight pipelines. "sd3.5-medium" copies the component configs of
@@ -297,3 +300,80 @@ def latent_shape(pipe, resolution):
 
 def count_params(module: nn.Module):
     return sum(p.numel() for p in module.parameters())
+
+
+# -----------------------------------------------------------------------------------------------
+# The generator as the loop and the evaluation use it
+
+@dataclass
+class Generator:
+    """The policy and what it needs to sample and train, built once by `build_generator`."""
+    pipe: StableDiffusion3Pipeline
+    transformer: nn.Module      # the SD3 transformer with its LoRA adapter (or fully trainable)
+    params: dict                # the trainable parameters (float32): keys of checkpoints and of the EMA
+    opt: torch.optim.Optimizer
+    ema: EMA
+    encode: PromptEncoder
+    sample_model: nn.Module     # what sampling and evaluation call (no grad; compiled when cfg.compile)
+    train_model: nn.Module      # what the update calls (DDP when world > 1; compiled when cfg.compile)
+    sigmas: torch.Tensor        # (N+1,) the sampling sigmas
+    autocast: torch.dtype | None
+    resolution: int
+    decode_chunk: int           # images per VAE decode call
+    device: torch.device
+
+    def decode(self, latents):
+        return S.decode_latents(self.pipe.vae, latents, self.decode_chunk)  # (B, 3, H, W) in [0, 1]
+
+    def latent_shape(self):
+        return latent_shape(self.pipe, self.resolution)
+
+
+def build_generator(cfg, device, world=1):
+    """Pipeline, trainable parameters, optimizer, EMA, prompt encoder, DDP / compiled wrappers."""
+    bf16 = cfg.mixed_precision == "bf16"
+    # Frozen weights in bf16 (memory), trainable ones float32 (Adam needs the precision). The CPU honours
+    # bf16 too (autocast works there), so the bf16 path users run on GPUs is testable without one.
+    pipe = load_pipeline(cfg.pretrained, t5=cfg.t5, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    f = vae_factor(pipe) * pipe.transformer.config.patch_size
+    if cfg.resolution % f:
+        raise SystemExit(f"config error: resolution {cfg.resolution} must be a multiple of {f} "
+                         f"(VAE factor × patch size of {cfg.pretrained})")
+    transformer = add_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
+    params = trainable_parameters(transformer)
+    for p in params.values():
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.eval()
+    train_model = transformer
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            transformer, device_ids=[device.index] if device.type == "cuda" else None)
+    sample_model = transformer
+    if cfg.compile:
+        # dynamic=False: a handful of batch shapes (sampling, training, eval), each compiled static, since
+        # kernels specialised to the shape are faster than the dynamic-shape ones dynamo would switch to
+        sample_model, train_model = torch.compile(transformer, dynamic=False), torch.compile(train_model, dynamic=False)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    return Generator(pipe=pipe, transformer=transformer, params=params, opt=opt,
+                     ema=EMA(params, cfg.ema_decay, cfg.ema_every),
+                     encode=PromptEncoder(pipe, device, cfg.max_sequence_length,
+                                          cache_device="cpu" if cfg.low_mem else device),
+                     sample_model=sample_model, train_model=train_model,
+                     sigmas=S.flow_sigmas(pipe.scheduler, cfg.num_steps, device),
+                     autocast=torch.bfloat16 if bf16 else None, resolution=cfg.resolution,
+                     decode_chunk=4 if cfg.low_mem else 16, device=device)
+
+
+def load_weights(gen, path):
+    """The trainable and EMA weights of checkpoint folder `path` into `gen`."""
+    from safetensors.torch import load_file
+    trainable = load_file(os.path.join(path, "trainable.safetensors"))
+    with torch.no_grad():
+        for n, p in gen.params.items():
+            p.copy_(trainable[n])
+    gen.ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))

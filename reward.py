@@ -75,19 +75,12 @@ def _all_reduce_grads_(params):
 
 class DinoFeatures(nn.Module):
     """Frozen ViT φ: [0,1] images of any size -> (CLS (B,D), patch tokens (B,N,D)), both float32.
-    `backbone` is a timm name, or a module with timm's forward_features(x) -> (B, n_prefix + N, D)
-    (CLS = token 0; `num_prefix_tokens` counts CLS and any registers). To run φ in bf16:
-    `feats.backbone.to(torch.bfloat16)`; inputs follow the backbone's dtype, outputs are float32."""
+    `backbone` is a module with timm's forward_features(x) -> (B, n_prefix + N, D) (CLS = token 0;
+    `num_prefix_tokens` counts CLS and any registers); `make_backbone` builds one from the config. To run
+    φ in bf16: `feats.backbone.to(torch.bfloat16)`; inputs follow the backbone's dtype, outputs are float32."""
 
-    def __init__(self, backbone="vit_base_patch14_dinov2.lvd142m", image_size=518, pretrained=True,
-                 pretrained_file=None, **timm_kwargs):
+    def __init__(self, backbone, image_size=518):
         super().__init__()
-        if isinstance(backbone, str):
-            # a local weights file (offline clusters) goes through timm's usual loading path;
-            # timm_kwargs change the architecture (the tiny world's ViT is a small DINOv2-style one)
-            extra = dict(pretrained_cfg_overlay=dict(file=pretrained_file)) if pretrained_file else {}
-            backbone = timm.create_model(backbone, pretrained=pretrained or bool(pretrained_file), num_classes=0,
-                                         img_size=image_size, **extra, **timm_kwargs)
         self.backbone = backbone.requires_grad_(False).eval()
         cfg = getattr(backbone, "pretrained_cfg", None) or {}
         self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
@@ -120,7 +113,6 @@ class DinoDiscriminator(nn.Module):
         real, fake = disc.features(ref_images), disc.features(gen_images)   # φ runs once per image
         rewards = disc.score(*fake)                                         # (B,)
         info = disc.d_step(real, fake)                                      # as many times as scheduled
-    `reward(images)` and `d_loss(real_images, fake_images)` are the one-shot conveniences.
 
     Checkpoints: use `head_state()` / `load_head_state()` (head + Adam state). `state_dict()` is plain
     nn.Module's and would also save the frozen backbone. Do not `disc.to(torch.bfloat16)`: cast
@@ -129,14 +121,11 @@ class DinoDiscriminator(nn.Module):
     global RNG.
     """
 
-    def __init__(self, backbone="vit_base_patch14_dinov2.lvd142m", image_size=518, hidden=512, n_patches=64,
-                 patch_loss_weight=0.3, cls_reward_weight=0.7, lr=1e-4, betas=(0.5, 0.999), pretrained=True,
-                 pretrained_file=None, seed=0, cond_dim=0):
+    def __init__(self, phi: DinoFeatures, hidden=512, n_patches=64, patch_loss_weight=0.3, cls_reward_weight=0.7,
+                 lr=1e-4, betas=(0.5, 0.999), seed=0, cond_dim=0):
         super().__init__()
-        # a DinoFeatures may be passed in, to share one φ with the dino_sim reward
-        self.phi = backbone if isinstance(backbone, DinoFeatures) else \
-            DinoFeatures(backbone, image_size, pretrained, pretrained_file)
-        D = getattr(self.phi.backbone, "num_features", None) or self.phi.backbone.embed_dim
+        self.phi = phi  # may be shared with the dino_sim reward
+        D = getattr(phi.backbone, "num_features", None) or phi.backbone.embed_dim
         with torch.random.fork_rng(devices=[]):  # same head on every rank (from `seed`), global RNG untouched
             torch.manual_seed(seed)
             self.head = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1)).float()
@@ -186,10 +175,6 @@ class DinoDiscriminator(nn.Module):
         """Reward from precomputed features: 0.7·h(c) + 0.3·mean_k h(p_k). Never differentiated."""
         return self._combine(*self._logits(cls, patches, cond, generator=generator))  # (B,)
 
-    @torch.no_grad()
-    def reward(self, images, generator=None):
-        return self.score(*self.features(images), generator=generator)  # (B,)
-
     def d_loss_from_features(self, real_feats, fake_feats, generator=None, wrong=None):
         """Hinge loss, each term averaged over its own batch (reals and fakes may differ in number):
         L_D = ½[relu(1-h(c_r)) + relu(1+h(c_f))] + λ_p·½[mean_k relu(1-h(p_r,k)) + mean_k relu(1+h(p_f,k))].
@@ -210,9 +195,6 @@ class DinoDiscriminator(nn.Module):
         info = dict(d_loss=loss.item(), d_acc=correct.item() / (len(c_r) + len(c_f)),
                     d_real=self._combine(c_r, p_r).mean().item(), d_fake=self._combine(c_f, p_f).mean().item())
         return loss, info
-
-    def d_loss(self, real_images, fake_images, generator=None):
-        return self.d_loss_from_features(self.features(real_images), self.features(fake_images), generator)
 
     def d_step(self, real_feats, fake_feats, generator=None, wrong=None):
         """One Adam step on the head; gradients are averaged over ranks first (all-reduce, mean) when
@@ -242,25 +224,57 @@ def make_backbone(name, image_size=518, weights="", timm_kwargs=None):
     """The frozen feature backbone by config: a timm name (hub weights, or a local `weights` file, with
     optional architecture kwargs), "random:tiny" — a 2-layer DINOv2-style ViT with random weights, for
     tests and smoke runs — or "random:<timm name>", that architecture with random weights (bench.py)."""
-    if name.startswith("random:") and name != "random:tiny":
-        arch, kw = name.split(":", 1)[1], dict(timm_kwargs or {})
-        if "dinov2" in arch:  # LayerScale 1e-5 in a random model makes every CLS the same (seen on the H200)
+    kw = dict(timm_kwargs or {})
+    if name.startswith("random:"):
+        arch = name.split(":", 1)[1]
+        if arch == "tiny":
+            arch, kw = "vit_small_patch14_dinov2", dict(patch_size=7, embed_dim=32, depth=2, num_heads=2)
+        if "dinov2" in arch:  # DINOv2's LayerScale init 1e-5 makes a random model's CLS the same for every image
             kw.setdefault("init_values", 1.0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size, **kw)
-    if name == "random:tiny":
         with torch.random.fork_rng(devices=[]):  # identical on every rank, global RNG untouched
             torch.manual_seed(0)
-            # init_values=1: DINOv2's LayerScale init (1e-5) would make a random model's CLS constant
-            return timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=image_size,
-                                     patch_size=7, embed_dim=32, depth=2, num_heads=2, init_values=1.0)
+            return timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size, **kw)
+    if weights:  # a local file (offline clusters) through timm's usual loading path
+        kw["pretrained_cfg_overlay"] = dict(file=weights)
     try:
-        return DinoFeatures(name, image_size, pretrained=True, pretrained_file=weights or None,
-                            **(timm_kwargs or {})).backbone
+        return timm.create_model(name, pretrained=True, num_classes=0, img_size=image_size, **kw)
     except Exception as e:
         raise SystemExit(f"could not load the feature backbone {name!r} ({type(e).__name__}: {e}). Offline? "
                          "Pass --dino_weights=/path/to/model.safetensors, or try `make demo`.") from None
+
+
+def make_features(cfg, device):
+    """φ of the config on `device`; in bf16 when the run is (the heads on top stay float32)."""
+    phi = DinoFeatures(make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights, cfg.dino_kwargs),
+                       cfg.dino_image_size).to(device)
+    if cfg.mixed_precision == "bf16":
+        phi.backbone.to(torch.bfloat16)
+    return phi
+
+
+def build_adversary(cfg, device, cond_dim=0):
+    """(kind, model) for the adversarial reward named in cfg.reward, or (None, None). `cond_dim`: the
+    pooled text embedding's width, for cfg.d_conditional."""
+    kind = next((k for k in cfg.reward if k in ADVERSARIAL), None)
+    if kind == "dino_adv":
+        return kind, DinoDiscriminator(make_features(cfg, device), lr=cfg.d_lr, seed=cfg.seed,
+                                       cond_dim=cond_dim if cfg.d_conditional else 0).to(device)
+    if kind == "pickscore_adv":
+        model, tok = load_clip(cfg.pickscore_model, cfg.pickscore_processor)
+        return kind, PickScoreAdversary(model, tok, cfg.pickscore_train_last_k, cfg.pickscore_lr).to(device)
+    return None, None
+
+
+def build_fixed_reward(cfg, device, references, phi=None):
+    """The weighted sum of the fixed (not adversarial) rewards in cfg.reward, or None. `phi`: a DinoFeatures
+    to share with dino_sim (the discriminator's), else one is built from the config."""
+    fixed = {k: w for k, w in cfg.reward.items() if k not in ADVERSARIAL}
+    if not fixed:
+        return None
+    if "dino_sim" in fixed and phi is None:
+        phi = make_features(cfg, device)
+    return build_reward(fixed, device=device, references=references, backbone=phi, clip_model=cfg.clip_model,
+                        pickscore_model=cfg.pickscore_model, pickscore_processor=cfg.pickscore_processor)
 
 
 def load_clip(model, processor):
@@ -420,20 +434,24 @@ def brightness(**_):
 
 
 @register("dino_sim")
-def dino_sim(references, backbone="vit_base_patch14_dinov2.lvd142m", device="cpu", **_):
+def dino_sim(references, backbone, **_):
     """Paired similarity: mean cosine of the DINO CLS of a generation with each of *its own prompt's*
-    references. `backbone` is a DinoFeatures (e.g. disc.phi, to share φ) or a timm name (518², pretrained).
-    Reference features are fixed, so they are computed once per prompt and cached."""
-    phi = backbone if isinstance(backbone, DinoFeatures) else DinoFeatures(backbone).to(device)
-    cache = {}
+    references. `backbone`: a DinoFeatures (e.g. disc.phi, to share φ). Reference features are fixed, so
+    they are computed once per prompt and cached."""
+    phi, cache = backbone, {}
 
     def fn(images, prompts, metadata):
-        g = F.normalize(phi(images)[0], dim=-1)  # (B, D)
         for p in set(prompts) - cache.keys():
-            cache[p] = F.normalize(phi(references.images_of(p))[0], dim=-1)  # (k, D)
-        sims = torch.stack([(cache[p] @ g[i]).mean() for i, p in enumerate(prompts)])  # (B,)
-        return sims.to(images.device), {}
+            cache[p] = phi(references.images_of(p))[0]  # (k, D)
+        return paired_cosine(phi(images)[0], prompts, cache).to(images.device), {}
     return fn
+
+
+def paired_cosine(cls, prompts, ref_cls):
+    """Mean cosine of each generation's CLS (B, D) with the CLS of *its own prompt's* references,
+    ref_cls {prompt: (k, D)}: the paired DINO similarity of the training reward and of the evaluation."""
+    g = F.normalize(cls.float(), dim=-1)
+    return torch.stack([(F.normalize(ref_cls[p].float(), dim=-1) @ g[i]).mean() for i, p in enumerate(prompts)])
 
 
 @register("pickscore")

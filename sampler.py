@@ -93,12 +93,12 @@ def make_velocity_fn(transformer, prompt_embeds, pooled, neg_embeds=None, neg_po
     """Close over the conditioning: returns v(x, sigma) for a batch of B latents.
 
     With guidance_scale > 1 the batch is doubled — [uncond; cond] in one forward — and
-    v = v_u + g·(v_c - v_u). neg_* are the embeddings of "" broadcast to the batch. SD3 takes the
-    timestep as σ·1000."""
+    v = v_u + g·(v_c - v_u). neg_* are the embeddings of "" (batch 1, or B), broadcast to the batch. SD3
+    takes the timestep as σ·1000."""
     cfg = guidance_scale > 1.0
     if cfg:
-        emb = torch.cat([neg_embeds, prompt_embeds])      # (2B, T, D)
-        pool = torch.cat([neg_pooled, pooled])            # (2B, P)
+        emb = torch.cat([neg_embeds.expand_as(prompt_embeds), prompt_embeds])      # (2B, T, D)
+        pool = torch.cat([neg_pooled.expand_as(pooled), pooled])                   # (2B, P)
     else:
         emb, pool = prompt_embeds, pooled
 
@@ -127,7 +127,7 @@ def window_steps(num_steps, window_start, window_size):
 
 
 @torch.no_grad()
-def rollout(velocity_fn, noise, sigmas, kind="cps", noise_level=0.8, window_start=0, window_size=2,
+def rollout(velocity_fn, noise, sigmas, noise_level=0.8, kind="cps", window_start=0, window_size=2,
             generator=None, step_noise=None, decode_fn=None):
     """Sample from `noise` (B, C, h, w) along `sigmas` (N+1,), stochastic only inside the window.
 

@@ -4,8 +4,6 @@
 # discriminator on the frozen tiny ViT that stands in for DINOv2) should move held-out generations
 # to the references' style (eval/background → eval/ref_background) without losing content
 # (eval/toy_geneval). See README "Results" for what this measured.
-import tinyworld as _tw
-
 pretrained = "assets/tinyworld/pipeline"
 t5 = False
 # max_sequence_length (1: one zero token in T5's slot) comes from the pipeline folder's sample_settings.json
@@ -14,9 +12,9 @@ mixed_precision = "no"
 train_prompts = "assets/tinyworld/train.txt"
 test_prompts = "assets/tinyworld/test.txt"
 references = "assets/tinyworld/refs_dark/index.json"
-dino_backbone = _tw.BACKBONE["model"]
+dino_backbone = "vit_small_patch14_dinov2"   # the tiny DINOv2-style ViT of assets/tinyworld/build.py
 dino_weights = "assets/tinyworld/backbone.safetensors"
-dino_kwargs = _tw.backbone_kwargs()
+dino_kwargs = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, init_values=1.0)
 dino_image_size = 32
 num_steps = 10
 guidance_scale = 3.0

@@ -69,11 +69,11 @@ def test_exported_lora_reproduces_our_samples_in_diffusers(tmp_path):
     """Our eval sampler with the EMA LoRA == a fresh diffusers pipeline + load_lora_weights(ckpt/lora)."""
     import model as M
     cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), epochs=2, ema_every=1, lr=3e-2)
-    ctx = T.train(cfg)
+    gen = T.train(cfg)[0]
     ckpt = T.latest_checkpoint(str(tmp_path))
     prompts = ["a red circle on the left", "a blue square in the centre"]
-    ours = E.generate(ctx, prompts, seed=3, num_steps=6, guidance_scale=2.0)
-    base = E.generate(ctx, prompts, seed=3, num_steps=6, guidance_scale=2.0, use_ema=False)
+    ours = E.generate(gen, prompts, seed=3, num_steps=6, guidance_scale=2.0)
+    base = E.generate(gen, prompts, seed=3, num_steps=6, guidance_scale=2.0, use_ema=False)
     assert (ours - base).abs().max() > 1e-4  # the LoRA does something
 
     pipe = M.load_pipeline(cfg.pretrained, t5=False)  # same seed → same random base weights

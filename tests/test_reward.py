@@ -11,7 +11,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reward import (REWARDS, CLIPScorer, DinoDiscriminator, DinoFeatures, PickScoreAdversary,  # noqa: E402
-                    build_reward, load_clip, make_backbone)
+                    build_fixed_reward, build_reward, load_clip, make_backbone)
 
 IMG = 28  # tiny DINOv2-style ViT: 28² input, patch 7 -> 16 patch tokens
 
@@ -44,22 +44,22 @@ class Refs:
 # ----------------------------------------------------------------------------- DINO discriminator
 
 def test_discriminator_learns_and_reward_orders_reals_above_fakes():
-    disc = DinoDiscriminator(tiny_vit(), image_size=IMG)  # the paper's lr 1e-4, Adam (0.5, 0.999)
+    disc = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG))  # the paper's lr 1e-4, Adam (0.5, 0.999)
     real, fake = disc.features(tinted(16, RED, 1)), disc.features(tinted(16, BLUE, 2))
     first = disc.d_step(real, fake)
     for _ in range(79):
         last = disc.d_step(real, fake)
     assert last["d_loss"] < first["d_loss"] and last["d_acc"] == 1.0 and last["d_real"] > last["d_fake"]
     real_test, fake_test = tinted(8, RED, 3), tinted(8, BLUE, 4)
-    _, info = disc.d_loss(real_test, fake_test)
+    _, info = disc.d_loss_from_features(disc.features(real_test), disc.features(fake_test))
     assert info["d_acc"] >= 0.9
-    r_real, r_fake = disc.reward(real_test), disc.reward(fake_test)
+    r_real, r_fake = disc.score(*disc.features(real_test)), disc.score(*disc.features(fake_test))
     assert r_real.shape == (8,) and r_real.dtype == torch.float32
     assert r_real.min() > r_fake.max()
 
 
 def test_only_head_is_trained():
-    disc = DinoDiscriminator(tiny_vit(), image_size=IMG)
+    disc = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG))
     before_bb = {k: v.clone() for k, v in disc.backbone.state_dict().items()}
     w0, w2 = disc.head[0].weight.detach().clone(), disc.head[2].weight.detach().clone()
     disc.d_step(disc.features(tinted(4, RED, 1)), disc.features(tinted(4, BLUE, 2)))
@@ -76,7 +76,7 @@ def test_backbone_runs_once_per_image_when_features_are_reused():
     seen = []
     forward_features = vit.forward_features
     vit.forward_features = lambda x: (seen.append(len(x)), forward_features(x))[1]
-    disc = DinoDiscriminator(vit, image_size=IMG)
+    disc = DinoDiscriminator(DinoFeatures(vit, IMG))
     real, fake = disc.features(tinted(4, RED, 1)), disc.features(tinted(6, BLUE, 2))
     rewards = disc.score(*fake)
     for _ in range(3):
@@ -85,7 +85,7 @@ def test_backbone_runs_once_per_image_when_features_are_reused():
 
 
 def test_head_stays_float32_with_bf16_backbone():
-    disc = DinoDiscriminator(tiny_vit().to(torch.bfloat16), image_size=IMG)
+    disc = DinoDiscriminator(DinoFeatures(tiny_vit().to(torch.bfloat16), IMG))
     cls, patches = disc.features(tinted(4, RED, 1))
     assert cls.dtype == patches.dtype == torch.float32 and patches.shape == (4, 16, 32)
     w = disc.head[0].weight.detach().clone()
@@ -101,12 +101,12 @@ def test_head_stays_float32_with_bf16_backbone():
 
 
 def test_reward_and_loss_share_token_preprocessing():
-    disc = DinoDiscriminator(tiny_vit(), image_size=IMG)
+    disc = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG))
     images = tinted(5, RED, 1)
     cls, patches = disc.features(images)  # (5, 32), (5, 16, 32): 16 <= 64 patches, all used
     with torch.no_grad():  # by hand, raw tokens (no L2 normalisation)
         by_hand = 0.7 * disc.head(cls).squeeze(-1) + 0.3 * disc.head(patches).squeeze(-1).mean(1)
-    assert torch.allclose(disc.reward(images), by_hand, atol=1e-6)
+    assert torch.allclose(disc.score(cls, patches), by_hand, atol=1e-6)
     # with a random subset of patches: the loss's d_fake is the mean reward under the same draws
     disc.n_patches = 4
     real = disc.features(tinted(3, BLUE, 2))
@@ -114,16 +114,16 @@ def test_reward_and_loss_share_token_preprocessing():
     g = torch.Generator().manual_seed(7)
     disc.score(*real, generator=g)  # consumes the reals' draw, as the loss does
     assert info["d_fake"] == pytest.approx(disc.score(cls, patches, generator=g).mean().item(), abs=1e-6)
-    a = disc.reward(images, generator=torch.Generator().manual_seed(1))
-    b = disc.reward(images, generator=torch.Generator().manual_seed(1))
+    a = disc.score(cls, patches, generator=torch.Generator().manual_seed(1))
+    b = disc.score(cls, patches, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.allclose(a, by_hand)
 
 
 def test_head_state_round_trip():
-    disc = DinoDiscriminator(tiny_vit(), image_size=IMG, lr=1e-3)
+    disc = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), lr=1e-3)
     real, fake = disc.features(tinted(4, RED, 1)), disc.features(tinted(4, BLUE, 2))
     disc.d_step(real, fake)
-    other = DinoDiscriminator(tiny_vit(), image_size=IMG, lr=1e-3)
+    other = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), lr=1e-3)
     other.load_head_state(copy.deepcopy(disc.head_state()))
     disc.d_step(real, fake), other.d_step(real, fake)  # Adam moments restored too -> identical next step
     assert all(torch.equal(p, q) for p, q in zip(disc.head.parameters(), other.head.parameters()))
@@ -132,7 +132,7 @@ def test_head_state_round_trip():
 def _ddp_worker(rank, world, init_file, out):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    disc = DinoDiscriminator(tiny_vit(), image_size=IMG, lr=1e-3)
+    disc = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), lr=1e-3)
     real, fake = disc.features(tinted(4, RED, 10 + rank)), disc.features(tinted(4, BLUE, 20 + rank))
     for _ in range(3):
         disc.d_step(real, fake)
@@ -145,7 +145,7 @@ def test_head_synchronised_across_ranks(tmp_path):
     h0, h1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(p, q) for p, q in zip(h0, h1))
     # equal batch sizes: averaging rank gradients = one process on the concatenated batch
-    disc = DinoDiscriminator(tiny_vit(), image_size=IMG, lr=1e-3)
+    disc = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), lr=1e-3)
     real = disc.features(torch.cat([tinted(4, RED, 10), tinted(4, RED, 11)]))
     fake = disc.features(torch.cat([tinted(4, BLUE, 20), tinted(4, BLUE, 21)]))
     for _ in range(3):
@@ -265,10 +265,10 @@ def test_random_timm_backbone_tells_images_apart():
 def test_fixed_rewards_load_the_configured_models(tmp_path):
     """pickscore / clip_score build from cfg.pickscore_model, cfg.pickscore_processor and cfg.clip_model
     (an offline cluster's local copies), never from a hard-wired hub id: here "random:tiny", offline."""
-    import train as T
-    cfg = T.parse_args(["--reward={'pickscore': 1.0, 'clip_score': 100.0}", "--pickscore_model=random:tiny",
+    from configurator import parse_args
+    cfg = parse_args(["--reward={'pickscore': 1.0, 'clip_score': 100.0}", "--pickscore_model=random:tiny",
                         "--clip_model=random:tiny"])
-    fn = T.build_fixed_reward(cfg, dict(device=torch.device("cpu"), references=None, adversary=None, adv_kind=None))
+    fn = build_fixed_reward(cfg, torch.device("cpu"), references=None)
     r, info = fn(tinted(4, RED, 1), PROMPTS, [{}] * 4)
     model, tok = load_clip("random:tiny", None)
     cos = CLIPScorer(model, tok).cosine(tinted(4, RED, 1), PROMPTS)
@@ -277,7 +277,7 @@ def test_fixed_rewards_load_the_configured_models(tmp_path):
 
 
 def test_discriminator_head_init_follows_the_seed():
-    heads = [DinoDiscriminator(tiny_vit(), image_size=IMG, seed=s).head[0].weight for s in (0, 0, 1)]
+    heads = [DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), seed=s).head[0].weight for s in (0, 0, 1)]
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
 
 
@@ -287,8 +287,8 @@ def test_conditional_head_tells_the_right_prompt_from_the_wrong_one():
     under its own prompt than under another, which an unconditional head cannot do at all."""
     torch.manual_seed(0)
     emb = torch.randn(2, 8)                                           # two prompts' pooled text embeddings
-    plain = DinoDiscriminator(tiny_vit(), image_size=IMG, seed=3)
-    cond = DinoDiscriminator(tiny_vit(), image_size=IMG, seed=3, cond_dim=8, lr=1e-3)
+    plain = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), seed=3)
+    cond = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), seed=3, cond_dim=8, lr=1e-3)
     red, blue, grey = tinted(8, RED, 1), tinted(8, BLUE, 2), tinted(8, (0.5, 0.5, 0.5), 3)
     fr, fb, fg = cond.features(red), cond.features(blue), cond.features(grey)
     e_r, e_b = emb[0].expand(8, -1), emb[1].expand(8, -1)
@@ -301,6 +301,6 @@ def test_conditional_head_tells_the_right_prompt_from_the_wrong_one():
     assert (cond.score(*fr, e_r) > cond.score(*fr, e_b) + 0.5).all()
     assert (cond.score(*fb, e_b) > cond.score(*fb, e_r) + 0.5).all()
     state = copy.deepcopy(cond.head_state())
-    other = DinoDiscriminator(tiny_vit(), image_size=IMG, seed=5, cond_dim=8)
+    other = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), seed=5, cond_dim=8)
     other.load_head_state(state)
     assert torch.equal(other.score(*fr, e_b), cond.score(*fr, e_b))

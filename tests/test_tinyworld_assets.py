@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import model as M
 import reward as R
 import tinyworld as tw
 import train as T
@@ -28,13 +29,28 @@ def tiny_world_cfg(**kw):
     return cfg
 
 
-@pytest.mark.parametrize("style", tw.REF_STYLES)
+def builder():
+    """assets/tinyworld/build.py, the one-off builder of these assets (not on the import path)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build", os.path.join(ASSETS, "build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("style", ["dark", "light"])
 def test_analyser_scores_the_committed_references(style):
     refs = data.ReferenceSet.from_index(os.path.join(ASSETS, f"refs_{style}", "index.json"))
     prompts = [p for p in refs.prompts for _ in range(len(refs.images_of(p)))]
     images = torch.cat([refs.images_of(p) for p in refs.prompts])
-    assert len(images) == len(tw.all_scenes()) * tw.N_REFS
+    assert len(images) == len(tw.all_scenes()) * builder().N_REFS
     assert tw.accuracy(images, prompts)["correct"] >= 0.99
+
+
+def test_the_preset_describes_the_committed_backbone():
+    cfg, b = tiny_world_cfg(), builder().BACKBONE
+    assert cfg.dino_backbone == b["model"] and cfg.dino_image_size == b["img_size"]
+    assert cfg.dino_kwargs == {k: v for k, v in b.items() if k not in ("model", "img_size")}
 
 
 def test_prompt_files_are_the_split():
@@ -45,10 +61,10 @@ def test_prompt_files_are_the_split():
 
 def test_assets_load_through_model_and_reward_and_the_base_is_mostly_light():
     cfg = tiny_world_cfg()
-    ctx = T.build(cfg, torch.device("cpu"), 0, 1)
+    gen = M.build_generator(cfg, torch.device("cpu"))
     import eval as E
     prompts = [p["prompt"] for p in data.load_prompts(cfg.test_prompts)]
-    images = E.generate(ctx, prompts, num_steps=10, guidance_scale=cfg.eval_guidance_scale)
+    images = E.generate(gen, prompts, num_steps=10, guidance_scale=cfg.eval_guidance_scale)
     assert images.shape == (len(prompts), 3, 32, 32)
     acc = tw.accuracy(images, prompts)["correct"]
     dark = float((tw.style_stats(images)["background_brightness"] < 0.5).float().mean())
@@ -68,10 +84,10 @@ def test_assets_load_through_model_and_reward_and_the_base_is_mostly_light():
 def test_two_epoch_tiny_world_run(tmp_path):
     cfg = tiny_world_cfg(out_dir=str(tmp_path), epochs=2, eval_every=0, prompts_per_epoch=4, group_size=4, d_warmup=0,
                          sample_batch_size=16, train_batch_size=8, save_every=2)
-    ctx = T.train(cfg)
+    counters = T.train(cfg)[2]
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["reward_mean"])) for r in rows)
-    assert ctx["counters"]["g_epochs"] == 2 and ctx["counters"]["d_steps"] == 2
+    assert counters["g_epochs"] == 2 and counters["d_steps"] == 2
     assert os.path.isdir(tmp_path / "checkpoints" / "epoch_000001" / "lora")
 
 
@@ -86,9 +102,9 @@ def test_references_made_from_the_tiny_pipeline_are_as_good_as_its_own_samples(t
                                  n=2, steps=10, guidance_scale=3.0, device="cpu")
     refs = data.ReferenceSet.from_index(index)
     made = tw.accuracy(torch.cat([refs.images_of(p) for p in prompts]), [p for p in prompts for _ in range(2)])
-    ctx = T.build(tiny_world_cfg(), torch.device("cpu"), 0, 1)
+    gen = M.build_generator(tiny_world_cfg(), torch.device("cpu"))
     own_prompts = [p for p in prompts for _ in range(2)]
-    own = tw.accuracy(E.generate(ctx, own_prompts, num_steps=10, guidance_scale=3.0), own_prompts)
+    own = tw.accuracy(E.generate(gen, own_prompts, num_steps=10, guidance_scale=3.0), own_prompts)
     assert refs.images.shape[-1] == 32 and made["correct"] >= own["correct"] - 0.2 and made["correct"] > 0.5, (made, own)
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import data
+import model as M
+import reward as R
 import train as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,37 +75,38 @@ def test_loss_clips_ratio_in_the_pessimistic_direction():
 def sampled():
     torch.manual_seed(0)
     cfg = tiny_cfg()
-    ctx = T.build(cfg, torch.device("cpu"), 0, 1)
+    gen = M.build_generator(cfg, torch.device("cpu"))
     prompts = [p["prompt"] for p in data.load_prompts(cfg.train_prompts)][:2]
     my_prompts = [p for p in prompts for _ in range(cfg.group_size)]
-    batch = T.sample_epoch(cfg, 0, ctx, my_prompts, list(range(len(my_prompts))), 0)
-    return cfg, ctx, batch
+    batch = T.sample_epoch(cfg, 0, gen, my_prompts, list(range(len(my_prompts))), 0)
+    return cfg, gen, batch
 
 
 def test_ratio_is_one_with_unchanged_weights(sampled):
-    cfg, ctx, batch = sampled
+    cfg, gen, batch = sampled
     n = len(batch["images"])
     assert batch["images"].shape == (n, 3, 32, 32) and 0 <= batch["images"].min() and batch["images"].max() <= 1
     for j in range(cfg.window_size):
         # recompute in training-sized micro-batches, a different grouping than sampling used
         for mb in torch.arange(n).split(cfg.train_batch_size):
-            logp, _ = T.step_log_prob(cfg, ctx, ctx["ddp_model"], batch, mb, j)
+            logp, _ = T.step_log_prob(cfg, gen, gen.train_model, batch, mb, j)
             ratio = torch.exp(logp - batch["log_probs"][mb, j])
             assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-6, rtol=0), ratio
 
 
 def test_optimizer_step_changes_only_lora(sampled):
-    cfg, ctx, batch = sampled
-    before = {k: v.clone() for k, v in ctx["transformer"].state_dict().items()}
+    cfg, gen, batch = sampled
+    before = {k: v.clone() for k, v in gen.transformer.state_dict().items()}
     adv = torch.linspace(-1, 1, len(batch["images"]))
-    info = T.train_generator(cfg, 0, ctx, batch, adv)
-    after = ctx["transformer"].state_dict()
+    counters = dict(g_steps=0, bad_updates=0)
+    info = T.train_generator(cfg, 0, gen, batch, adv, counters)
+    after = gen.transformer.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "nothing trained"
     assert all("lora" in k for k in changed), sorted(changed)[:5]
     # (the last MMDiT block discards its text-stream output, so its add_q_proj gets no gradient)
     assert {k for k in before if "lora_B" in k and "blocks.0." in k} <= changed
-    assert ctx["counters"]["g_steps"] == cfg.updates_per_epoch and info["skipped_updates"] == 0
+    assert counters["g_steps"] == cfg.updates_per_epoch and info["skipped_updates"] == 0
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -176,10 +179,10 @@ def _ddp_worker(rank, world, port, out_dir):
     # rank has "reference of another prompt" pairs)
     cfg = tiny_cfg(ADV_PRESET, out_dir=out_dir, epochs=3, schedule="shared", d_conditional=True, group_size=2,
                    prompts_per_epoch=4)
-    ctx = T.train(cfg)
-    state = {k: v.detach().clone() for k, v in ctx["params"].items()}
-    state.update({f"D.{k}": v.detach().clone() for k, v in ctx["adversary"].head.state_dict().items()})
-    state["D.proj"] = ctx["adversary"].proj.weight.detach().clone()
+    gen, adversary, _ = T.train(cfg)
+    state = {k: v.detach().clone() for k, v in gen.params.items()}
+    state.update({f"D.{k}": v.detach().clone() for k, v in adversary.head.state_dict().items()})
+    state["D.proj"] = adversary.proj.weight.detach().clone()
     torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -195,8 +198,8 @@ def test_two_process_gloo_keeps_generator_and_discriminator_identical(tmp_path):
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     cfg = tiny_cfg(ADV_PRESET)
-    init = T.build(cfg, torch.device("cpu"), 0, 1)["params"]
-    _, d_init = T.build_adversary(cfg, torch.device("cpu"))
+    init = M.build_generator(cfg, torch.device("cpu")).params
+    _, d_init = R.build_adversary(cfg, torch.device("cpu"))
     assert any(not torch.equal(w0[k], init[k]) for k in init)                         # G trained
     assert any(not torch.equal(w0[f"D.{k}"], v) for k, v in d_init.head.state_dict().items())  # D trained
     assert w0["D.proj"].abs().max() > 0                                                 # its projection too
@@ -217,8 +220,7 @@ def test_torchrun_two_processes_checkpoint_and_resume(tmp_path, extra):
 
 def test_paper_schedule_counts_d_and_g_separately(tmp_path):
     cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), schedule="paper", d_times=2, epochs=4)
-    ctx = T.train(cfg)
-    c = ctx["counters"]
+    c = T.train(cfg)[2]
     # epochs 0 and 2 are D-only, 1 and 3 are G-only
     assert c["d_steps"] == 2 and c["g_epochs"] == 2 and c["g_steps"] == 2 * cfg.updates_per_epoch
     lines = [l for l in open(tmp_path / "metrics.jsonl")]
@@ -226,11 +228,10 @@ def test_paper_schedule_counts_d_and_g_separately(tmp_path):
 
 
 def test_shared_schedule_and_pickscore_adversary_run(tmp_path):
-    ctx = T.train(tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "s"), schedule="shared", d_steps=2, epochs=2))
-    assert ctx["counters"]["d_steps"] == 4 and ctx["counters"]["g_epochs"] == 2
-    ctx = T.train(tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "p"), epochs=2, reward={"pickscore_adv": 1.0},
-                           pickscore_model="random:tiny"))
-    c = ctx["counters"]
+    c = T.train(tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "s"), schedule="shared", d_steps=2, epochs=2))[2]
+    assert c["d_steps"] == 4 and c["g_epochs"] == 2
+    c = T.train(tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "p"), epochs=2, reward={"pickscore_adv": 1.0},
+                           pickscore_model="random:tiny"))[2]
     assert c["d_steps"] + c["g_epochs"] == 2           # the trigger gives each epoch to exactly one side
 
 
@@ -242,7 +243,7 @@ def test_training_prompt_without_references_is_refused(tmp_path):
     cfg = tiny_cfg(ADV_PRESET, references=str(tmp_path / "index.json"),
                    reference_root=os.path.join(ROOT, "assets", "tiny_refs"))
     with pytest.raises(SystemExit, match="1 of 4 training prompts have no reference images.*green triangle"):
-        T.load_references(cfg, data.load_prompts(cfg.train_prompts))
+        data.load_references(cfg, data.load_prompts(cfg.train_prompts))
 
 
 def test_default_config_without_weights_points_to_the_demo(tmp_path):
@@ -268,8 +269,7 @@ def test_train_defaults_are_the_paper_dino_preset():
 
 def test_d_warmup_then_frozen_discriminator(tmp_path):
     cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), schedule="frozen", d_warmup=2, epochs=4)
-    ctx = T.train(cfg)
-    c = ctx["counters"]
+    c = T.train(cfg)[2]
     assert c["d_steps"] == 2 and c["g_epochs"] == 2      # D only in epochs 0-1, G only in 2-3
     import json
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -297,18 +297,18 @@ def test_low_mem_frees_text_encoders_and_trains_like_the_default(tmp_path):
     cache on the CPU, VAE decoded 4 at a time, checkpointed activations. The arithmetic is unchanged, so the
     trained weights match the default run's: to 1e-4, because a batch of 4 convolutions is not bitwise one
     of 8 with 2 CPU threads (oneDNN picks per shape; 1.4e-5 seen, on weights of size ~0.9)."""
-    a = T.train(tiny_cfg(out_dir=str(tmp_path / "a"), sample_batch_size=8))
-    b = T.train(tiny_cfg(out_dir=str(tmp_path / "b"), sample_batch_size=8, low_mem=True, gradient_checkpointing=True))
-    assert a["pipe"].text_encoder is not None
-    assert b["pipe"].text_encoder is None and b["pipe"].text_encoder_2 is None
+    a = T.train(tiny_cfg(out_dir=str(tmp_path / "a"), sample_batch_size=8))[0]
+    b = T.train(tiny_cfg(out_dir=str(tmp_path / "b"), sample_batch_size=8, low_mem=True, gradient_checkpointing=True))[0]
+    assert a.pipe.text_encoder is not None
+    assert b.pipe.text_encoder is None and b.pipe.text_encoder_2 is None
     every = {"", *(p["prompt"] for p in data.load_prompts(tiny_cfg().train_prompts))}
-    assert set(b["encode"].cache) == every and set(a["encode"].cache) <= every
-    assert all(e.device.type == "cpu" for e, _ in b["encode"].cache.values())
+    assert set(b.encode.cache) == every and set(a.encode.cache) <= every
+    assert all(e.device.type == "cpu" for e, _ in b.encode.cache.values())
     wa, wb = _weights(str(tmp_path / "a"), 1), _weights(str(tmp_path / "b"), 1)
     assert wa.keys() == wb.keys()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4, rtol=0) for k in wa)
     with pytest.raises(RuntimeError, match="low_mem"):
-        b["encode"](["a prompt that was never encoded"])
+        b.encode(["a prompt that was never encoded"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 and cuBLAS kernels chosen per batch shape)")
@@ -321,12 +321,13 @@ def test_ratio_is_one_on_cuda_bf16_at_sd35m_size(compile):
     cfg = tiny_cfg(pretrained="random:sd3.5-medium", resolution=512, max_sequence_length=128, mixed_precision="bf16",
                    num_steps=10, guidance_scale=4.5, group_size=16, sample_batch_size=16, train_batch_size=8,
                    updates_per_epoch=2, clip_range=1e-6, compile=compile)
-    ctx = T.build(cfg, torch.device("cuda"), 0, 1)
-    for g in ctx["opt"].param_groups:
+    gen = M.build_generator(cfg, torch.device("cuda"))
+    for g in gen.opt.param_groups:
         g["lr"] = 0.0
     prompts = [p["prompt"] for p in data.load_prompts(cfg.train_prompts)][:1] * cfg.group_size
-    batch = T.sample_epoch(cfg, 0, ctx, prompts, list(range(len(prompts))), 0)
-    info = T.train_generator(cfg, 0, ctx, batch, torch.linspace(-1, 1, len(prompts), device="cuda"))
+    batch = T.sample_epoch(cfg, 0, gen, prompts, list(range(len(prompts))), 0)
+    info = T.train_generator(cfg, 0, gen, batch, torch.linspace(-1, 1, len(prompts), device="cuda"),
+                             dict(g_steps=0, bad_updates=0))
     print(f"compile={compile}: sampler vs training max |log ratio| {info['sampler_logp_gap']:.2e}")
     assert info["clipfrac"] == 0 and info["approx_kl"] == 0, info
 
@@ -362,7 +363,7 @@ def test_external_logger_writes_tensorboard_scalars(tmp_path):
 
 
 def test_missing_held_out_prompts_refused_before_the_model_loads(tmp_path):
-    """check_inputs runs before build(): a wrong test_prompts path costs seconds, not a model load."""
+    """check_inputs runs before the model load: a wrong test_prompts path costs seconds, not a model load."""
     cfg = tiny_cfg(eval_every=5, test_prompts=str(tmp_path / "nope.txt"))
     with pytest.raises(SystemExit, match="held-out prompts .*nope.txt"):
         T.check_inputs(cfg, 1)
@@ -388,13 +389,13 @@ def test_first_recompute_is_exact_under_bf16_and_compile():
     itself. With lr = 0 every pass of the epoch is a "first recompute": every ratio must be exactly 1."""
     torch.manual_seed(0)
     cfg = tiny_cfg(mixed_precision="bf16", compile=True, clip_range=1e-6, updates_per_epoch=2)
-    ctx = T.build(cfg, torch.device("cpu"), 0, 1)
-    for g in ctx["opt"].param_groups:
+    gen = M.build_generator(cfg, torch.device("cpu"))
+    for g in gen.opt.param_groups:
         g["lr"] = 0.0
     prompts = [p["prompt"] for p in data.load_prompts(cfg.train_prompts)][:2]
     prompts = [p for p in prompts for _ in range(cfg.group_size)]
-    batch = T.sample_epoch(cfg, 0, ctx, prompts, list(range(len(prompts))), 0)
-    info = T.train_generator(cfg, 0, ctx, batch, torch.linspace(-1, 1, len(prompts)))
+    batch = T.sample_epoch(cfg, 0, gen, prompts, list(range(len(prompts))), 0)
+    info = T.train_generator(cfg, 0, gen, batch, torch.linspace(-1, 1, len(prompts)), dict(g_steps=0, bad_updates=0))
     assert info["clipfrac"] == 0 and info["approx_kl"] == 0 and info["ratio"] == 1, info
     # the sampler's own log-probs differ by rounding: had they been the old log-probs, every pass would clip
     assert info["sampler_logp_gap"] > cfg.clip_range, info

@@ -1,0 +1,290 @@
+"""
+configurator.py — every knob of a run with its default, and the one parser that sets them.
+
+    python train.py config/tiny.py --lr=1e-4 --seed=1      # presets (Python files) in order, then --key=value
+    python train.py --help                                 # every key, its default and what it means
+
+`Config`'s defaults are the paper's main setting: SD3.5-Medium, 512², the adversarial DINOv2 reward, with
+the published hyper-parameters. A preset in config/ is a Python file that assigns some of these names
+(it runs as code: `lr = 1e-4`, not YAML's `lr: 1e-4`, which Python reads as an annotation and we refuse).
+`parse` serves train.py, eval.py and bench.py alike: each passes its dataclasses, and a key goes to the
+one that has it. Unknown keys, wrong types and impossible values are refused in one line that names the
+key and where it came from — before any model is loaded.
+"""
+
+import ast
+import difflib
+import inspect
+import io
+import os
+import sys
+import tokenize
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Config:
+    # model
+    pretrained: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local folder, or random:<arch>
+    t5: bool = True                   # load T5-XXL; False feeds zeros in its place (as diffusers allows)
+    max_sequence_length: int | None = None  # T5 tokens; None: the folder's sample_settings.json, else 128
+                                      # (the recipe: 77 CLIP + 128 T5 = 205 text tokens)
+    resolution: int = 512
+    lora_rank: int = 32               # 0 = full fine-tuning
+    lora_alpha: int = 64
+    gradient_checkpointing: bool = False
+    compile: bool = False             # torch.compile the transformer
+    low_mem: bool = False             # 24 GB GPUs: every prompt encoded once at start-up, then the text encoders
+                                      # are freed and the embeddings kept on the CPU; VAE decodes 4 images at a
+                                      # time. Pair with gradient_checkpointing (config/sd35m_24gb.py)
+    mixed_precision: str = "bf16"     # "bf16" (frozen weights bf16, autocast; CPU too) or "no" (float32)
+    # data
+    train_prompts: str = "data/train.txt"       # .txt (one per line) or .jsonl with "prompt"
+    test_prompts: str = "data/test.txt"
+    # sampling
+    num_steps: int = 10
+    guidance_scale: float = 4.5       # CFG when sampling and when recomputing log-probs; 1 = off
+    sde_kind: str = "cps"             # "cps" (Adv-GRPO) or "sde" (Flow-GRPO)
+    noise_level: float | None = None  # a; None: by sde_kind (cps 0.8 as Adv-GRPO, sde 0.7 as Flow-GRPO)
+    window_start: str = "0"           # first trained step: an integer (published: 0), or "random": drawn per
+                                      # epoch from 0..N/2 inclusive (the paper's text; the published range)
+    window_size: int = 2              # K trained (stochastic) steps; the rest are ODE
+    # batch arithmetic (global = across all ranks)
+    group_size: int = 16              # images per prompt
+    prompts_per_epoch: int = 48
+    sample_batch_size: int = 16       # images per sampling forward on one rank
+    train_batch_size: int = 8         # images per training forward on one rank
+    updates_per_epoch: int = 2        # optimizer steps per epoch; gradients accumulate in between
+    # GRPO
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    clip_range: float | None = None   # ε of the ratio clip; None: by sde_kind (cps 1e-5: its log-prob is
+                                      # unscaled; sde 1e-4)
+    adv_clip: float = 5.0
+    beta_kl: float = 0.0              # KL to the frozen base, β·mean((μ_θ - μ_ref)²)
+    global_std: bool = True           # normalise advantages by the std of all rewards of the epoch
+    ema_decay: float = 0.9            # the EMA's decay after its warm-up: min((1 + s)/(10 + s), ema_decay)
+    ema_every: int = 8                # EMA update every N optimizer steps
+    # reward: a weighted sum; "dino_adv" / "pickscore_adv" are learned adversarially, others fixed
+    reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})
+    references: str = "data/references.json"  # {prompt: [relative paths]} index, or a folder (real for all)
+    reference_root: str = ""          # root of the index's paths (default: the JSON's folder)
+    skip_bad_references: bool = False  # drop unreadable reference images with a warning instead of stopping
+    schedule: str = "paper"           # "paper": D-only epochs, G every d_times-th; "shared": G + D on one batch;
+                                      # "frozen": D trains only during d_warmup, then stays fixed
+    d_warmup: int = 0                 # first epochs in which only the discriminator trains
+    d_times: int = 10                 # paper schedule: G trains on epochs where (epoch+1) % d_times == 0
+    d_steps: int = 1                  # D steps per D epoch, on the same samples
+    d_lr: float = 1e-4
+    d_conditional: bool = False       # beyond the paper: the D head also sees the prompt (projection term on
+                                      # the pooled text embedding); references of other prompts count as fakes
+    dino_backbone: str = "vit_base_patch14_dinov2.lvd142m"  # timm name, or "random:tiny" (tests)
+    dino_weights: str = ""            # local weights file for the backbone (clusters without hub access)
+    dino_kwargs: dict = field(default_factory=dict)  # timm.create_model architecture kwargs (tiny world)
+    dino_image_size: int = 518
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"     # hub id, folder, or "random:tiny" (tests)
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    pickscore_train_last_k: int = 1   # vision layers the PickScore adversary trains (paper 2, published code 1)
+    pickscore_lr: float = 5e-6
+    clip_model: str = "openai/clip-vit-large-patch14"  # the fixed clip_score reward (hub id, folder, random:tiny)
+    # run
+    epochs: int = 1000
+    seed: int = 0
+    out_dir: str = "out/sd35m_dino"
+    save_every: int = 20              # epochs between checkpoints
+    keep_last: int = 3                # checkpoints kept on disk
+    resume: bool = False              # continue from the newest checkpoint in out_dir
+    max_bad_updates: int = 5          # stop after this many consecutive non-finite updates
+    log_to: str = ""                  # also log to "wandb" or "tensorboard" (installed separately)
+    # held-out evaluation (EMA weights, ODE, fixed seeds) every eval_every epochs and at the end
+    eval_every: int = 20              # 0 = never
+    eval_num_steps: int = 40
+    eval_guidance_scale: float = 4.5
+    eval_n_per_prompt: int = 1        # images per test prompt
+    eval_max_prompts: int = 64        # first N test prompts (0 = all)
+
+
+# What None means for the keys whose default depends on another one (filled in by resolve_defaults)
+SDE_DEFAULTS = {"cps": dict(noise_level=0.8, clip_range=1e-5), "sde": dict(noise_level=0.7, clip_range=1e-4)}
+def resolve_defaults(cfg):
+    """Fill in the keys left None: noise_level / clip_range by sde_kind, max_sequence_length from the
+    pipeline folder's sample_settings.json (else 128). A value that contradicts the pipeline's settings
+    is refused: it would sample garbage without an error."""
+    from model import SETTINGS_FILE, pipeline_settings
+    for key, value in SDE_DEFAULTS.get(cfg.sde_kind, {}).items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    for key, value in pipeline_settings(cfg.pretrained).items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+        elif getattr(cfg, key) != value:
+            raise SystemExit(f"config error: {cfg.pretrained} was trained with {key} = {value} "
+                             f"({SETTINGS_FILE}); {key} = {getattr(cfg, key)} would sample garbage")
+    if cfg.max_sequence_length is None:
+        cfg.max_sequence_length = 128
+    return cfg
+
+
+def validate(cfg, world):
+    """Batch arithmetic and choices that would otherwise fail deep inside (or train on garbage)."""
+    n_global = cfg.prompts_per_epoch * cfg.group_size
+    ws = cfg.window_start
+    checks = [
+        (n_global % world == 0, f"prompts_per_epoch × group_size = {n_global} images must split evenly over "
+                                f"{world} ranks"),
+        ((n_global // world) % cfg.sample_batch_size == 0, f"images per rank ({n_global // world}) must be a "
+                                                           f"multiple of sample_batch_size ({cfg.sample_batch_size})"),
+        ((n_global // world) % cfg.train_batch_size == 0, f"images per rank ({n_global // world}) must be a "
+                                                          f"multiple of train_batch_size ({cfg.train_batch_size})"),
+        ((n_global // world // cfg.train_batch_size * cfg.window_size) % cfg.updates_per_epoch == 0,
+         f"backward passes per epoch ({n_global // world // cfg.train_batch_size} batches × {cfg.window_size} "
+         f"steps) must be a multiple of updates_per_epoch ({cfg.updates_per_epoch})"),
+        (cfg.sde_kind in SDE_DEFAULTS, f"sde_kind must be one of {sorted(SDE_DEFAULTS)} for training (\"ode\" "
+                                       f"has no noise, hence no log-probability to train on), got {cfg.sde_kind!r}"),
+        (ws == "random" or ws.isdigit(), "window_start must be an integer or 'random'"),
+        (1 <= cfg.window_size <= cfg.num_steps, f"window_size must be in 1..num_steps ({cfg.num_steps}), "
+                                                f"got {cfg.window_size}"),
+        (not ws.isdigit() or int(ws) + cfg.window_size <= cfg.num_steps,
+         f"the training window [{ws}, {ws}+{cfg.window_size}) does not fit in num_steps = {cfg.num_steps} steps"),
+        (cfg.noise_level is not None and cfg.clip_range is not None,
+         "noise_level and clip_range must be set (resolve_defaults fills them in from sde_kind)"),
+        (cfg.mixed_precision in ("bf16", "no"), "mixed_precision must be 'bf16' or 'no'"),
+        (cfg.group_size >= 2, "group_size must be ≥ 2: a group of one has no advantage"),
+        (cfg.schedule in ("paper", "shared", "frozen"), "schedule must be 'paper', 'shared' or 'frozen'"),
+        (sum(k in ("dino_adv", "pickscore_adv") for k in cfg.reward) <= 1, "at most one adversarial reward"),
+        (not cfg.d_conditional or "dino_adv" in cfg.reward, "d_conditional needs the dino_adv reward"),
+        (cfg.beta_kl == 0 or cfg.lora_rank > 0, "beta_kl > 0 needs LoRA (the frozen base is the adapter switched off)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"config error: {msg}")
+
+
+# -----------------------------------------------------------------------------------------------
+# The parser
+
+def comments(cls):
+    """{field: its comment} and the section comments, in order, read from the dataclass's source: what
+    --help prints. A comment continued on the following comment-only lines is joined."""
+    out, current = {}, None
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.line.strip().split(":")[0] == tok.string:
+            current = tok.string
+            out[current] = ""
+        elif tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if tok.line.strip().startswith("#") and tok.start[1] == 4:       # a section header
+                current = None
+                out[f"# {text}"] = None
+            elif current is not None:
+                out[current] = f"{out[current]} {text}".strip()
+    return out
+
+
+def help_text(*schemas):
+    lines = []
+    for cls in schemas:
+        obj = cls()
+        for key, text in comments(cls).items():
+            if text is None:
+                lines.append(f"\n  {key[2:]}")
+            else:
+                lines.append(f"    --{key}={getattr(obj, key)!r}".ljust(44) + f" {text}")
+    return "\n".join(lines)
+
+
+def _coerce(hint, key, value, where):
+    kinds = typing.get_args(hint) or (hint,)                     # `float | None` -> (float, NoneType)
+    if value is None and type(None) in kinds:
+        return None
+    want = kinds[0]
+    if want is float and type(value) is int:
+        value = float(value)
+    if want is str and not isinstance(value, str):
+        value = str(value)  # e.g. --window_start=0 parses as an int
+    if type(value) is not want:
+        raise SystemExit(f"{where}: {key} must be {want.__name__}, got {value!r} ({type(value).__name__}); "
+                         f"write --{key}=<value>")
+    return value
+
+
+def parse(argv, *schemas, usage=""):
+    """Instances of `schemas` (dataclasses) set from presets (*.py, executed in order) and --key=value /
+    --key value arguments; --help prints every key. Returns one instance per schema."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage + help_text(*schemas))
+        raise SystemExit(0)
+    objs = [cls() for cls in schemas]
+    hints = {k: (o, h) for o in reversed(objs) for k, h in typing.get_type_hints(type(o)).items()}  # 1st wins
+
+    def set_key(key, value, where):
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            raise SystemExit(f"{where}: unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        obj, hint = hints[key]
+        setattr(obj, key, _coerce(hint, key, value, where))
+
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg.endswith(".py") and not arg.startswith("--"):
+            for key, value in run_preset(arg).items():
+                set_key(key, value, arg)
+        elif arg.startswith("--"):
+            key, eq, raw = arg[2:].partition("=")
+            kinds = typing.get_args(hints[key][1]) or (hints[key][1],) if key in hints else ()
+            if not eq and list in kinds:  # --key v1 v2 ...: every value up to the next --key
+                values = []
+                while args and not args[0].startswith("--"):
+                    values.append(literal(args.pop(0)))
+                set_key(key, getattr(hints[key][0], key) + values, "command line")
+                continue
+            if not eq:  # a bare --flag is True; for other keys "--key value" means "--key=value"
+                raw = "True" if bool in kinds or not args or args[0].startswith("--") else args.pop(0)
+            set_key(key, literal(raw), "command line")
+        else:
+            raise SystemExit(f"unexpected argument {arg!r}: give preset files (*.py) and --key=value")
+    return objs
+
+
+def literal(raw):
+    """A command-line value as Python reads it (1e-4, True, {'a': 1}), else as the plain string."""
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def run_preset(path):
+    """A preset's assignments {name: value}. It runs as Python; an annotation without a value (YAML's
+    `lr: 0.1`) would silently do nothing, so it is refused with its line."""
+    try:
+        source = open(path).read()
+    except FileNotFoundError:
+        raise SystemExit(f"preset file not found: {path}") from None
+    try:
+        tree = ast.parse(source, path)
+    except SyntaxError as e:
+        raise SystemExit(f"{path}:{e.lineno}: syntax error in preset: {e.msg}") from None
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and node.value is None:
+            raise SystemExit(f"{path}:{node.lineno}: '{ast.unparse(node)}' is an annotation, not an assignment "
+                             f"(presets are Python: write {ast.unparse(node.target)} = ...)")
+    ns = {}
+    try:
+        exec(compile(tree, path, "exec"), ns)
+    except SystemExit:
+        raise
+    except Exception as e:
+        raise SystemExit(f"{path}: the preset raised {type(e).__name__}: {e}") from None
+    return {k: v for k, v in ns.items()
+            if not k.startswith("_") and not callable(v) and not isinstance(v, type(sys))}
+
+
+def parse_args(argv):
+    """train.py's config: presets and overrides, then the defaults that depend on other keys."""
+    (cfg,) = parse(argv, Config, usage="usage: python train.py [preset.py ...] [--key=value ...]\n")
+    return resolve_defaults(cfg)
+
