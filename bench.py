@@ -65,8 +65,8 @@ class Bench:
 ARCH = {
     "sd3.5-medium": dict(pretrained="random:sd3.5-medium", prompts_per_epoch=6,
                          dino_backbone="random:vit_base_patch14_dinov2"),  # random DINOv2-B/14, 518²
-    "tiny": dict(pretrained="random:tiny", t5=False, resolution=32, max_sequence_length=8, lora_rank=4, lora_alpha=8,
-                 prompts_per_epoch=2, group_size=4, sample_batch_size=4, train_batch_size=2,
+    "tiny": dict(pretrained="random:tiny", t5=False, resolution=32, max_sequence_length=8, lora_rank=4,
+                 lora_alpha=8, prompts_per_epoch=2, group_size=4, sample_batch_size=4, train_batch_size=2,
                  dino_backbone="random:tiny", dino_image_size=28),
 }
 COMMON = dict(reward={"dino_adv": 1.0}, schedule="shared", d_steps=1, max_bad_updates=10 ** 9)
@@ -83,7 +83,8 @@ def parse(argv):
         raise SystemExit(f"--arch must be one of {sorted(ARCH)}, got {b.arch!r}")
     # --low_mem (a train.py key) brings the whole 24 GB set: what config/sd35m_24gb.py sets
     preset = {**COMMON, **ARCH[b.arch], **(LOW_MEM if cfg.low_mem else {})}
-    b, cfg = configurator.parse([f"--{k}={v!r}" for k, v in preset.items()] + list(argv), Bench, configurator.Config)
+    b, cfg = configurator.parse([f"--{k}={v!r}" for k, v in preset.items()] + list(argv), Bench,
+                                configurator.Config)
     cfg = configurator.resolve_defaults(cfg)
     configurator.validate(cfg, 1)
     return b, cfg
@@ -124,7 +125,8 @@ def count(fn):
 def count_flops(cfg):
     """FLOPs of one call of each model at the run's shapes, on a shape-only copy: built on the meta
     device, then turned into fake CPU tensors (torch.autocast refuses the device type "meta")."""
-    cfg = dataclasses.replace(cfg, compile=False, gradient_checkpointing=False, t5=False, low_mem=False)  # no T5: zeros
+    cfg = dataclasses.replace(cfg, compile=False, gradient_checkpointing=False, t5=False,  # no T5: zeros
+                              low_mem=False)
     meta = torch.device("meta")
     gen = M.build_generator(cfg, meta)
     with meta:
@@ -149,10 +151,12 @@ def count_flops(cfg):
             f = dict(sample_forward=count(lambda: vel(torch.empty(sb, *shape), gen.sigmas[0])),
                      train_forward=count(log_prob),
                      decode_per_image=count(lambda: S.decode_latents(gen.pipe.vae, torch.empty(1, *shape))),
-                     dino_per_image=count(lambda: adv.features(torch.empty(1, 3, cfg.resolution, cfg.resolution))))
+                     dino_per_image=count(lambda: adv.features(torch.empty(1, 3, cfg.resolution,
+                                                                           cfg.resolution))))
         gen.transformer.train()
         f["train_forward_backward"] = count(lambda: log_prob().sum().backward())
-    f.update(sample_rows=sb * cfg_rows, train_rows=tb * cfg_rows, forward_per_row=f["sample_forward"] / (sb * cfg_rows))
+    f.update(sample_rows=sb * cfg_rows, train_rows=tb * cfg_rows,
+             forward_per_row=f["sample_forward"] / (sb * cfg_rows))
     return f
 
 
@@ -172,7 +176,8 @@ def flops_per_epoch(cfg, f):
     return dict(sample=n // cfg.sample_batch_size * cfg.num_steps * f["sample_forward"],
                 decode=n * f["decode_per_image"],
                 reward=2 * n * f["dino_per_image"],          # generations + one reference each
-                # the old log-probs: forwards of the passes after the first optimizer step (train.old_log_probs)
+                # the old log-probs: forwards of the passes after the first optimizer step
+                # (train.old_log_probs)
                 old_logp=(cfg.updates_per_epoch - 1) * (n // cfg.train_batch_size * cfg.window_size
                                                          // cfg.updates_per_epoch) * f["train_forward"],
                 g_step=n // cfg.train_batch_size * cfg.window_size * f["train_forward_backward"])
@@ -244,14 +249,16 @@ def run(b, cfg, device, flops):
             train.old_log_probs(cfg, gen, batch, passes[len(passes) // cfg.updates_per_epoch:])
         with st("g_step"):
             counters = dict(g_steps=0, bad_updates=0)
-            skipped += train.train_generator(cfg, e, gen, batch, advantages, counters, progress=False)["skipped_updates"]
+            skipped += train.train_generator(cfg, e, gen, batch, advantages, counters,
+                                             progress=False)["skipped_updates"]
         del batch
     return summarize(b, cfg, timers, flops, skipped, nonfinite)
 
 
 def summarize(b, cfg, timers, flops, skipped, nonfinite):
     """Mean per timed epoch of each stage (inner stages subtracted from their outer one), with FLOP rates."""
-    n, timed, fl = cfg.prompts_per_epoch * cfg.group_size, timers[b.warmup_epochs:], flops_per_epoch(cfg, flops)
+    n, timed, fl = (cfg.prompts_per_epoch * cfg.group_size, timers[b.warmup_epochs:],
+                    flops_per_epoch(cfg, flops))
     cuda, stages = timers[0].cuda, {}
     for name in STAGES:
         s = np.mean([t.seconds[name] - t.seconds.get(INNER.get(name), 0) for t in timed])
@@ -265,8 +272,8 @@ def summarize(b, cfg, timers, flops, skipped, nonfinite):
         r["mfu"] = r["tflops"] / b.peak_tflops if r["tflop"] is not None else None
     warmup = sum(v for t in timers[:b.warmup_epochs] for k, v in t.seconds.items() if k not in INNER.values())
     return dict(stages=stages, images_per_epoch=n, warmup_seconds=warmup, skipped_updates=skipped,
-                nonfinite_epochs=nonfinite, compile=cfg.compile, gradient_checkpointing=cfg.gradient_checkpointing,
-                low_mem=cfg.low_mem)
+                nonfinite_epochs=nonfinite, compile=cfg.compile,
+                gradient_checkpointing=cfg.gradient_checkpointing, low_mem=cfg.low_mem)
 
 
 def table(name, res):
@@ -289,9 +296,10 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     f = count_flops(cfg)
     n = cfg.prompts_per_epoch * cfg.group_size
-    print(f"{b.arch} {cfg.resolution}² | per GPU {cfg.prompts_per_epoch} prompts × {cfg.group_size} = {n} images | "
-          f"sampling {n // cfg.sample_batch_size} batches × {cfg.num_steps} steps, forwards of {f['sample_rows']} rows | "
-          f"training {n // cfg.train_batch_size} batches × {cfg.window_size} steps, fwd+bwd of {f['train_rows']} rows")
+    print(f"{b.arch} {cfg.resolution}² | per GPU {cfg.prompts_per_epoch} prompts × {cfg.group_size} = {n} "
+          f"images | sampling {n // cfg.sample_batch_size} batches × {cfg.num_steps} steps, forwards of "
+          f"{f['sample_rows']} rows | training {n // cfg.train_batch_size} batches × {cfg.window_size} "
+          f"steps, fwd+bwd of {f['train_rows']} rows")
     print(f"FLOPs: forward {f['forward_per_row'] / 1e12:.4g} T/row | training fwd+bwd = "
           f"{f['train_forward_backward'] / f['train_forward']:.2f} × forward | VAE decode "
           f"{f['decode_per_image'] / 1e12:.4g} T/image | DINO {f['dino_per_image'] / 1e12:.4g} T/image")
@@ -308,14 +316,17 @@ def main(argv=None):
                 print(table(name, results[name]), flush=True)
             except torch.OutOfMemoryError as e:  # e.g. a larger resolution without checkpointing
                 results[name] = dict(error=f"out of memory: {str(e).splitlines()[0]}")
-                print(f"{name}: {results[name]['error']} (try --gradient_checkpointing or --low_mem)", flush=True)
+                print(f"{name}: {results[name]['error']} (try --gradient_checkpointing or --low_mem)",
+                      flush=True)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if all("stages" in results.get(k, {}) for k in ("eager", "compiled")):
             e, c = results["eager"]["stages"], results["compiled"]["stages"]
-            print("compiled speed-up: " + " | ".join(f"{k} ×{e[k]['seconds'] / c[k]['seconds']:.2f}" for k in e))
-    results.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+            print("compiled speed-up: "
+                  + " | ".join(f"{k} ×{e[k]['seconds'] / c[k]['seconds']:.2f}" for k in e))
+    results.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   torch=torch.__version__,
                    date=time.strftime("%Y-%m-%d"), peak_tflops=b.peak_tflops, config=dataclasses.asdict(cfg),
                    argv=list(sys.argv[1:] if argv is None else argv))
     if b.out:

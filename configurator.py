@@ -35,9 +35,10 @@ class Config:
     lora_alpha: int = 64
     gradient_checkpointing: bool = False
     compile: bool = False             # torch.compile the transformer
-    low_mem: bool = False             # 24 GB GPUs: every prompt encoded once at start-up, then the text encoders
-                                      # are freed and the embeddings kept on the CPU; VAE decodes 4 images at a
-                                      # time. Pair with gradient_checkpointing (config/sd35m_24gb.py)
+    low_mem: bool = False             # 24 GB GPUs: every prompt encoded once at start-up, then the text
+                                      # encoders are freed and the embeddings kept on the CPU; VAE decodes 4
+                                      # images at a time. Pair with gradient_checkpointing
+                                      # (config/sd35m_24gb.py)
     mixed_precision: str = "bf16"     # "bf16" (frozen weights bf16, autocast; CPU too) or "no" (float32)
     # data
     train_prompts: str = "data/train.txt"       # .txt (one per line) or .jsonl with "prompt"
@@ -72,8 +73,8 @@ class Config:
     references: str = "data/references.json"  # {prompt: [relative paths]} index, or a folder (real for all)
     reference_root: str = ""          # root of the index's paths (default: the JSON's folder)
     skip_bad_references: bool = False  # drop unreadable reference images with a warning instead of stopping
-    schedule: str = "paper"           # "paper": D-only epochs, G every d_times-th; "shared": G + D on one batch;
-                                      # "frozen": D trains only during d_warmup, then stays fixed
+    schedule: str = "paper"           # "paper": D-only epochs, G every d_times-th; "shared": G + D on one
+                                      # batch; "frozen": D trains only during d_warmup, then stays fixed
     d_warmup: int = 0                 # first epochs in which only the discriminator trains
     d_times: int = 10                 # paper schedule: G trains on epochs where (epoch+1) % d_times == 0
     d_steps: int = 1                  # D steps per D epoch, on the same samples
@@ -86,9 +87,11 @@ class Config:
     dino_image_size: int = 518
     pickscore_model: str = "yuvalkirstain/PickScore_v1"     # hub id, folder, or "random:tiny" (tests)
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    pickscore_train_last_k: int = 1   # vision layers the PickScore adversary trains (paper 2, published code 1)
+    pickscore_train_last_k: int = 1   # vision layers the PickScore adversary trains
+                                      # (paper 2, published code 1)
     pickscore_lr: float = 5e-6
-    clip_model: str = "openai/clip-vit-large-patch14"  # the fixed clip_score reward (hub id, folder, random:tiny)
+    clip_model: str = "openai/clip-vit-large-patch14"  # the fixed clip_score reward
+                                                       # (hub id, folder, random:tiny)
     # run
     epochs: int = 1000
     seed: int = 0
@@ -135,19 +138,23 @@ def validate(cfg, world):
         (n_global % world == 0, f"prompts_per_epoch × group_size = {n_global} images must split evenly over "
                                 f"{world} ranks"),
         ((n_global // world) % cfg.sample_batch_size == 0, f"images per rank ({n_global // world}) must be a "
-                                                           f"multiple of sample_batch_size ({cfg.sample_batch_size})"),
+                                                           f"multiple of sample_batch_size "
+                                                           f"({cfg.sample_batch_size})"),
         ((n_global // world) % cfg.train_batch_size == 0, f"images per rank ({n_global // world}) must be a "
-                                                          f"multiple of train_batch_size ({cfg.train_batch_size})"),
+                                                          f"multiple of train_batch_size "
+                                                          f"({cfg.train_batch_size})"),
         ((n_global // world // cfg.train_batch_size * cfg.window_size) % cfg.updates_per_epoch == 0,
-         f"backward passes per epoch ({n_global // world // cfg.train_batch_size} batches × {cfg.window_size} "
-         f"steps) must be a multiple of updates_per_epoch ({cfg.updates_per_epoch})"),
-        (cfg.sde_kind in SDE_DEFAULTS, f"sde_kind must be one of {sorted(SDE_DEFAULTS)} for training (\"ode\" "
-                                       f"has no noise, hence no log-probability to train on), got {cfg.sde_kind!r}"),
+         f"backward passes per epoch ({n_global // world // cfg.train_batch_size} batches × "
+         f"{cfg.window_size} steps) must be a multiple of updates_per_epoch ({cfg.updates_per_epoch})"),
+        (cfg.sde_kind in SDE_DEFAULTS, f"sde_kind must be one of {sorted(SDE_DEFAULTS)} for training "
+                                       f"(\"ode\" has no noise, hence no log-probability to train on), "
+                                       f"got {cfg.sde_kind!r}"),
         (ws == "random" or ws.isdigit(), "window_start must be an integer or 'random'"),
         (1 <= cfg.window_size <= cfg.num_steps, f"window_size must be in 1..num_steps ({cfg.num_steps}), "
                                                 f"got {cfg.window_size}"),
         (not ws.isdigit() or int(ws) + cfg.window_size <= cfg.num_steps,
-         f"the training window [{ws}, {ws}+{cfg.window_size}) does not fit in num_steps = {cfg.num_steps} steps"),
+         f"the training window [{ws}, {ws}+{cfg.window_size}) does not fit in num_steps = "
+         f"{cfg.num_steps} steps"),
         (cfg.noise_level is not None and cfg.clip_range is not None,
          "noise_level and clip_range must be set (resolve_defaults fills them in from sde_kind)"),
         (cfg.mixed_precision in ("bf16", "no"), "mixed_precision must be 'bf16' or 'no'"),
@@ -155,7 +162,8 @@ def validate(cfg, world):
         (cfg.schedule in ("paper", "shared", "frozen"), "schedule must be 'paper', 'shared' or 'frozen'"),
         (sum(k in ("dino_adv", "pickscore_adv") for k in cfg.reward) <= 1, "at most one adversarial reward"),
         (not cfg.d_conditional or "dino_adv" in cfg.reward, "d_conditional needs the dino_adv reward"),
-        (cfg.beta_kl == 0 or cfg.lora_rank > 0, "beta_kl > 0 needs LoRA (the frozen base is the adapter switched off)"),
+        (cfg.beta_kl == 0 or cfg.lora_rank > 0,
+         "beta_kl > 0 needs LoRA (the frozen base is the adapter switched off)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -222,7 +230,8 @@ def parse(argv, *schemas, usage=""):
     def set_key(key, value, where):
         if key not in hints:
             close = difflib.get_close_matches(key, hints, n=1)
-            raise SystemExit(f"{where}: unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise SystemExit(f"{where}: unknown config key {key!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""))
         obj, hint = hints[key]
         setattr(obj, key, _coerce(hint, key, value, where))
 
@@ -270,8 +279,8 @@ def run_preset(path):
         raise SystemExit(f"{path}:{e.lineno}: syntax error in preset: {e.msg}") from None
     for node in tree.body:
         if isinstance(node, ast.AnnAssign) and node.value is None:
-            raise SystemExit(f"{path}:{node.lineno}: '{ast.unparse(node)}' is an annotation, not an assignment "
-                             f"(presets are Python: write {ast.unparse(node.target)} = ...)")
+            raise SystemExit(f"{path}:{node.lineno}: '{ast.unparse(node)}' is an annotation, not an "
+                             f"assignment (presets are Python: write {ast.unparse(node.target)} = ...)")
     ns = {}
     try:
         exec(compile(tree, path, "exec"), ns)

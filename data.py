@@ -44,12 +44,14 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def load_prompts(path: str) -> list[dict]:
-    """Read prompts from `.txt` (one a line) or `.jsonl` (metadata keys kept). Returns [{"prompt": str, ...}]."""
+    """Read prompts from `.txt` (one a line) or `.jsonl` (metadata keys kept).
+    Returns [{"prompt": str, ...}]."""
     if not os.path.isfile(path):
         raise ValueError(f"prompt file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".txt", ".jsonl"):
-        raise ValueError(f"prompt file {path}: unknown extension {ext!r}; use .txt (one prompt a line) or .jsonl")
+        raise ValueError(f"prompt file {path}: unknown extension {ext!r}; use .txt (one prompt a line) "
+                         "or .jsonl")
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()  # a final newline does not make an extra (empty) line
     prompts = []
@@ -80,7 +82,8 @@ def epoch_prompt_indices(n_prompts: int, prompts_per_epoch: int, epoch: int, see
     """The prompt indices epoch `epoch` uses: without replacement when prompts_per_epoch <= n_prompts,
     otherwise whole permutations back to back (every prompt used before any is used twice)."""
     if n_prompts < 1 or prompts_per_epoch < 1:
-        raise ValueError(f"need n_prompts >= 1 and prompts_per_epoch >= 1, got {n_prompts} and {prompts_per_epoch}")
+        raise ValueError(f"need n_prompts >= 1 and prompts_per_epoch >= 1, got {n_prompts} and "
+                         f"{prompts_per_epoch}")
     # A local generator keyed on (seed, epoch) only: no global RNG state, so all ranks agree and a
     # resumed run redraws exactly what the interrupted one would have.
     rng = np.random.default_rng([seed, epoch])
@@ -88,7 +91,8 @@ def epoch_prompt_indices(n_prompts: int, prompts_per_epoch: int, epoch: int, see
     return np.concatenate([rng.permutation(n_prompts) for _ in range(n_perms)])[:prompts_per_epoch].tolist()
 
 
-def assign_samples(prompt_indices: list[int], group_size: int, world_size: int, rank: int) -> tuple[list[int], slice]:
+def assign_samples(prompt_indices: list[int], group_size: int, world_size: int,
+                   rank: int) -> tuple[list[int], slice]:
     """All P*G samples of the epoch (prompt index per image, groups contiguous) and this rank's slice."""
     P, G, W = len(prompt_indices), group_size, world_size
     if G < 1 or W < 1 or not 0 <= rank < W:
@@ -97,7 +101,8 @@ def assign_samples(prompt_indices: list[int], group_size: int, world_size: int, 
         p_step, g_step = W // math.gcd(G, W), W // math.gcd(P, W)  # smallest valid multiples
         raise ValueError(
             f"prompts_per_epoch ({P}) * group_size ({G}) = {P * G} images cannot be split evenly over "
-            f"world size {W}: make prompts_per_epoch a multiple of {p_step} (e.g. {max(p_step, P // p_step * p_step)}"
+            f"world size {W}: make prompts_per_epoch a multiple of {p_step} "
+            f"(e.g. {max(p_step, P // p_step * p_step)}"
             f" or {(P // p_step + 1) * p_step}) or group_size a multiple of {g_step} "
             f"(e.g. {max(g_step, G // g_step * g_step)} or {(G // g_step + 1) * g_step})")
     samples = [i for i in prompt_indices for _ in range(G)]  # (P*G,) group g = samples[g*G:(g+1)*G]
@@ -121,7 +126,8 @@ def _load_image(path: str, size: int | None) -> torch.Tensor:
                 # convert("RGB") would just drop alpha and expose whatever colour the transparent pixels
                 # happen to store (often black). The discriminator would learn that as "real", so
                 # composite onto white, the background such images are shown on.
-                im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+                im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)),
+                                           im.convert("RGBA"))
             im = im.convert("RGB")  # grayscale, palette, CMYK, RGBA-on-white -> RGB
     except Exception as e:  # PIL raises many types for corrupt data (OSError, SyntaxError, struct.error...)
         raise ValueError(f"reference image {path} cannot be read: {e}") from None
@@ -157,7 +163,8 @@ class ReferenceSet:
                         row_of[path] = len(images) - 1
                     except ValueError as e:
                         if not skip_bad:
-                            listed = "" if self.folder_mode else f" (listed for prompt {prompt!r} in {source})"
+                            listed = ("" if self.folder_mode
+                                      else f" (listed for prompt {prompt!r} in {source})")
                             raise ValueError(f"{e}{listed}; skip_bad=True drops such files") from None
                         self.skipped.append(path)
                         row_of[path] = None
@@ -169,16 +176,20 @@ class ReferenceSet:
             warnings.warn(f"{source}: skipped {len(self.skipped)} unreadable reference image(s), e.g. "
                           f"{self.skipped[0]}; {len(lost)} prompt(s) lost all references", stacklevel=3)
         if not images:
-            raise ValueError(f"{source}: no reference images left" + (" (all were unreadable)" if self.skipped else ""))
+            raise ValueError(f"{source}: no reference images left"
+                             + (" (all were unreadable)" if self.skipped else ""))
         for path, im in zip(self.files, images):
             if im.shape != images[0].shape:
-                raise ValueError(f"reference images differ in size: {self.files[0]} is {tuple(images[0].shape[1:])} "
-                                 f"(H, W) but {path} is {tuple(im.shape[1:])}; pass size=... to resize them all")
+                raise ValueError(f"reference images differ in size: {self.files[0]} is "
+                                 f"{tuple(images[0].shape[1:])} (H, W) but {path} is {tuple(im.shape[1:])}; "
+                                 f"pass size=... to resize them all")
         self.images = torch.stack(images)  # (N, 3, H, W) uint8
 
     @classmethod
-    def from_index(cls, index_json: str, root: str | None = None, size: int | None = None, skip_bad: bool = False):
-        """The published format: JSON {prompt: [image paths relative to root (default: the JSON's folder)]}."""
+    def from_index(cls, index_json: str, root: str | None = None, size: int | None = None,
+                   skip_bad: bool = False):
+        """The published format: JSON {prompt: [image paths relative to root
+        (default: the JSON's folder)]}."""
         if not os.path.isfile(index_json):
             raise ValueError(f"reference index {index_json} does not exist")
         with open(index_json, encoding="utf-8") as f:
@@ -188,11 +199,12 @@ class ReferenceSet:
                 raise ValueError(f"reference index {index_json}: bad JSON at line {e.lineno}, "
                                  f"column {e.colno}: {e.msg}") from None
         if not isinstance(index, dict):
-            raise ValueError(f"reference index {index_json}: expected a JSON object {{prompt: [image paths]}}, "
-                             f"got a {type(index).__name__}")
+            raise ValueError(f"reference index {index_json}: expected a JSON object "
+                             f"{{prompt: [image paths]}}, got a {type(index).__name__}")
         for prompt, paths in index.items():
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-                raise ValueError(f"reference index {index_json}: key {prompt!r} must map to a list of path strings")
+                raise ValueError(f"reference index {index_json}: key {prompt!r} must map to a list of "
+                                 "path strings")
         root = os.path.dirname(os.path.abspath(index_json)) if root is None else root
         groups = {prompt: [os.path.join(root, p) for p in paths] for prompt, paths in index.items()}
         return cls(groups, size, skip_bad, source=index_json)
@@ -224,7 +236,8 @@ class ReferenceSet:
         if self.folder_mode:
             return self._index[None]
         if prompt not in self._index:
-            raise KeyError(f"no reference images for prompt {prompt!r} (ReferenceSet.missing() lists such prompts)")
+            raise KeyError(f"no reference images for prompt {prompt!r} "
+                           "(ReferenceSet.missing() lists such prompts)")
         return self._index[prompt]
 
     def sample(self, prompts: list[str], n_per_prompt: int, generator: torch.Generator) -> torch.Tensor:
@@ -254,8 +267,8 @@ def load_references(cfg, prompts):
         refs = ReferenceSet.from_index(cfg.references, cfg.reference_root or None, size=cfg.resolution,
                                        skip_bad=cfg.skip_bad_references)
     if cfg.d_conditional and refs.folder_mode:
-        raise SystemExit("config error: d_conditional needs references per prompt (an index): in a folder every "
-                         "image is real for every prompt, so there is no 'wrong prompt'")
+        raise SystemExit("config error: d_conditional needs references per prompt (an index): in a folder "
+                         "every image is real for every prompt, so there is no 'wrong prompt'")
     missing = refs.missing([p["prompt"] for p in prompts])
     if missing:
         raise SystemExit(f"{len(missing)} of {len(prompts)} training prompts have no reference images in "
@@ -303,7 +316,8 @@ def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0,
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **absent).to(device)
     pipe.set_progress_bar_config(disable=True)
     extra = guidance_kwargs(pipe, guidance_scale, 1)
-    if "max_sequence_length" in settings and "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+    if ("max_sequence_length" in settings
+            and "max_sequence_length" in inspect.signature(pipe.__call__).parameters):
         extra["max_sequence_length"] = settings["max_sequence_length"]
     prompts = [p["prompt"] for p in load_prompts(prompts_file)]
     os.makedirs(out, exist_ok=True)
@@ -334,7 +348,8 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=8, help="images per prompt")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance_scale", type=float, default=4.0)
-    ap.add_argument("--size", type=int, default=None, help="default: the pipeline's sample_settings.json, else 512")
+    ap.add_argument("--size", type=int, default=None,
+                    help="default: the pipeline's sample_settings.json, else 512")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     print(make_references(a.model, a.prompts, a.out, a.n, a.steps, a.guidance_scale, a.size, a.seed))

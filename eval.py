@@ -45,9 +45,11 @@ def generate(gen, prompts, seed=0, num_steps=40, guidance_scale=4.5, batch_size=
     with gen.ema.applied(gen.params) if use_ema else contextlib.nullcontext():
         for b in range(0, len(prompts), batch_size):
             p = prompts[b:b + batch_size]
-            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + b + i))
-                                 for i in range(len(p))]).to(gen.device)
-            vel = S.make_velocity_fn(gen.sample_model, *gen.encode(p), *gen.encode([""]), guidance_scale, gen.autocast)
+            noise = torch.stack([
+                torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + b + i))
+                for i in range(len(p))]).to(gen.device)
+            vel = S.make_velocity_fn(gen.sample_model, *gen.encode(p), *gen.encode([""]), guidance_scale,
+                                     gen.autocast)
             r = S.rollout(vel, noise, sigmas, window_size=0, decode_fn=gen.decode)
             out.append(r["images"].float().cpu())
     return torch.cat(out)                                                  # (B, 3, H, W) in [0, 1]
@@ -69,7 +71,7 @@ def measure(images, prompts, references=None, features=None):
     `references` a data.ReferenceSet. Returns (metrics dict, skipped {name: reason})."""
     m, skipped = {}, {}
     if features is not None and references is not None:
-        gen = features(images)[0].float().cpu()                                  # (B, D) CLS of the generations
+        gen = features(images)[0].float().cpu()  # (B, D) CLS of the generations
         ref_feats = {}
         for p in dict.fromkeys(prompts):
             try:
@@ -82,10 +84,12 @@ def measure(images, prompts, references=None, features=None):
         if not scored:
             skipped["dino_sim"] = skipped["fd_dino"] = "no references for these prompts"
         elif bad or not torch.isfinite(refs).all():  # a diverged model: say so rather than crash the run
-            skipped["dino_sim"] = skipped["fd_dino"] = (f"non-finite DINO features in {bad} of {len(gen)} generations"
-                                                        + ("" if torch.isfinite(refs).all() else " and in the references"))
+            skipped["dino_sim"] = skipped["fd_dino"] = (
+                f"non-finite DINO features in {bad} of {len(gen)} generations"
+                + ("" if torch.isfinite(refs).all() else " and in the references"))
         else:
-            m["dino_sim"] = float(R.paired_cosine(gen[scored], [prompts[i] for i in scored], ref_feats).mean())
+            m["dino_sim"] = float(R.paired_cosine(gen[scored], [prompts[i] for i in scored],
+                                                  ref_feats).mean())
             if len(refs) > 1 and len(images) > 1:
                 try:
                     m["fd_dino"] = frechet_distance(gen, refs)
@@ -118,7 +122,8 @@ def measure(images, prompts, references=None, features=None):
                 # content among the generations already in the references' style: separates "content
                 # lost" from "the base is weaker in that style" (the tiny base draws dark less well)
                 if match.any():
-                    ok = [tw.analyse(images[i], prompts[i])["correct"] for i in match.nonzero().flatten().tolist()]
+                    ok = [tw.analyse(images[i], prompts[i])["correct"]
+                          for i in match.nonzero().flatten().tolist()]
                     m["toy_geneval_matched"] = float(np.mean(ok))
             except KeyError:
                 pass
@@ -187,7 +192,8 @@ def hacking_warning(history, window=3):
     if len(history) < window:
         return None
     old, new = history[-window], history[-1]
-    falling = [k for k in new[1] if k in old[1] and k in ("toy_geneval", "dino_sim") and new[1][k] < old[1][k]]
+    falling = [k for k in new[1]
+               if k in old[1] and k in ("toy_geneval", "dino_sim") and new[1][k] < old[1][k]]
     if new[0] > old[0] and falling:
         return (f"reward hacking? training reward {old[0]:.4f} → {new[0]:.4f} while held-out "
                 + ", ".join(f"{k} {old[1][k]:.3f} → {new[1][k]:.3f}" for k in falling)
@@ -212,7 +218,8 @@ def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=
         save_grid(images[:64], os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"))
         history.append((float("nan"), m))
         print(f"eval @ epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in m.items())
-              + "".join(f" | no {k}: {why}" for k, why in skipped.items() if "grammar" not in why), flush=True)
+              + "".join(f" | no {k}: {why}" for k, why in skipped.items() if "grammar" not in why),
+              flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return ev
@@ -226,7 +233,8 @@ def report(out_dir):
     plot_curves(path, os.path.join(out_dir, "curves.png"))
     if len(evals) >= 2:
         first, last = evals[0], evals[-1]
-        summary = {k[5:]: dict(before=first[k], after=last[k]) for k in last if k.startswith("eval/") and k in first}
+        summary = {k[5:]: dict(before=first[k], after=last[k])
+                   for k in last if k.startswith("eval/") and k in first}
         summary["epochs"] = dict(before=first["epoch"], after=last["epoch"])
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -244,7 +252,8 @@ def summarize(run_dirs):
         if k == "epochs":
             continue
         b, a = np.array([r[k]["before"] for r in rows]), np.array([r[k]["after"] for r in rows])
-        out[k] = dict(before=float(b.mean()), before_std=float(b.std()), after=float(a.mean()), after_std=float(a.std()))
+        out[k] = dict(before=float(b.mean()), before_std=float(b.std()), after=float(a.mean()),
+                      after_std=float(a.std()))
         print(f"{k:16s} {b.mean():.3f} ± {b.std():.3f}  →  {a.mean():.3f} ± {a.std():.3f}   (n={len(rows)})")
     return out
 
@@ -296,11 +305,12 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     from PIL import Image
     for i, im in enumerate(images):
-        Image.fromarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(os.path.join(out, f"{i:04d}.png"))
+        Image.fromarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(
+            os.path.join(out, f"{i:04d}.png"))
     save_grid(images, os.path.join(out, "grid.png"), nrow=args.n_per_prompt)
     json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, num_steps=args.num_steps,
-                   guidance_scale=args.guidance_scale, seed=args.seed), open(os.path.join(out, "metrics.json"), "w"),
-              indent=1)
+                   guidance_scale=args.guidance_scale, seed=args.seed),
+              open(os.path.join(out, "metrics.json"), "w"), indent=1)
     print(json.dumps(metrics, indent=1))
     for k, why in skipped.items():
         print(f"skipped {k}: {why}")

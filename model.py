@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 import sampler as S
@@ -113,7 +114,8 @@ def random_pipeline(arch="tiny", t5=False, seed=0, device="cpu", dtype=torch.flo
 
     def clip(cfg):
         return CLIPTextModelWithProjection(CLIPTextConfig(**cfg, max_position_embeddings=a["clip_max_length"],
-                                                          eos_token_id=eos, bos_token_id=bos, pad_token_id=eos))
+                                                          eos_token_id=eos, bos_token_id=bos,
+                                                          pad_token_id=eos))
 
     torch.manual_seed(seed)
     # Build directly on the target device/dtype: a 2.5 B transformer initialised on CPU in fp32 is slow.
@@ -125,7 +127,8 @@ def random_pipeline(arch="tiny", t5=False, seed=0, device="cpu", dtype=torch.flo
                 transformer=SD3Transformer2DModel(**a["transformer"]),
                 vae=AutoencoderKL(**a["vae"]),
                 text_encoder=clip(a["clip_l"]), text_encoder_2=clip(a["clip_g"]),
-                text_encoder_3=T5EncoderModel(T5Config(**a["t5"], pad_token_id=eos, eos_token_id=eos)) if t5 else None,
+                text_encoder_3=(T5EncoderModel(T5Config(**a["t5"], pad_token_id=eos, eos_token_id=eos))
+                                if t5 else None),
             )
         finally:
             torch.set_default_dtype(old)
@@ -182,7 +185,8 @@ def add_lora(transformer, rank, alpha, targets=LORA_TARGETS, init="gaussian"):
         return transformer
     from peft import LoraConfig
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=list(targets)))
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
+                                       target_modules=list(targets)))
     return transformer
 
 
@@ -269,7 +273,8 @@ class PromptEncoder:
     def __call__(self, prompts):
         todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if todo and self.pipe.text_encoder is None:
-            raise RuntimeError(f"prompt {todo[0]!r} was not encoded before the text encoders were freed (low_mem)")
+            raise RuntimeError(f"prompt {todo[0]!r} was not encoded before the text encoders were freed "
+                               "(low_mem)")
         for c in range(0, len(todo), self.chunk):                   # bounded batches: T5-XXL is large
             part = todo[c:c + self.chunk]
             emb, _, pooled, _ = self.pipe.encode_prompt(part, part, part, device=self.device,
@@ -334,7 +339,8 @@ def build_generator(cfg, device, world=1):
     bf16 = cfg.mixed_precision == "bf16"
     # Frozen weights in bf16 (memory), trainable ones float32 (Adam needs the precision). The CPU honours
     # bf16 too (autocast works there), so the bf16 path users run on GPUs is testable without one.
-    pipe = load_pipeline(cfg.pretrained, t5=cfg.t5, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    pipe = load_pipeline(cfg.pretrained, t5=cfg.t5, device=device,
+                         dtype=torch.bfloat16 if bf16 else torch.float32)
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if m is not None:
             m.requires_grad_(False).eval()
@@ -357,8 +363,10 @@ def build_generator(cfg, device, world=1):
     if cfg.compile:
         # dynamic=False: a handful of batch shapes (sampling, training, eval), each compiled static, since
         # kernels specialised to the shape are faster than the dynamic-shape ones dynamo would switch to
-        sample_model, train_model = torch.compile(transformer, dynamic=False), torch.compile(train_model, dynamic=False)
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        sample_model, train_model = (torch.compile(transformer, dynamic=False),
+                                     torch.compile(train_model, dynamic=False))
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.999))
     return Generator(pipe=pipe, transformer=transformer, params=params, opt=opt,
                      ema=EMA(params, cfg.ema_decay, cfg.ema_every),
                      encode=PromptEncoder(pipe, device, cfg.max_sequence_length,

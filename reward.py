@@ -13,9 +13,9 @@ What this file owns
   built by name and combined as a weighted sum.
 
 What it leaves out
-- The adversarial rewards ("dino_adv", "pickscore_adv") are *stateful* and their schedule (D and G alternation) belongs
-  to the loop, so train.py drives them directly (features -> score -> d_step); `build_reward` only builds
-  the fixed ones (train.py drops the names in `ADVERSARIAL` before calling it).
+- The adversarial rewards ("dino_adv", "pickscore_adv") are *stateful* and their schedule (D and G
+  alternation) belongs to the loop, so train.py drives them directly (features -> score -> d_step);
+  `build_reward` only builds the fixed ones (train.py drops the names in `ADVERSARIAL` before calling it).
 - No OCR engine is a dependency. Adding the paper's text-rendering reward λ·R_ocr + (1-λ)·sim(gen, ref)
   is one decorated function (`my_ocr_accuracy` being whatever engine you install):
 
@@ -77,14 +77,17 @@ class DinoFeatures(nn.Module):
     """Frozen ViT φ: [0,1] images of any size -> (CLS (B,D), patch tokens (B,N,D)), both float32.
     `backbone` is a module with timm's forward_features(x) -> (B, n_prefix + N, D) (CLS = token 0;
     `num_prefix_tokens` counts CLS and any registers); `make_backbone` builds one from the config. To run
-    φ in bf16: `feats.backbone.to(torch.bfloat16)`; inputs follow the backbone's dtype, outputs are float32."""
+    φ in bf16: `feats.backbone.to(torch.bfloat16)`; inputs follow the backbone's dtype, outputs are
+    float32."""
 
     def __init__(self, backbone, image_size=518):
         super().__init__()
         self.backbone = backbone.requires_grad_(False).eval()
         cfg = getattr(backbone, "pretrained_cfg", None) or {}
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1),
+                             persistent=False)
         self.image_size = image_size
         self.n_prefix = getattr(backbone, "num_prefix_tokens", 1)
 
@@ -98,7 +101,8 @@ class DinoFeatures(nn.Module):
         S = self.image_size
         x = images.to(self.mean.device, torch.float32)  # (B, 3, H, W)
         if x.shape[-2:] != (S, S):
-            x = F.interpolate(x, size=(S, S), mode="bicubic", antialias=True, align_corners=False)  # (B, 3, S, S)
+            x = F.interpolate(x, size=(S, S), mode="bicubic", antialias=True,
+                              align_corners=False)  # (B, 3, S, S)
         x = (x - self.mean.float()) / self.std.float()
         dtype = next(self.backbone.parameters()).dtype
         tokens = self.backbone.forward_features(x.to(dtype)).float()  # (B, n_prefix + N, D)
@@ -121,8 +125,8 @@ class DinoDiscriminator(nn.Module):
     global RNG.
     """
 
-    def __init__(self, phi: DinoFeatures, hidden=512, n_patches=64, patch_loss_weight=0.3, cls_reward_weight=0.7,
-                 lr=1e-4, betas=(0.5, 0.999), seed=0, cond_dim=0):
+    def __init__(self, phi: DinoFeatures, hidden=512, n_patches=64, patch_loss_weight=0.3,
+                 cls_reward_weight=0.7, lr=1e-4, betas=(0.5, 0.999), seed=0, cond_dim=0):
         super().__init__()
         self.phi = phi  # may be shared with the dino_sim reward
         D = getattr(phi.backbone, "num_features", None) or phi.backbone.embed_dim
@@ -131,11 +135,13 @@ class DinoDiscriminator(nn.Module):
             self.head = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1)).float()
             # Beyond the paper (cond_dim > 0): a projection discriminator. The CLS logit gains a term
             # <W·e, GELU(h_1(c))>, e = the prompt's pooled text embedding (unit norm), so "right image, wrong
-            # prompt" can be told from "right image, right prompt". Starts at zero: the paper's head at step 0.
+            # prompt" can be told from "right image, right prompt". Starts at zero: the paper's head at
+            # step 0.
             self.proj = nn.Linear(cond_dim, hidden, bias=False).float() if cond_dim else None
             if self.proj is not None:
                 nn.init.zeros_(self.proj.weight)
-        self.n_patches, self.patch_loss_weight, self.cls_reward_weight = n_patches, patch_loss_weight, cls_reward_weight
+        self.n_patches, self.patch_loss_weight, self.cls_reward_weight = (n_patches, patch_loss_weight,
+                                                                          cls_reward_weight)
         self.opt = torch.optim.Adam(self.trainable_parameters(), lr=lr, betas=betas)
 
     def trainable_parameters(self):
@@ -162,7 +168,8 @@ class DinoDiscriminator(nn.Module):
         B, N, D = patches.shape
         if N > self.n_patches:
             dev = generator.device if generator is not None else "cpu"
-            idx = torch.rand(B, N, generator=generator, device=dev).argsort(dim=1)[:, :self.n_patches]  # (B, k)
+            # (B, k)
+            idx = torch.rand(B, N, generator=generator, device=dev).argsort(dim=1)[:, :self.n_patches]
             patches = patches.gather(1, idx.to(patches.device)[..., None].expand(-1, -1, D))  # (B, k, D)
         return self._cls_logit(cls, cond), self.head(patches.float()).squeeze(-1)  # (B,), (B, k)
 
@@ -182,7 +189,8 @@ class DinoDiscriminator(nn.Module):
         `wrong` (conditional head only): (cls, text embedding) of reference images paired with *another*
         prompt — a real image of the wrong prompt counts as fake, half of the CLS fake term (the
         matching-aware loss of text-to-image GANs); patch tokens stay unconditional.
-        info: d_loss, d_acc (CLS logits on the right side of 0), d_real / d_fake (mean reward-formula score)."""
+        info: d_loss, d_acc (CLS logits on the right side of 0), d_real / d_fake (mean reward-formula
+        score)."""
         c_r, p_r = self._logits(*real_feats, generator=generator)  # (Br,), (Br, k)
         c_f, p_f = self._logits(*fake_feats, generator=generator)  # (Bf,), (Bf, k)
         fake_term = F.relu(1 + c_f).mean()
@@ -193,13 +201,15 @@ class DinoDiscriminator(nn.Module):
         loss = loss_cls + self.patch_loss_weight * loss_patch
         correct = (c_r > 0).sum() + (c_f < 0).sum()
         info = dict(d_loss=loss.item(), d_acc=correct.item() / (len(c_r) + len(c_f)),
-                    d_real=self._combine(c_r, p_r).mean().item(), d_fake=self._combine(c_f, p_f).mean().item())
+                    d_real=self._combine(c_r, p_r).mean().item(),
+                    d_fake=self._combine(c_f, p_f).mean().item())
         return loss, info
 
     def d_step(self, real_feats, fake_feats, generator=None, wrong=None):
         """One Adam step on the head; gradients are averaged over ranks first (all-reduce, mean) when
         torch.distributed runs with world > 1 — this is what keeps the head synchronised."""
-        assert self.head[0].weight.dtype == torch.float32, "keep the head float32: cast disc.backbone, not disc"
+        assert self.head[0].weight.dtype == torch.float32, (
+            "keep the head float32: cast disc.backbone, not disc")
         self.opt.zero_grad(set_to_none=True)
         loss, info = self.d_loss_from_features(real_feats, fake_feats, generator, wrong)
         loss.backward()
@@ -229,7 +239,8 @@ def make_backbone(name, image_size=518, weights="", timm_kwargs=None):
         arch = name.split(":", 1)[1]
         if arch == "tiny":
             arch, kw = "vit_small_patch14_dinov2", dict(patch_size=7, embed_dim=32, depth=2, num_heads=2)
-        if "dinov2" in arch:  # DINOv2's LayerScale init 1e-5 makes a random model's CLS the same for every image
+        # DINOv2's LayerScale init 1e-5 makes a random model's CLS the same for every image
+        if "dinov2" in arch:
             kw.setdefault("init_values", 1.0)
         with torch.random.fork_rng(devices=[]):  # identical on every rank, global RNG untouched
             torch.manual_seed(0)
@@ -245,7 +256,8 @@ def make_backbone(name, image_size=518, weights="", timm_kwargs=None):
 
 def make_features(cfg, device):
     """φ of the config on `device`; in bf16 when the run is (the heads on top stay float32)."""
-    phi = DinoFeatures(make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights, cfg.dino_kwargs),
+    phi = DinoFeatures(make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights,
+                                     cfg.dino_kwargs),
                        cfg.dino_image_size).to(device)
     if cfg.mixed_precision == "bf16":
         phi.backbone.to(torch.bfloat16)
@@ -289,8 +301,8 @@ def load_clip(model, processor):
             text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=32, patch_size=8),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, image_size=32, patch_size=8),
             projection_dim=16)
         return transformers.CLIPModel(cfg), tok
 
@@ -335,7 +347,8 @@ class CLIPScorer(nn.Module):
         tok = self.tokenizer(uniq, padding=True, truncation=True, max_length=self.tokenizer.model_max_length,
                              return_tensors="pt").to(self.mean.device)
         with torch.no_grad(), self._autocast():  # the text tower is never trained
-            emb = _pooled(self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
+            emb = _pooled(self.model.get_text_features(input_ids=tok.input_ids,
+                                                       attention_mask=tok.attention_mask))
         emb = F.normalize(emb.float(), dim=-1)  # (U, E)
         return emb[[uniq.index(p) for p in prompts]]  # (B, E)
 
@@ -360,8 +373,10 @@ class PickScoreAdversary(CLIPScorer):
     only the last `train_last_k` vision encoder layers train, in float32 (train_last_k=0 gives the frozen
     `pickscore` reward). The final layer norm and the visual projection stay frozen: they map into the
     embedding space shared with the (frozen) text tower. Each epoch in train.py:
-        r_gen, r_ref = adv.reward(gen, prompts), adv.reward(ref, prompts)   # ref[i] is one of prompts[i]'s references
-        if adv.should_train_d(all_reduce_mean(r_gen), all_reduce_mean(r_ref)): adv.d_step(ref, gen, prompts)  # G skips
+        # ref[i] is one of prompts[i]'s references
+        r_gen, r_ref = adv.reward(gen, prompts), adv.reward(ref, prompts)
+        if adv.should_train_d(all_reduce_mean(r_gen), all_reduce_mean(r_ref)):
+            adv.d_step(ref, gen, prompts)  # G skips
         else: update the generator with advantages from r_gen
     Checkpoints: head_state() / load_head_state() hold the trainable tensors and Adam state only."""
 
@@ -451,7 +466,8 @@ def paired_cosine(cls, prompts, ref_cls):
     """Mean cosine of each generation's CLS (B, D) with the CLS of *its own prompt's* references,
     ref_cls {prompt: (k, D)}: the paired DINO similarity of the training reward and of the evaluation."""
     g = F.normalize(cls.float(), dim=-1)
-    return torch.stack([(F.normalize(ref_cls[p].float(), dim=-1) @ g[i]).mean() for i, p in enumerate(prompts)])
+    return torch.stack([(F.normalize(ref_cls[p].float(), dim=-1) @ g[i]).mean()
+                        for i, p in enumerate(prompts)])
 
 
 @register("pickscore")
@@ -478,11 +494,13 @@ def clip_score(device="cpu", clip_model="openai/clip-vit-large-patch14", clip_pr
 
 
 def build_reward(weights, **ctx):
-    """Weighted sum of registered rewards, e.g. build_reward({"dino_sim": 1.0, "brightness": 0.1}, references=refs).
+    """Weighted sum of registered rewards, e.g.
+    build_reward({"dino_sim": 1.0, "brightness": 0.1}, references=refs).
     info holds each component's batch mean as `reward/<name>` plus its own info as `<name>/<key>`."""
     unknown = [n for n in weights if n not in REWARDS]
     if unknown:
-        raise KeyError(f"unknown rewards {unknown}; registered: {sorted(REWARDS)}; {ADVERSARIAL} belong to train.py")
+        raise KeyError(f"unknown rewards {unknown}; registered: {sorted(REWARDS)}; {ADVERSARIAL} belong to "
+                       "train.py")
     fns = {name: REWARDS[name](**ctx) for name in weights}
 
     def fn(images, prompts, metadata):

@@ -153,18 +153,20 @@ def render(scene: Scene, size: int = 32, style: str = "light", rng: np.random.Ge
     elif scene.shape == "square":  # half-side 0.9 r: about the circle's area
         h = 0.9 * r
         draw.rectangle([x - h, y - h, x + h, y + h], fill=fill)
-    else:  # equilateral, apex up, centroid at (x, y); circumradius 1.2 r: a bit more than half the circle's area
-        R = 1.2 * r
+    else:  # equilateral, apex up, centroid at (x, y)
+        R = 1.2 * r  # circumradius 1.2 r: a bit more than half the circle's area
         draw.polygon([(x, y - R), (x - R * 0.866, y + R / 2), (x + R * 0.866, y + R / 2)], fill=fill)
     return img.resize((size, size), Image.LANCZOS)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    # (3, H, W)
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
 def render_batch(scenes: list[Scene], size: int = 32, style: str = "light", seed: int = 0) -> torch.Tensor:
-    """Jittered renders of `scenes`, a pure function of its arguments. Returns (B, 3, size, size) in [0, 1]."""
+    """Jittered renders of `scenes`, a pure function of its arguments.
+    Returns (B, 3, size, size) in [0, 1]."""
     rng = np.random.default_rng(seed)
     return torch.stack([to_tensor(render(s, size, style, rng)) for s in scenes])
 
@@ -274,9 +276,11 @@ def analyse(image, prompt: str) -> dict:
 
 
 def accuracy(images: torch.Tensor, prompts: list[str]) -> dict:
-    """Mean of `analyse` over a batch (B, 3, H, W): dict(colour, shape, position, count, correct) of floats."""
+    """Mean of `analyse` over a batch (B, 3, H, W):
+    dict(colour, shape, position, count, correct) of floats."""
     rows = [analyse(im, p) for im, p in zip(images, prompts, strict=True)]
-    return {k: float(np.mean([r[k] for r in rows])) for k in ("colour", "shape", "position", "count", "correct")}
+    return {k: float(np.mean([r[k] for r in rows]))
+            for k in ("colour", "shape", "position", "count", "correct")}
 
 
 def style_stats(images: torch.Tensor) -> dict:

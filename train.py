@@ -66,7 +66,8 @@ def compute_advantages(rewards, group_ids, global_std=False, eps=1e-4):
         m = keys == k
         std = std_all if global_std else r[m].std()
         adv[m] = (r[m] - r[m].mean()) / (std + eps)
-    return torch.as_tensor(adv, dtype=rewards.dtype, device=rewards.device) if is_torch else adv.astype(r.dtype)
+    return (torch.as_tensor(adv, dtype=rewards.dtype, device=rewards.device) if is_torch
+            else adv.astype(r.dtype))
 
 
 def grpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip):
@@ -106,7 +107,8 @@ def schedule(cfg, epoch, stats):
             g = (epoch + 1) % cfg.d_times == 0
             return (0 if g else cfg.d_steps), g
         return (cfg.d_steps if cfg.schedule == "shared" else 0), True   # shared: both; frozen: G alone
-    if "pickscore_adv" in cfg.reward:                     # D steps (and G skips) when generations out-score refs
+    # D steps (and G skips) when generations out-score refs
+    if "pickscore_adv" in cfg.reward:
         d = R.PickScoreAdversary.should_train_d(stats["d_fake"], stats["d_real"])
         return int(d), not d
     return 0, True
@@ -153,7 +155,8 @@ def all_mean(values: dict, device):
 
 def no_sync(model):
     """DDP's no_sync (no gradient all-reduce in this backward) when there is more than one rank."""
-    return model.no_sync() if isinstance(getattr(model, "_orig_mod", model), torch.nn.parallel.DistributedDataParallel) \
+    return model.no_sync() if isinstance(getattr(model, "_orig_mod", model),
+                                         torch.nn.parallel.DistributedDataParallel) \
         else contextlib.nullcontext()
 
 
@@ -178,14 +181,17 @@ def sample_epoch(cfg, epoch, gen, prompts, global_indices, window_start, progres
     emb, pool the prompt embeddings; step_idx (K,)."""
     from tqdm.auto import tqdm
     out, bs = [], cfg.sample_batch_size
-    for b in tqdm(range(0, len(prompts), bs), desc=f"epoch {epoch} sampling", leave=False, disable=not progress):
+    for b in tqdm(range(0, len(prompts), bs), desc=f"epoch {epoch} sampling", leave=False,
+                  disable=not progress):
         p, idx = prompts[b:b + bs], global_indices[b:b + bs]
         emb, pool = gen.encode(p)
         noise, step_noise = per_image_noise(cfg, epoch, idx, gen.latent_shape(), cfg.window_size)
-        vel = S.make_velocity_fn(gen.sample_model, emb, pool, *gen.encode([""]), cfg.guidance_scale, gen.autocast)
+        vel = S.make_velocity_fn(gen.sample_model, emb, pool, *gen.encode([""]), cfg.guidance_scale,
+                                 gen.autocast)
         r = S.rollout(vel, noise.to(gen.device), gen.sigmas, cfg.noise_level, cfg.sde_kind, window_start,
                       cfg.window_size, step_noise=step_noise.to(gen.device), decode_fn=gen.decode)
-        out.append(dict(images=r["images"], x=r["x"], x_next=r["x_next"], log_probs=r["log_probs"], emb=emb, pool=pool))
+        out.append(dict(images=r["images"], x=r["x"], x_next=r["x_next"], log_probs=r["log_probs"], emb=emb,
+                        pool=pool))
     batch = {k: torch.cat([o[k] for o in out]) for k in out[0]}
     batch["step_idx"] = r["step_idx"]
     return batch
@@ -210,14 +216,17 @@ def score_epoch(cfg, epoch, rank, batch, prompts, fixed_reward, adversary, refer
     if all_mean({"ok": float(torch.isfinite(images).all())}, device)["ok"] < 1:
         return torch.full_like(rewards, float("nan")), None, info
     g = torch.Generator(device).manual_seed(seed_of(cfg.seed, epoch, rank, 1))        # patch draws
-    real_images = references.sample(texts, 1, torch.Generator().manual_seed(seed_of(cfg.seed, epoch, rank, 2)))
+    real_images = references.sample(texts, 1,
+                                    torch.Generator().manual_seed(seed_of(cfg.seed, epoch, rank, 2)))
     real_images = real_images.to(device)                                               # (n, 3, H, W)
     if isinstance(adversary, R.DinoDiscriminator):
         fake, real = adversary.features(images), adversary.features(real_images)       # φ: once per image
         wrong = None
-        if cfg.d_conditional:  # each image with its prompt's text embedding; reals paired with the next group's
+        # each image with its prompt's text embedding; reals paired with the next group's
+        if cfg.d_conditional:
             fake, real = (*fake, batch["pool"]), (*real, batch["pool"])
-            other = torch.arange(len(texts)).roll(-cfg.group_size)                     # a different prompt, mostly
+            # a different prompt, mostly
+            other = torch.arange(len(texts)).roll(-cfg.group_size)
             keep = torch.tensor([texts[i] != texts[j] for i, j in enumerate(other.tolist())])
             wrong = (real[0][other[keep]], batch["pool"][keep.to(device)])
         r = adversary.score(*fake, generator=g)
@@ -249,11 +258,11 @@ def step_log_prob(cfg, gen, model, batch, mb, j):
     """Log-prob (B,) and mean of the stored transition x_j → x_{j+1} of images `mb` under `model`
     (the same CFG and step kind as sampling)."""
     i, sigmas = int(batch["step_idx"][j]), gen.sigmas
-    vel = S.make_velocity_fn(model, batch["emb"][mb], batch["pool"][mb], *gen.encode([""]), cfg.guidance_scale,
-                             gen.autocast)
+    vel = S.make_velocity_fn(model, batch["emb"][mb], batch["pool"][mb], *gen.encode([""]),
+                             cfg.guidance_scale, gen.autocast)
     x = batch["x"][mb, j]
-    _, logp, mean, _ = S.sde_step(vel(x, sigmas[i]), x, sigmas[i], sigmas[i + 1], cfg.noise_level, cfg.sde_kind,
-                                  prev_sample=batch["x_next"][mb, j])
+    _, logp, mean, _ = S.sde_step(vel(x, sigmas[i]), x, sigmas[i], sigmas[i + 1], cfg.noise_level,
+                                  cfg.sde_kind, prev_sample=batch["x_next"][mb, j])
     return logp, mean
 
 
@@ -291,7 +300,8 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
     # Passes of the first optimizer step use their own forward (weights are unchanged until it); the later
     # ones are recomputed now, before any step: (U-1)/U extra forwards for U = updates_per_epoch.
     old_logp = [None] * accum + old_log_probs(cfg, gen, batch, passes[accum:])
-    for k, (mb, j) in enumerate(tqdm(passes, desc=f"epoch {epoch} training", leave=False, disable=not progress)):
+    for k, (mb, j) in enumerate(tqdm(passes, desc=f"epoch {epoch} training", leave=False,
+                                     disable=not progress)):
         sync = (k + 1) % accum == 0
         with contextlib.nullcontext() if sync else no_sync(model):
             logp, mean = step_log_prob(cfg, gen, model, batch, mb, j)
@@ -318,10 +328,12 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
                 counters["bad_updates"] = 0
             else:
                 bad += 1
-                note_bad_update(cfg, counters, rank == 0, f"epoch {epoch}: non-finite gradient norm, step skipped")
+                note_bad_update(cfg, counters, rank == 0,
+                                f"epoch {epoch}: non-finite gradient norm, step skipped")
             opt.zero_grad(set_to_none=True)
     model.eval()
-    out = {k: float((np.max if k == "sampler_logp_gap" else np.mean)([s[k] for s in stats])) for k in stats[0]}
+    out = {k: float((np.max if k == "sampler_logp_gap" else np.mean)([s[k] for s in stats]))
+           for k in stats[0]}
     out["skipped_updates"] = bad
     return out
 
@@ -348,8 +360,9 @@ def export_lora(gen, path):
     with gen.ema.applied(gen.params):
         layers = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(tr).items()}
     # the metadata carries lora_alpha: without it diffusers assumes alpha = rank (a 2x wrong scale here)
-    StableDiffusion3Pipeline.save_lora_weights(path, transformer_lora_layers=layers,
-                                               transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
+    StableDiffusion3Pipeline.save_lora_weights(
+        path, transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
 
 
 def save_checkpoint(cfg, epoch, gen, adversary, counters):
@@ -363,7 +376,8 @@ def save_checkpoint(cfg, epoch, gen, adversary, counters):
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise SystemExit(f"refusing to write a non-finite checkpoint at epoch {epoch}")
     save_file(tensors, os.path.join(tmp, "trainable.safetensors"))
-    save_file({n: t.cpu().contiguous() for n, t in gen.ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
+    save_file({n: t.cpu().contiguous() for n, t in gen.ema.state_dict().items()},
+              os.path.join(tmp, "ema.safetensors"))
     state = dict(epoch=epoch, counters=dict(counters), config=dataclasses.asdict(cfg),
                  optimizer=gen.opt.state_dict(), rng_cpu=torch.get_rng_state())
     if adversary is not None:
@@ -448,7 +462,8 @@ def open_metrics(out_dir, start):
 
 def epoch_line(s):
     """The one stdout line per epoch."""
-    line = f"epoch {s['epoch']:4d} | G {s['g_steps']} D {s['d_steps']} | reward {s['reward_mean']:+.4f} ± {s['reward_std']:.4f}"
+    line = (f"epoch {s['epoch']:4d} | G {s['g_steps']} D {s['d_steps']} | reward {s['reward_mean']:+.4f} "
+            f"± {s['reward_std']:.4f}")
     if "d_acc" in s:
         line += f" | ref {s['d_real']:+.3f} gen {s['d_fake']:+.3f} D acc {s['d_acc']:.2f}"
     if "clipfrac" in s:
@@ -479,16 +494,19 @@ def check_inputs(cfg, world):
     try:
         prompts = data.load_prompts(cfg.train_prompts)
     except ValueError as e:
-        raise SystemExit(f"{e}\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and "
-                         "weights: see README. To try the method on a laptop: `make demo`.)") from None
+        raise SystemExit(f"{e}\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, "
+                         "references and weights: see README. To try the method on a laptop: "
+                         "`make demo`.)") from None
     try:
         test_prompts = [p["prompt"] for p in data.load_prompts(cfg.test_prompts)] if cfg.eval_every else []
     except ValueError as e:
-        raise SystemExit(f"held-out prompts (test_prompts; eval_every=0 turns the evaluation off): {e}") from None
+        raise SystemExit(f"held-out prompts (test_prompts; eval_every=0 turns the evaluation off): "
+                         f"{e}") from None
     test_prompts = test_prompts[:cfg.eval_max_prompts or None]
     unknown = [k for k in cfg.reward if k not in R.REWARDS and k not in R.ADVERSARIAL]
     if unknown:
-        raise SystemExit(f"config error: unknown reward {unknown[0]!r}; known: {sorted(R.REWARDS) + list(R.ADVERSARIAL)}")
+        raise SystemExit(f"config error: unknown reward {unknown[0]!r}; "
+                         f"known: {sorted(R.REWARDS) + list(R.ADVERSARIAL)}")
     needs_refs = any(k in cfg.reward for k in (*R.ADVERSARIAL, "dino_sim"))
     try:
         references = data.load_references(cfg, prompts) if needs_refs else None
@@ -538,18 +556,21 @@ def train(cfg):
         ev = E.evaluate(cfg, gen, phi, references, test_prompts, epoch, history, rank) \
             if cfg.eval_every and epoch % cfg.eval_every == 0 else {}
         # 1. sample this rank's share (which prompts and images is a function of (seed, epoch, rank))
-        group_of, mine = data.assign_samples(data.epoch_prompt_indices(len(prompts), cfg.prompts_per_epoch, epoch,
-                                                                       cfg.seed), cfg.group_size, world, rank)
+        group_of, mine = data.assign_samples(data.epoch_prompt_indices(len(prompts), cfg.prompts_per_epoch,
+                                                                       epoch, cfg.seed),
+                                             cfg.group_size, world, rank)
         my_prompts, window = [prompts[g] for g in group_of[mine]], window_for_epoch(cfg, epoch)
         batch = sample_epoch(cfg, epoch, gen, [p["prompt"] for p in my_prompts], range(mine.start, mine.stop),
                              window, progress=master)
         # 2. score: fixed rewards + the current discriminator (its step comes in 5, on these features)
-        rewards, d_batch, info = score_epoch(cfg, epoch, rank, batch, my_prompts, fixed_reward, adversary, references)
+        rewards, d_batch, info = score_epoch(cfg, epoch, rank, batch, my_prompts, fixed_reward, adversary,
+                                             references)
         # 3. advantages: rewards of all ranks, normalised within each prompt's group
         all_rewards = all_gather_cat(rewards)
         ok = float(torch.isfinite(all_rewards).all() and torch.isfinite(batch["log_probs"]).all())
         finite = all_mean({"ok": ok}, device)["ok"] == 1.0
-        advantages = compute_advantages(all_rewards, [prompts[g]["prompt"] for g in group_of], cfg.global_std)[mine]
+        advantages = compute_advantages(all_rewards, [prompts[g]["prompt"] for g in group_of],
+                                        cfg.global_std)[mine]
         # 4. who trains this epoch
         d_steps, do_g = schedule(cfg, epoch, {**info, "finite": finite})
         # 5. discriminator update
@@ -562,7 +583,8 @@ def train(cfg):
             info.update(train_generator(cfg, epoch, gen, batch, advantages, counters, rank, progress=master))
             counters["g_epochs"] += 1
         elif not finite:
-            note_bad_update(cfg, counters, master, f"epoch {epoch}: non-finite rewards or log-probs, update skipped")
+            note_bad_update(cfg, counters, master,
+                            f"epoch {epoch}: non-finite rewards or log-probs, update skipped")
         # 7. log (an evaluation is paired with this epoch's training reward for the reward-hacking monitor)
         stats = {**epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device), **ev, "window": window}
         if ev:

@@ -32,7 +32,8 @@ d_lr = 1e-4
 dino_backbone = "vit_base_patch14_dinov2.lvd142m"
 dino_image_size = 518
 mixed_precision = "bf16"
-compile = True                 # torch.compile: ×1.94 per epoch on one H200, ~4 min of compiling at start (docs/PERF.md)
+compile = True                 # torch.compile: ×1.94 per epoch on one H200, ~4 min of compiling at start
+                               # (docs/PERF.md)
 train_prompts = "data/train.txt"
 test_prompts = "data/test.txt"
 out_dir = "out/sd35m_dino"

@@ -36,8 +36,10 @@ def test_tiny_run_times_every_stage_and_counts_flops(tmp_path, one_thread):
     # forward+backward with frozen base weights: ≈ 2× (input gradients) plus LoRA's weight gradients,
     # attention backward 2.5×; never 1× (backward not counted) nor ≫ 3× (recomputation counted)
     assert 2.0 <= f["train_forward_backward"] / f["train_forward"] <= 3.5
-    # FLOPs are linear in the batch: the sampling forward (2×4 rows) costs what the training one (2×2) does per row
-    assert f["sample_forward"] / f["sample_rows"] == pytest.approx(f["train_forward"] / f["train_rows"], rel=1e-6)
+    # FLOPs are linear in the batch: the sampling forward (2×4 rows) costs what the training one (2×2) does
+    # per row
+    assert f["sample_forward"] / f["sample_rows"] == pytest.approx(f["train_forward"] / f["train_rows"],
+                                                                   rel=1e-6)
     assert json.loads(out.read_text())["eager"]["stages"].keys() == r["stages"].keys()
     # the wrapped callees are put back
     assert sampler.decode_latents.__name__ == "decode_latents"
@@ -45,7 +47,8 @@ def test_tiny_run_times_every_stage_and_counts_flops(tmp_path, one_thread):
 
 def test_cpu_attention_is_counted():
     q, k, v = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 50, 8), torch.randn(2, 3, 50, 8)
-    assert bench.count(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * 2 * 2 * 3 * 40 * 50 * 8  # QKᵀ and AV
+    # QKᵀ and AV
+    assert bench.count(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * 2 * 2 * 3 * 40 * 50 * 8
 
 
 def test_parser_routes_bench_and_train_keys():
@@ -55,7 +58,8 @@ def test_parser_routes_bench_and_train_keys():
     b, cfg = bench.parse(["--arch=tiny", "--low_mem"])
     assert cfg.low_mem and cfg.gradient_checkpointing
     ns = {}  # bench --low_mem measures exactly what config/sd35m_24gb.py sets
-    exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "sd35m_24gb.py")).read(), ns)
+    exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config",
+                           "sd35m_24gb.py")).read(), ns)
     assert {k: v for k, v in ns.items() if not k.startswith("__")} == bench.LOW_MEM
     with pytest.raises(SystemExit, match="arch must be one of"):
         bench.parse(["--arch=huge"])
@@ -96,7 +100,8 @@ def test_sd35_medium_flops_match_the_earlier_h200_figure():
     tokens; our count adds LoRA r32 (≈ 1 %). Counted on shape-only tensors: no memory, ~15 s on 2 cores."""
     f = bench.main(["--arch=sd3.5-medium", "--count_only"])["flops"]
     assert 2.2e12 < f["forward_per_row"] < 2.3e12
-    assert 1.9 < f["train_forward_backward"] / f["train_forward"] < 2.5   # LoRA: no weight gradients for the base
+    # LoRA: no weight gradients for the base
+    assert 1.9 < f["train_forward_backward"] / f["train_forward"] < 2.5
     assert 2.0e12 < f["decode_per_image"] < 3.0e12 and 0.25e12 < f["dino_per_image"] < 0.35e12
 
 

@@ -103,7 +103,8 @@ def test_assign_samples_partition_and_groups():
 
 
 def test_assign_samples_not_divisible():
-    with pytest.raises(ValueError, match=r"prompts_per_epoch \(3\).*group_size \(3\).*world size 4.*multiple of 4"):
+    with pytest.raises(ValueError,
+                       match=r"prompts_per_epoch \(3\).*group_size \(3\).*world size 4.*multiple of 4"):
         assign_samples([0, 1, 2], group_size=3, world_size=4, rank=0)
 
 # -----------------------------------------------------------------------------------------------
@@ -194,7 +195,8 @@ def test_sizes_differ_without_size(tmp_path):
 
 @pytest.fixture
 def bad_index(tmp_path):
-    """Prompt "good" has one fine image; "mixed" has a fine, a missing and a corrupt one; "dead" only corrupt."""
+    """Prompt "good" has one fine image; "mixed" has a fine, a missing and a corrupt one;
+    "dead" only corrupt."""
     solid(tmp_path / "ok.png", (9, 9, 9))
     (tmp_path / "corrupt.png").write_bytes(np.random.default_rng(0).bytes(200))
     (tmp_path / "zero.png").write_bytes(b"")
@@ -298,6 +300,7 @@ def test_reference_guidance_follows_the_pipeline():
     qwen = NS(__call__=QwenImagePipeline.__call__, transformer=NS(config={"guidance_embeds": False}))
     assert data.guidance_kwargs(qwen, 4.0, 2) == dict(true_cfg_scale=4.0, negative_prompt=[" ", " "])
     flux_dev = NS(__call__=FluxPipeline.__call__, transformer=NS(config={"guidance_embeds": True}))
-    assert data.guidance_kwargs(flux_dev, 3.5, 1) == dict(guidance_scale=3.5)   # distilled: guidance is an input
+    # distilled: guidance is an input
+    assert data.guidance_kwargs(flux_dev, 3.5, 1) == dict(guidance_scale=3.5)
     sd3 = NS(__call__=StableDiffusion3Pipeline.__call__, transformer=NS(config={}))
     assert data.guidance_kwargs(sd3, 4.5, 3) == dict(guidance_scale=4.5)

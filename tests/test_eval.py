@@ -11,7 +11,8 @@ from test_train import ADV_PRESET, tiny_cfg
 def test_frechet_distance_of_gaussians_matches_closed_form():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(20000, 3, generator=g, dtype=torch.float64)
-    b = torch.randn(20000, 3, generator=g, dtype=torch.float64) * 2 + torch.tensor([1.0, 0, 0], dtype=torch.float64)
+    b = (torch.randn(20000, 3, generator=g, dtype=torch.float64) * 2
+         + torch.tensor([1.0, 0, 0], dtype=torch.float64))
     # N(0, I) vs N(m, 4I): |m|² + tr(I) + tr(4I) - 2·tr(2I) = 1 + 3 + 12 - 12 = 4
     assert abs(E.frechet_distance(a, b) - 4.0) < 0.1
     assert abs(E.frechet_distance(a, a)) < 1e-6
@@ -83,5 +84,6 @@ def test_exported_lora_reproduces_our_samples_in_diffusers(tmp_path):
     latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(3 * 1_000_003 + i))
                            for i in range(len(prompts))])
     theirs = pipe(prompts, latents=latents, num_inference_steps=6, guidance_scale=2.0, output_type="pt",
-                  max_sequence_length=cfg.max_sequence_length, height=cfg.resolution, width=cfg.resolution).images
+                  max_sequence_length=cfg.max_sequence_length, height=cfg.resolution,
+                  width=cfg.resolution).images
     torch.testing.assert_close(theirs.float(), ours, atol=1e-4, rtol=0)

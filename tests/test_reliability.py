@@ -59,7 +59,8 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path):
     for name in ("trainable.safetensors", "ema.safetensors"):
         wa, wb = (load_file(os.path.join(d, "checkpoints", "epoch_000015", name)) for d in (a, b))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    sa, sb = (torch.load(os.path.join(d, "checkpoints", "epoch_000015", "state.pt"), weights_only=True) for d in (a, b))
+    sa, sb = (torch.load(os.path.join(d, "checkpoints", "epoch_000015", "state.pt"), weights_only=True)
+              for d in (a, b))
     assert all(torch.equal(v, sb["adversary"]["head"][k]) for k, v in sa["adversary"]["head"].items())
     assert sa["counters"] == sb["counters"]
     # the redone epochs were not logged twice
@@ -108,8 +109,8 @@ def test_broken_reference_images_stop_before_any_weight_is_written(tmp_path, cas
     assert not os.path.exists(out)
     # with skip_bad_references the broken file is dropped with a warning and training goes on
     with pytest.warns(UserWarning, match="1"):
-        T.train(tiny_cfg(ADV_PRESET, out_dir=out, references=str(refs / "index.json"), skip_bad_references=True,
-                         epochs=1))
+        T.train(tiny_cfg(ADV_PRESET, out_dir=out, references=str(refs / "index.json"),
+                         skip_bad_references=True, epochs=1))
     assert _ckpts(out) == ["epoch_000000"]
 
 
@@ -146,11 +147,12 @@ def test_non_finite_rewards_skip_the_update_then_stop(tmp_path):
             return (r * float("nan") if bad else r), {}
         return fn
 
-    cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), reward={"flaky_test_reward": 1.0}, epochs=6, max_bad_updates=2)
+    cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), reward={"flaky_test_reward": 1.0}, epochs=6,
+                   max_bad_updates=2)
     with pytest.raises(SystemExit, match="2 non-finite updates in a row"):
         T.train(cfg)
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-    assert [l["g_epochs"] for l in lines] == [0, 1, 1]          # epoch 0 skipped, 1 trained, 2 skipped, 3 stops
+    assert [l["g_epochs"] for l in lines] == [0, 1, 1]  # epoch 0 skipped, 1 trained, 2 skipped, 3 stops
     for d in _ckpts(str(tmp_path)):
         w = load_file(os.path.join(tmp_path, "checkpoints", d, "trainable.safetensors"))
         assert all(torch.isfinite(v).all() for v in w.values())

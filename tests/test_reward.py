@@ -131,7 +131,8 @@ def test_head_state_round_trip():
 
 def _ddp_worker(rank, world, init_file, out):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world)
     disc = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), lr=1e-3)
     real, fake = disc.features(tinted(4, RED, 10 + rank)), disc.features(tinted(4, BLUE, 20 + rank))
     for _ in range(3):
@@ -158,7 +159,8 @@ def test_head_synchronised_across_ranks(tmp_path):
 def tiny_tokenizer():
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     chars = list(bytes_to_unicode().values())
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars]
+                                        + ["<|startoftext|>", "<|endoftext|>"])}
     return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
 
 
@@ -166,8 +168,8 @@ def tiny_clip(seed=0):
     torch.manual_seed(seed)
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=512, eos_token_id=513,
-                         pad_token_id=513),
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=512,
+                         eos_token_id=513, pad_token_id=513),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                            image_size=32, patch_size=8),
         projection_dim=16)
@@ -181,7 +183,8 @@ def test_pickscore_adversary_trains_only_last_layers():
     adv = PickScoreAdversary(tiny_clip(), tiny_tokenizer(), train_last_k=1, lr=1e-3)
     trainable = {n for n, p in adv.named_parameters() if p.requires_grad}
     # exactly the last vision layer: not the final norm or projection into the space shared with the text
-    last = {f"model.{n}" for n, _ in adv.model.named_parameters() if n.startswith("vision_model.encoder.layers.2.")}
+    last = {f"model.{n}" for n, _ in adv.model.named_parameters()
+            if n.startswith("vision_model.encoder.layers.2.")}
     assert len(adv.model.vision_model.encoder.layers) == 3 and trainable == last
     before = {n: p.detach().clone() for n, p in adv.named_parameters()}
     ref, gen = tinted(4, RED, 1, size=48), tinted(4, BLUE, 2, size=40)  # any size: resized + cropped to 32²
@@ -209,7 +212,8 @@ def test_pickscore_trigger_and_state():
 
 def test_frozen_pickscore_is_scaled_clip_cosine():
     model, tok, images = tiny_clip(), tiny_tokenizer(), tinted(4, RED, 1)
-    cos, _ = REWARDS["clip_score"](clip_model=copy.deepcopy(model), clip_processor=tok)(images, PROMPTS, [{}] * 4)
+    cos, _ = REWARDS["clip_score"](clip_model=copy.deepcopy(model),
+                                   clip_processor=tok)(images, PROMPTS, [{}] * 4)
     ps, _ = REWARDS["pickscore"](pickscore_model=model, pickscore_processor=tok)(images, PROMPTS, [{}] * 4)
     assert cos.abs().max() <= 1 and torch.allclose(ps, model.logit_scale.exp() * cos, atol=1e-5)
     assert torch.allclose(cos, CLIPScorer(model, tok).cosine(images, PROMPTS), atol=1e-6)
@@ -250,8 +254,8 @@ def test_build_reward_is_weighted_sum_of_components():
 
 
 def test_random_timm_backbone_tells_images_apart():
-    """"random:<timm name>" (bench.py, GPU smoke runs): the architecture with random weights, the same on every
-    call, and for DINOv2 with LayerScale 1 so that different images get different CLS features (with
+    """"random:<timm name>" (bench.py, GPU smoke runs): the architecture with random weights, the same on
+    every call, and for DINOv2 with LayerScale 1 so that different images get different CLS features (with
     DINOv2's 1e-5 every CLS was the same and FD-DINO could not be computed, seen on the H200)."""
     a = make_backbone("random:vit_small_patch14_dinov2", image_size=56)
     b = make_backbone("random:vit_small_patch14_dinov2", image_size=56)

@@ -15,7 +15,8 @@ def _state(seed=0, b=3):
 @pytest.mark.parametrize("sigma,sigma_next", [(1.0, 0.9), (0.7, 0.55), (0.3, 0.0)])
 def test_sde_log_prob_is_normal_log_density(sigma, sigma_next):
     v, x = _state()
-    x_next, lp, mean, std = S.sde_step(v, x, sigma, sigma_next, 0.7, "sde", generator=torch.Generator().manual_seed(1))
+    x_next, lp, mean, std = S.sde_step(v, x, sigma, sigma_next, 0.7, "sde",
+                                       generator=torch.Generator().manual_seed(1))
     ref = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x_next).mean(dim=(1, 2, 3))
     assert lp.shape == (3,)
     torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
@@ -72,7 +73,8 @@ def test_ode_rollout_gaussian_toy_maps_noise_to_quantile():
         x0 = m + (1 - s) * c ** 2 * (x - mu) / var
         return e - x0
 
-    err = {n: (S.rollout(vel, eps, torch.linspace(1, 0, n + 1), window_size=0)["latents"] - (m + c * eps)).abs().max()
+    err = {n: (S.rollout(vel, eps, torch.linspace(1, 0, n + 1), window_size=0)["latents"]
+               - (m + c * eps)).abs().max()
            for n in (10, 100)}
     assert err[10] < 0.1 * eps.abs().max()       # 10 steps: close
     assert err[100] < err[10] / 5                # and Euler converges to the exact map
@@ -82,13 +84,15 @@ def test_rollout_window_records_trained_steps():
     x0 = torch.zeros(2, 4, 8, 8)
     sigmas = torch.linspace(1, 0, 11)
     out = S.rollout(lambda x, s: (x - x0) / s.clamp(min=1e-3), torch.randn(2, 4, 8, 8), sigmas, kind="cps",
-                    noise_level=0.8, window_start=3, window_size=2, generator=torch.Generator().manual_seed(0))
+                    noise_level=0.8, window_start=3, window_size=2,
+                    generator=torch.Generator().manual_seed(0))
     assert out["step_idx"].tolist() == [3, 4]
     assert out["x"].shape == (2, 2, 4, 8, 8) and out["log_probs"].shape == (2, 2)
     assert torch.equal(out["x"][:, 1], out["x_next"][:, 0])        # the window is contiguous
     # re-scoring the stored transition gives back the stored log-prob
     v = (out["x"][:, 0] - x0) / sigmas[3]
-    _, lp, _, _ = S.sde_step(v, out["x"][:, 0], sigmas[3], sigmas[4], 0.8, "cps", prev_sample=out["x_next"][:, 0])
+    _, lp, _, _ = S.sde_step(v, out["x"][:, 0], sigmas[3], sigmas[4], 0.8, "cps",
+                             prev_sample=out["x_next"][:, 0])
     torch.testing.assert_close(lp, out["log_probs"][:, 0])
     with pytest.raises(ValueError, match="window"):
         S.rollout(lambda x, s: x, torch.randn(1, 4, 8, 8), sigmas, window_start=9, window_size=2)

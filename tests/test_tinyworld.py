@@ -30,7 +30,8 @@ def test_round_trip_every_scene():
 def test_prompt_examples():
     assert tw.prompt_of(Scene("red", "circle", "left")) == "a red circle on the left"
     assert tw.prompt_of(Scene("blue", "square", "top", "large")) == "a large blue square at the top"
-    assert tw.parse("  A Small green  triangle in the centre") == Scene("green", "triangle", "centre", "small")
+    assert (tw.parse("  A Small green  triangle in the centre")
+            == Scene("green", "triangle", "centre", "small"))
 
 
 @pytest.mark.parametrize("bad", ["a red circle", "a pink circle on the left", "a red circle on the left.",
@@ -126,7 +127,8 @@ def test_wrong_prompt_detected_per_attribute():
 def test_wrong_prompts_detected_in_bulk():
     # pair every render with the prompt of another scene differing in exactly one attribute
     images, prompts = jittered("dark", 32, 5, tw.all_scenes()[::7])
-    for attr, values in (("colour", list(tw.COLOURS)), ("shape", list(tw.SHAPES)), ("position", list(tw.POSITIONS))):
+    for attr, values in (("colour", list(tw.COLOURS)), ("shape", list(tw.SHAPES)),
+                         ("position", list(tw.POSITIONS))):
         wrong = []
         for p in prompts:
             s = tw.parse(p)
@@ -159,11 +161,13 @@ def test_degrades_gracefully():
     scenes, rng = tw.all_scenes()[::5], np.random.default_rng(2)
     blurred = torch.stack([tw.to_tensor(tw.render(s, 48, "light", rng).filter(ImageFilter.GaussianBlur(1)))
                            for s in scenes])
-    noisy = (blurred + 0.05 * torch.randn(blurred.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    noisy = (blurred + 0.05 * torch.randn(blurred.shape,
+                                          generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     prompts = [tw.prompt_of(s) for s in scenes]
     assert tw.accuracy(noisy, prompts)["correct"] >= 0.95
     g = torch.Generator().manual_seed(1)
-    for im in (torch.rand(3, 32, 32, generator=g), torch.rand(3, 2, 2, generator=g), torch.rand(3, 1, 1, generator=g)):
+    for im in (torch.rand(3, 32, 32, generator=g), torch.rand(3, 2, 2, generator=g),
+               torch.rand(3, 1, 1, generator=g)):
         r = tw.analyse(im, "a red circle on the left")
         assert set(r) == {"colour", "shape", "position", "count", "correct"}
         assert all(isinstance(v, bool) for v in r.values())

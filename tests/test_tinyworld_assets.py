@@ -55,8 +55,10 @@ def test_the_preset_describes_the_committed_backbone():
 
 def test_prompt_files_are_the_split():
     train, test = tw.split()
-    assert [p["prompt"] for p in data.load_prompts(os.path.join(ASSETS, "train.txt"))] == [tw.prompt_of(s) for s in train]
-    assert [p["prompt"] for p in data.load_prompts(os.path.join(ASSETS, "test.txt"))] == [tw.prompt_of(s) for s in test]
+    assert ([p["prompt"] for p in data.load_prompts(os.path.join(ASSETS, "train.txt"))]
+            == [tw.prompt_of(s) for s in train])
+    assert ([p["prompt"] for p in data.load_prompts(os.path.join(ASSETS, "test.txt"))]
+            == [tw.prompt_of(s) for s in test])
 
 
 def test_assets_load_through_model_and_reward_and_the_base_is_mostly_light():
@@ -74,16 +76,19 @@ def test_assets_load_through_model_and_reward_and_the_base_is_mostly_light():
     cls, patches = phi(images)
     assert cls.shape == (len(prompts), 64) and patches.shape == (len(prompts), 64, 64)
     # the trained backbone separates the reference styles that a random ViT would not
-    dark_refs = data.ReferenceSet.from_index(os.path.join(ASSETS, "refs_dark", "index.json")).images_of(prompts[0])
-    light = data.ReferenceSet.from_index(os.path.join(ASSETS, "refs_light", "index.json")).images_of(prompts[0])
+    dark_refs = data.ReferenceSet.from_index(
+        os.path.join(ASSETS, "refs_dark", "index.json")).images_of(prompts[0])
+    light = data.ReferenceSet.from_index(
+        os.path.join(ASSETS, "refs_light", "index.json")).images_of(prompts[0])
     dark = dark_refs
-    c_d, c_l = torch.nn.functional.normalize(phi(dark)[0], dim=-1), torch.nn.functional.normalize(phi(light)[0], dim=-1)
+    c_d, c_l = (torch.nn.functional.normalize(phi(dark)[0], dim=-1),
+                torch.nn.functional.normalize(phi(light)[0], dim=-1))
     assert (c_d @ c_d.T).mean() > (c_d @ c_l.T).mean() + 0.05
 
 
 def test_two_epoch_tiny_world_run(tmp_path):
-    cfg = tiny_world_cfg(out_dir=str(tmp_path), epochs=2, eval_every=0, prompts_per_epoch=4, group_size=4, d_warmup=0,
-                         sample_batch_size=16, train_batch_size=8, save_every=2)
+    cfg = tiny_world_cfg(out_dir=str(tmp_path), epochs=2, eval_every=0, prompts_per_epoch=4, group_size=4,
+                         d_warmup=0, sample_batch_size=16, train_batch_size=8, save_every=2)
     counters = T.train(cfg)[2]
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["reward_mean"])) for r in rows)
@@ -98,14 +103,16 @@ def test_references_made_from_the_tiny_pipeline_are_as_good_as_its_own_samples(t
     import eval as E
     prompts = [p["prompt"] for p in data.load_prompts(os.path.join(ASSETS, "train.txt"))][::18]   # 12 prompts
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-    index = data.make_references(os.path.join(ASSETS, "pipeline"), str(tmp_path / "p.txt"), str(tmp_path / "refs"),
-                                 n=2, steps=10, guidance_scale=3.0, device="cpu")
+    index = data.make_references(os.path.join(ASSETS, "pipeline"), str(tmp_path / "p.txt"),
+                                 str(tmp_path / "refs"), n=2, steps=10, guidance_scale=3.0, device="cpu")
     refs = data.ReferenceSet.from_index(index)
-    made = tw.accuracy(torch.cat([refs.images_of(p) for p in prompts]), [p for p in prompts for _ in range(2)])
+    made = tw.accuracy(torch.cat([refs.images_of(p) for p in prompts]),
+                       [p for p in prompts for _ in range(2)])
     gen = M.build_generator(tiny_world_cfg(), torch.device("cpu"))
     own_prompts = [p for p in prompts for _ in range(2)]
     own = tw.accuracy(E.generate(gen, own_prompts, num_steps=10, guidance_scale=3.0), own_prompts)
-    assert refs.images.shape[-1] == 32 and made["correct"] >= own["correct"] - 0.2 and made["correct"] > 0.5, (made, own)
+    assert (refs.images.shape[-1] == 32 and made["correct"] >= own["correct"] - 0.2
+            and made["correct"] > 0.5), (made, own)
 
 
 def test_plain_diffusers_loads_the_tiny_pipeline_as_the_readme_says():
@@ -114,6 +121,6 @@ def test_plain_diffusers_loads_the_tiny_pipeline_as_the_readme_says():
     pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(ASSETS, "pipeline"), text_encoder_3=None,
                                                     tokenizer_3=None)
     prompts = ["a red circle on the left", "a large blue square at the top"] * 2
-    images = pipe(prompts, height=32, width=32, num_inference_steps=10, guidance_scale=3.0, max_sequence_length=1,
-                  generator=torch.Generator().manual_seed(0), output_type="pt").images
+    images = pipe(prompts, height=32, width=32, num_inference_steps=10, guidance_scale=3.0,
+                  max_sequence_length=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert tw.accuracy(images, prompts)["correct"] >= 0.75

@@ -22,7 +22,8 @@ def tiny_cfg(preset=PRESET, **kw):
     cwd = os.getcwd()
     os.chdir(ROOT)  # presets name repo-relative files
     try:
-        cfg = T.parse_args([preset] + [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in kw.items()])
+        cfg = T.parse_args([preset] + [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}"
+                                       for k, v in kw.items()])
     finally:
         os.chdir(cwd)
     cfg.train_prompts = os.path.join(ROOT, cfg.train_prompts)
@@ -85,7 +86,8 @@ def sampled():
 def test_ratio_is_one_with_unchanged_weights(sampled):
     cfg, gen, batch = sampled
     n = len(batch["images"])
-    assert batch["images"].shape == (n, 3, 32, 32) and 0 <= batch["images"].min() and batch["images"].max() <= 1
+    assert (batch["images"].shape == (n, 3, 32, 32) and 0 <= batch["images"].min()
+            and batch["images"].max() <= 1)
     for j in range(cfg.window_size):
         # recompute in training-sized micro-batches, a different grouping than sampling used
         for mb in torch.arange(n).split(cfg.train_batch_size):
@@ -120,8 +122,10 @@ def test_parser_refuses_unknown_key_and_wrong_type(tmp_path):
     bad.write_text("num_stepz = 3\n")
     with pytest.raises(SystemExit, match="bad.py: unknown config key 'num_stepz'"):
         T.parse_args([str(bad)])
-    cfg = T.parse_args([PRESET, "--lr=1e-2", "--resume", "--window_start=random", "--reward={'brightness': 2}"])
-    assert cfg.lr == 0.01 and cfg.resume is True and cfg.window_start == "random" and cfg.reward == {"brightness": 2}
+    cfg = T.parse_args([PRESET, "--lr=1e-2", "--resume", "--window_start=random",
+                        "--reward={'brightness': 2}"])
+    assert (cfg.lr == 0.01 and cfg.resume is True and cfg.window_start == "random"
+            and cfg.reward == {"brightness": 2})
 
 
 def test_validate_refuses_bad_batch_arithmetic():
@@ -165,7 +169,8 @@ def test_resume_continues_exactly(tmp_path):
     assert "resumed from" in out and "epoch    2" in out
     wa, wb = _weights(a, 2), _weights(b, 2)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    sa, sb = (torch.load(os.path.join(d, "checkpoints", "epoch_000002", "state.pt"), weights_only=True) for d in (a, b))
+    sa, sb = (torch.load(os.path.join(d, "checkpoints", "epoch_000002", "state.pt"), weights_only=True)
+              for d in (a, b))
     for k, v in sa["adversary"]["head"].items():
         assert torch.equal(v, sb["adversary"]["head"][k])
     assert sa["counters"] == sb["counters"]
@@ -262,7 +267,8 @@ def test_train_defaults_are_the_paper_dino_preset():
         os.chdir(cwd)
     defaults = T.parse_args([])
     assert dino == dataclasses.replace(defaults, compile=True)   # compile: on GPUs only, not in the defaults
-    assert (defaults.group_size, defaults.prompts_per_epoch, defaults.clip_range, defaults.d_times) == (16, 48, 1e-5, 10)
+    assert ((defaults.group_size, defaults.prompts_per_epoch, defaults.clip_range, defaults.d_times)
+            == (16, 48, 1e-5, 10))
     assert (defaults.noise_level, defaults.max_sequence_length) == (0.8, 128)
     assert pick.reward == {"pickscore_adv": 1.0} and pick.pickscore_lr == 5e-6
 
@@ -298,7 +304,8 @@ def test_low_mem_frees_text_encoders_and_trains_like_the_default(tmp_path):
     trained weights match the default run's: to 1e-4, because a batch of 4 convolutions is not bitwise one
     of 8 with 2 CPU threads (oneDNN picks per shape; 1.4e-5 seen, on weights of size ~0.9)."""
     a = T.train(tiny_cfg(out_dir=str(tmp_path / "a"), sample_batch_size=8))[0]
-    b = T.train(tiny_cfg(out_dir=str(tmp_path / "b"), sample_batch_size=8, low_mem=True, gradient_checkpointing=True))[0]
+    b = T.train(tiny_cfg(out_dir=str(tmp_path / "b"), sample_batch_size=8, low_mem=True,
+                         gradient_checkpointing=True))[0]
     assert a.pipe.text_encoder is not None
     assert b.pipe.text_encoder is None and b.pipe.text_encoder_2 is None
     every = {"", *(p["prompt"] for p in data.load_prompts(tiny_cfg().train_prompts))}
@@ -311,14 +318,16 @@ def test_low_mem_frees_text_encoders_and_trains_like_the_default(tmp_path):
         b.encode(["a prompt that was never encoded"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 and cuBLAS kernels chosen per batch shape)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA (bf16 and cuBLAS kernels chosen per batch shape)")
 @pytest.mark.parametrize("compile", [False, True])
 def test_ratio_is_one_on_cuda_bf16_at_sd35m_size(compile):
     """On a GPU at SD3.5-M shapes (random weights, no T5), bf16 autocast, sampled in batches of 16, trained in
     micro-batches of 8, grad on, eager and compiled: with lr = 0 every pass is a first recompute, so every
     ratio must be exactly 1 (clipfrac 0 at ε = 1e-6). Also prints how far the sampler's own log-probs were."""
     torch.manual_seed(0)
-    cfg = tiny_cfg(pretrained="random:sd3.5-medium", resolution=512, max_sequence_length=128, mixed_precision="bf16",
+    cfg = tiny_cfg(pretrained="random:sd3.5-medium", resolution=512, max_sequence_length=128,
+                   mixed_precision="bf16",
                    num_steps=10, guidance_scale=4.5, group_size=16, sample_batch_size=16, train_batch_size=8,
                    updates_per_epoch=2, clip_range=1e-6, compile=compile)
     gen = M.build_generator(cfg, torch.device("cuda"))
@@ -395,7 +404,8 @@ def test_first_recompute_is_exact_under_bf16_and_compile():
     prompts = [p["prompt"] for p in data.load_prompts(cfg.train_prompts)][:2]
     prompts = [p for p in prompts for _ in range(cfg.group_size)]
     batch = T.sample_epoch(cfg, 0, gen, prompts, list(range(len(prompts))), 0)
-    info = T.train_generator(cfg, 0, gen, batch, torch.linspace(-1, 1, len(prompts)), dict(g_steps=0, bad_updates=0))
+    info = T.train_generator(cfg, 0, gen, batch, torch.linspace(-1, 1, len(prompts)),
+                             dict(g_steps=0, bad_updates=0))
     assert info["clipfrac"] == 0 and info["approx_kl"] == 0 and info["ratio"] == 1, info
     # the sampler's own log-probs differ by rounding: had they been the old log-probs, every pass would clip
     assert info["sampler_logp_gap"] > cfg.clip_range, info
@@ -430,7 +440,8 @@ def test_ema_warm_up_follows_the_published_formula():
 
 def test_sde_kind_sets_noise_level_and_clip_range_unless_given():
     cps, sde = T.parse_args([]), T.parse_args(["--sde_kind=sde"])
-    assert (cps.noise_level, cps.clip_range) == (0.8, 1e-5) and (sde.noise_level, sde.clip_range) == (0.7, 1e-4)
+    assert ((cps.noise_level, cps.clip_range) == (0.8, 1e-5)
+            and (sde.noise_level, sde.clip_range) == (0.7, 1e-4))
     own = T.parse_args(["--sde_kind=sde", "--noise_level=0.5", "--clip_range=2e-4"])
     assert (own.noise_level, own.clip_range) == (0.5, 2e-4)
 
@@ -447,10 +458,11 @@ def test_untrainable_step_kind_and_window_refused_before_the_model_loads(args, m
 
 
 def test_tiny_pipeline_settings_fill_the_text_length_and_refuse_a_contradiction():
-    cfg = T.parse_args([f"--pretrained={os.path.join(ROOT, 'assets', 'tinyworld', 'pipeline')}", "--resolution=32"])
+    cfg = T.parse_args([f"--pretrained={os.path.join(ROOT, 'assets', 'tinyworld', 'pipeline')}",
+                        "--resolution=32"])
     assert cfg.max_sequence_length == 1 and T.parse_args([]).max_sequence_length == 128
     with pytest.raises(SystemExit, match="trained with max_sequence_length = 1"):
-        T.parse_args([f"--pretrained={os.path.join(ROOT, 'assets', 'tinyworld', 'pipeline')}", "--resolution=32",
-                      "--max_sequence_length=77"])
+        T.parse_args([f"--pretrained={os.path.join(ROOT, 'assets', 'tinyworld', 'pipeline')}",
+                      "--resolution=32", "--max_sequence_length=77"])
     with pytest.raises(SystemExit, match="trained with resolution = 32"):
         T.parse_args([f"--pretrained={os.path.join(ROOT, 'assets', 'tinyworld', 'pipeline')}"])

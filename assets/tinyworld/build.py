@@ -15,29 +15,33 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository root
-from tinyworld import COLOURS, POSITIONS, SHAPES, STYLES, all_scenes, prompt_of, render, split, to_tensor  # noqa: E402
+# the repository root
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from tinyworld import (COLOURS, POSITIONS, SHAPES, STYLES, all_scenes, prompt_of, render, split,  # noqa: E402
+                       to_tensor)
 
 # -----------------------------------------------------------------------------------------------
 # The builder of the committed assets: `python assets/tinyworld/build.py` (deterministic, ~40 min on 2 cores)
 #
 #   assets/tinyworld/pipeline/        a StableDiffusion3Pipeline folder (no T5): tiny VAE (32² → 4×16²),
 #                                     tiny MMDiT trained by flow matching on renders of the train prompts,
-#                                     90% light and 10% dark, two frozen random CLIP text encoders with a word-level
-#                                     CLIP BPE tokenizer generated from the grammar
+#                                     90% light and 10% dark, two frozen random CLIP text encoders with a
+#                                     word-level CLIP BPE tokenizer generated from the grammar
 #   assets/tinyworld/backbone.safetensors   a tiny DINOv2-style timm ViT trained to name colour, shape,
 #                                     position and style: the stand-in for DINOv2 (features that see both
 #                                     content and style; a random ViT's CLS is
 #                                     near-identical for every image, cosine ≈ 0.99)
-#   assets/tinyworld/{train,test}.txt        prompts: 216 train scenes, 54 held-out (18 combinations × 3 sizes)
+#   assets/tinyworld/{train,test}.txt        prompts: 216 train scenes, 54 held-out
+#                                            (18 combinations × 3 sizes)
 #   assets/tinyworld/refs_<style>/           4 references per prompt + index.json (the published format)
 #
-# Why light → dark: a prototype of this world measured that global properties move within minutes under Adv-GRPO while
-# shape faithfulness does not, so the demo's main setting is distribution transfer (the paper's style-
-# customisation claim): the base mostly draws light backgrounds, the references are all dark.
+# Why light → dark: a prototype of this world measured that global properties move within minutes under
+# Adv-GRPO while shape faithfulness does not, so the demo's main setting is distribution transfer (the
+# paper's style-customisation claim): the base mostly draws light backgrounds, the references are all dark.
 
-BACKBONE = dict(model="vit_small_patch14_dinov2", img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
-                init_values=1.0)  # init_values=1: DINOv2's LayerScale 1e-5 would make a small ViT train slowly
+BACKBONE = dict(model="vit_small_patch14_dinov2", img_size=32, patch_size=4, embed_dim=64, depth=4,
+                # init_values=1: DINOv2's LayerScale 1e-5 would make a small ViT train slowly
+                num_heads=4, init_values=1.0)
 REF_STYLES = ("dark", "light")
 DARK_FRAC = 0.1  # share of dark renders in the base's training set
 N_REFS = 4
@@ -69,7 +73,8 @@ def build_vae(t0, steps=1200):
     from diffusers import AutoencoderKL
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=8, sample_size=32, use_quant_conv=False,
                         use_post_quant_conv=False)
     pool = torch.cat([_render_pool(all_scenes(), 2, st, 10 + i)[0] for i, st in enumerate(STYLES)])
@@ -101,9 +106,10 @@ def build_text_encoders():
     for i in range(2):
         torch.manual_seed(100 + i)
         encs.append(CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            projection_dim=32, max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)).eval())
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, projection_dim=32, max_position_embeddings=16, hidden_act="quick_gelu",
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id)).eval())
     return tok, encs
 
 
@@ -119,7 +125,8 @@ def build_transformer(t0, pipe, train_scenes, steps=2000, dark_frac=0.0, lr=1e-3
     else:
         tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
                                    attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
-                                   caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=16)
+                                   caption_projection_dim=128, pooled_projection_dim=64,
+                                   pos_embed_max_size=16)
     pipe.register_modules(transformer=tr)  # encode_prompt reads joint_attention_dim from it
     enc = PromptEncoder(pipe, "cpu", max_sequence_length=1)
     imgs, prompts = _render_pool(train_scenes, 24, "light", seed)
@@ -164,7 +171,8 @@ def build_backbone(t0, steps=800):
     every style, so its tokens carry both content and style. Returns the backbone (heads dropped)."""
     import timm
     torch.manual_seed(0)
-    vit = timm.create_model(BACKBONE["model"], pretrained=False, num_classes=0, img_size=32, **backbone_kwargs())
+    vit = timm.create_model(BACKBONE["model"], pretrained=False, num_classes=0, img_size=32,
+                            **backbone_kwargs())
     names = [list(COLOURS), list(SHAPES), list(POSITIONS), list(STYLES)]
     heads = torch.nn.ModuleList(torch.nn.Linear(vit.num_features, len(n)) for n in names)
     scenes = all_scenes()
@@ -174,7 +182,8 @@ def build_backbone(t0, steps=800):
         for s in scenes:
             for _ in range(2):
                 data.append(to_tensor(render(s, 32, st, rng)))
-                labels.append([names[0].index(s.colour), names[1].index(s.shape), names[2].index(s.position), i])
+                labels.append([names[0].index(s.colour), names[1].index(s.shape),
+                               names[2].index(s.position), i])
     data, labels = torch.stack(data), torch.tensor(labels)
     mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
     std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
@@ -182,7 +191,7 @@ def build_backbone(t0, steps=800):
     g = torch.Generator().manual_seed(2)
     for step in range(steps):
         i = torch.randint(len(data), (64,), generator=g)
-        x = data[i] + 0.05 * torch.randn(data[i].shape, generator=g)                # noise: generations are noisy
+        x = data[i] + 0.05 * torch.randn(data[i].shape, generator=g)  # noise: generations are noisy
         f = vit.forward_features((x - mean) / std)
         cls = f[:, 0]
         loss = sum(torch.nn.functional.cross_entropy(h(cls), labels[i, k]) for k, h in enumerate(heads))
@@ -224,16 +233,17 @@ def build(out="assets/tinyworld", scale=1.0):
     # interruption gives the same assets as one uninterrupted build).
     if not os.path.exists(os.path.join(out, "backbone.safetensors")):
         backbone = build_backbone(t0, steps=max(2, int(800 * scale)))
-        save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, os.path.join(out, "backbone.safetensors"))
+        save_file({k: v.contiguous() for k, v in backbone.state_dict().items()},
+                  os.path.join(out, "backbone.safetensors"))
     if os.path.isdir(os.path.join(out, "pipeline", "vae")):
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(os.path.join(out, "pipeline", "vae"))
     else:
         vae = build_vae(t0, steps=max(2, int(1200 * scale)))
     tok, (te1, te2) = build_text_encoders()
-    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=te1,
-                                    tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=None,
-                                    tokenizer_3=None, transformer=None)
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+                                    text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                                    text_encoder_3=None, tokenizer_3=None, transformer=None)
     # A DARK_FRAC share of the base's training renders are dark, so it draws a dark background now and
     # then, unprompted. Adv-GRPO can only reweight what the policy ever samples: a light-only base gives
     # every group the same background and its adversarial reward then pushes elsewhere (measured:
