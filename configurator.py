@@ -98,7 +98,9 @@ class Config:
     out_dir: str = "out/sd35m_dino"
     save_every: int = 20              # epochs between checkpoints
     keep_last: int = 3                # checkpoints kept on disk
-    resume: bool = False              # continue from the newest checkpoint in out_dir
+    resume: bool = False              # continue from the newest intact checkpoint in out_dir
+    overwrite: bool = False           # clear a used out_dir first (only the files a run writes there)
+    allow_config_change: bool = False  # --resume may change keys that define the experiment (seed, model, …)
     max_bad_updates: int = 5          # stop after this many consecutive non-finite updates
     log_to: str = ""                  # also log to "wandb" or "tensorboard" (installed separately)
     # held-out evaluation (EMA weights, ODE, fixed seeds) every eval_every epochs and at the end
@@ -130,8 +132,49 @@ def resolve_defaults(cfg):
     return cfg
 
 
+# The range of every number, checked before anything else (the batch arithmetic below divides by some)
+AT_LEAST_1 = ("num_steps", "prompts_per_epoch", "sample_batch_size", "train_batch_size", "updates_per_epoch",
+              "epochs", "save_every", "keep_last", "ema_every", "d_times", "d_steps", "max_bad_updates",
+              "eval_num_steps", "eval_n_per_prompt", "dino_image_size", "resolution", "max_sequence_length",
+              "lora_alpha")
+POSITIVE = ("lr", "d_lr", "pickscore_lr", "max_grad_norm", "clip_range", "adv_clip")
+NON_NEGATIVE = ("lora_rank", "weight_decay", "beta_kl", "d_warmup", "eval_every", "eval_max_prompts",
+                "pickscore_train_last_k")
+UNIT_INTERVAL = ("noise_level", "ema_decay")
+
+
+def check_ranges(cfg):
+    """One line naming the first key whose value is out of its range (or not finite); None if all are fine."""
+    import math
+    for key in AT_LEAST_1 + POSITIVE + NON_NEGATIVE + UNIT_INTERVAL + ("guidance_scale", "eval_guidance_scale"):
+        v = getattr(cfg, key)
+        if v is None:
+            continue
+        if not math.isfinite(v):
+            return f"{key} must be a finite number, got {v}"
+        if key in AT_LEAST_1 and v < 1 or key in POSITIVE and v <= 0 or key in NON_NEGATIVE and v < 0:
+            return f"{key} must be {'≥ 1' if key in AT_LEAST_1 else '> 0' if key in POSITIVE else '≥ 0'}, got {v}"
+        if key in UNIT_INTERVAL and not 0 <= v <= 1:
+            return f"{key} must be in [0, 1], got {v}"
+        if key.endswith("guidance_scale") and v < 1:
+            return f"{key} must be ≥ 1 (1 = no classifier-free guidance), got {v}"
+    for name, w in cfg.reward.items():
+        if type(w) not in (int, float) or not math.isfinite(w):
+            return f"reward weight of {name!r} must be a number, got {w!r}"
+    from model import resolution_multiple
+    f = resolution_multiple(cfg.pretrained)
+    if f and cfg.resolution % f:
+        return f"resolution {cfg.resolution} must be a multiple of {f} (VAE factor × patch size of {cfg.pretrained})"
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        return f"out_dir {cfg.out_dir} is a file, not a folder"
+    return None
+
+
 def validate(cfg, world):
-    """Batch arithmetic and choices that would otherwise fail deep inside (or train on garbage)."""
+    """Ranges, batch arithmetic and choices that would otherwise fail deep inside (or train on garbage)."""
+    bad = check_ranges(cfg)
+    if bad:
+        raise SystemExit(f"config error: {bad}")
     n_global = cfg.prompts_per_epoch * cfg.group_size
     ws = cfg.window_start
     checks = [

@@ -52,8 +52,12 @@ def load_prompts(path: str) -> list[dict]:
     if ext not in (".txt", ".jsonl"):
         raise ValueError(f"prompt file {path}: unknown extension {ext!r}; use .txt (one prompt a line) "
                          "or .jsonl")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()  # a final newline does not make an extra (empty) line
+    # utf-8-sig: a byte-order mark is not part of the first prompt. Split on "\n" only: str.splitlines would
+    # also split inside a prompt at a form feed, or inside a JSON string at U+2028 / U+0085.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = [line.removesuffix("\r") for line in f.read().split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()  # a final newline does not make an extra (empty) line
     prompts = []
     for lineno, line in enumerate(lines, start=1):
         where = f"{path}:{lineno}"
@@ -122,6 +126,11 @@ def _load_image(path: str, size: int | None) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()  # open() reads only the header: decode inside this try so truncated data fails here
+            im = ImageOps.exif_transpose(im)  # a camera's rotation flag: the picture as people see it
+            if im.mode.startswith("I"):  # 16/32-bit grayscale: convert("RGB") would clip to white, scale by value
+                a = np.asarray(im, dtype=np.float64)
+                a = a / 257 if im.mode.startswith("I;16") or a.max() > 255 else a
+                im = Image.fromarray(a.round().clip(0, 255).astype(np.uint8), "L")
             if "A" in im.getbands() or "transparency" in im.info:
                 # convert("RGB") would just drop alpha and expose whatever colour the transparent pixels
                 # happen to store (often black). The discriminator would learn that as "real", so
@@ -198,6 +207,9 @@ class ReferenceSet:
             except json.JSONDecodeError as e:
                 raise ValueError(f"reference index {index_json}: bad JSON at line {e.lineno}, "
                                  f"column {e.colno}: {e.msg}") from None
+            except RecursionError:
+                raise ValueError(f"reference index {index_json}: nested too deeply to be an index "
+                                 "{prompt: [image paths]}") from None
         if not isinstance(index, dict):
             raise ValueError(f"reference index {index_json}: expected a JSON object "
                              f"{{prompt: [image paths]}}, got a {type(index).__name__}")
@@ -313,7 +325,7 @@ def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0,
     index_file = os.path.join(model, "model_index.json")
     absent = {k: None for k, v in json.load(open(index_file)).items()
               if isinstance(v, list) and v[0] is None} if os.path.exists(index_file) else {}
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **absent).to(device)
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **absent).to(device)
     pipe.set_progress_bar_config(disable=True)
     extra = guidance_kwargs(pipe, guidance_scale, 1)
     if ("max_sequence_length" in settings

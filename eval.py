@@ -130,13 +130,17 @@ def measure(images, prompts, references=None, features=None):
     return m, skipped
 
 
-def measure_preference(images, prompts, device, cfg):
+def measure_preference(images, prompts, device, cfg, online=True):
     """PickScore and CLIP score from the models the run's config names, when their weights can be loaded
-    (hub, cache or local folder). (metrics, skipped)."""
+    (local folder, cache, or the hub when `online`). (metrics, skipped)."""
     m, skipped = {}, {}
     models = dict(pickscore_model=cfg.pickscore_model, pickscore_processor=cfg.pickscore_processor,
                   clip_model=cfg.clip_model)
-    for name in ("pickscore", "clip_score"):
+    for name, model in (("pickscore", cfg.pickscore_model), ("clip_score", cfg.clip_model)):
+        why = available(model, online)
+        if why is not None:
+            skipped[name] = f"{model}: {why}"
+            continue
         try:
             fn = R.REWARDS[name](device=device, **models)
         except Exception as e:  # offline, no cache, gated model...
@@ -147,8 +151,9 @@ def measure_preference(images, prompts, device, cfg):
 
 
 def save_grid(images, path, nrow=8, labels=None):
-    """A PNG grid of images (B, 3, H, W) in [0, 1], scaled up so 32-px toys are visible."""
-    from PIL import Image
+    """A PNG grid of images (B, 3, H, W) in [0, 1], nrow per row, scaled up so 32-px toys are visible.
+    `labels` (one per image, e.g. its prompt): each row is captioned, on its left, with its images' labels."""
+    from PIL import Image, ImageDraw, ImageFont
     x = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()   # (B, H, W, 3)
     b, h, w, _ = x.shape
     rows = (b + nrow - 1) // nrow
@@ -157,8 +162,18 @@ def save_grid(images, path, nrow=8, labels=None):
         r, c = divmod(i, nrow)
         grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = x[i]
     img = Image.fromarray(grid)
-    if h < 128:
-        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+    scale = max(1, 128 // h) if labels is None else max(1, 64 // h)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    if labels is not None:
+        font = ImageFont.load_default(size=12)
+        texts = [" / ".join(dict.fromkeys(labels[r * nrow:(r + 1) * nrow]))[:60] for r in range(rows)]
+        margin = int(max(font.getlength(t) for t in texts)) + 12
+        canvas = Image.new("RGB", (img.width + margin, img.height), "white")
+        canvas.paste(img, (margin, 0))
+        draw = ImageDraw.Draw(canvas)
+        for r, text in enumerate(texts):
+            draw.text((4, r * (h + 2) * scale + 4), text, fill="black", font=font)
+        img = canvas
     img.save(path)
 
 
@@ -214,8 +229,9 @@ def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=
                           guidance_scale=cfg.eval_guidance_scale)
         m, skipped = measure(images, prompts, references, features)
         ev = {f"eval/{k}": v for k, v in m.items()}
-        os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
-        save_grid(images[:64], os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"))
+        os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)  # every image, a row per prompt
+        save_grid(images, os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"),
+                  nrow=cfg.eval_n_per_prompt, labels=prompts)
         history.append((float("nan"), m))
         print(f"eval @ epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in m.items())
               + "".join(f" | no {k}: {why}" for k, why in skipped.items() if "grammar" not in why),
@@ -225,27 +241,40 @@ def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=
     return ev
 
 
-def report(out_dir):
-    """End of run: curves, and the before/after numbers of the held-out evaluation (first vs last)."""
+def report(out_dir, g_steps=None, k=5):
+    """End of run: curves, and the before/after numbers of the held-out evaluation (first vs last, each
+    named by the epochs done, as its grid in samples/ and its checkpoint), plus the training reward
+    (mean of the first vs the last k epochs that trained the generator). Writes summary.json."""
+    from checkpoint import read_metrics
     path = os.path.join(out_dir, "metrics.jsonl")
-    rows = [json.loads(l) for l in open(path) if l.strip()]
+    rows = read_metrics(path)
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     plot_curves(path, os.path.join(out_dir, "curves.png"))
-    if len(evals) >= 2:
-        first, last = evals[0], evals[-1]
-        summary = {k[5:]: dict(before=first[k], after=last[k])
-                   for k in last if k.startswith("eval/") and k in first}
-        summary["epochs"] = dict(before=first["epoch"], after=last["epoch"])
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(f"held-out before (epoch {first['epoch']}) → after (epoch {last['epoch']}):")
-        for k, v in summary.items():
-            if k != "epochs":
-                print(f"  {k:20s} {v['before']:.4f} → {v['after']:.4f}")
+    if g_steps == 0:
+        print("the generator was never updated (0 G steps: every epoch went to the discriminator, e.g. "
+              "epochs ≤ d_warmup): the before and after numbers are both the base model's")
+    if len(evals) < 2:
+        return
+    first, last = evals[0], evals[-1]
+    summary = {k[5:]: dict(before=first[k], after=last[k]) for k in last if k.startswith("eval/") and k in first}
+    trained = [r["reward_mean"] for r in rows if "clipfrac" in r]
+    if len(trained) >= 2:
+        summary["train_reward"] = dict(before=float(np.mean(trained[:k])), after=float(np.mean(trained[-k:])))
+    summary["epochs"] = dict(before=first["epoch"], after=last["epoch"])
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"held-out before (epoch {first['epoch']}) → after (epoch {last['epoch']}):")
+    for k, v in summary.items():
+        if k != "epochs":
+            print(f"  {k:20s} {v['before']:.4f} → {v['after']:.4f}")
 
 
 def summarize(run_dirs):
     """Mean ± std over runs (e.g. seeds) of each run's summary.json: {metric: (before, after)}."""
+    missing = [d for d in run_dirs if not os.path.isfile(os.path.join(d, "summary.json"))]
+    if missing:
+        raise SystemExit(f"--summarize: no summary.json in {', '.join(missing)} (a run writes it at its end, "
+                         "with eval_every > 0)")
     rows = [json.load(open(os.path.join(d, "summary.json"))) for d in run_dirs]
     out = {}
     for k in rows[0]:
@@ -260,15 +289,62 @@ def summarize(run_dirs):
 
 @dataclass
 class EvalArgs:
-    ckpt: str = ""                    # a checkpoint folder (…/checkpoints/epoch_NNNNNN)
+    ckpt: str = ""                    # a checkpoint folder (…/checkpoints/epoch_NNNNNN), or a run folder (its newest)
     prompts: str = ""                 # prompt file (.txt or .jsonl); default: the run's test_prompts
     prompt: list = field(default_factory=list)  # prompts given directly: --prompt "a cat" "a dog"
-    n_per_prompt: int = 4             # images per prompt
-    num_steps: int = 40               # ODE steps
-    guidance_scale: float = 4.5       # CFG
-    seed: int = 0                     # image i of the run is seeded by (seed, i)
-    out: str = ""                     # output folder (default: <ckpt>/eval)
+    n_per_prompt: int | None = None   # images per prompt; None: the run's eval_n_per_prompt
+    num_steps: int | None = None      # ODE steps; None: the run's eval_num_steps
+    guidance_scale: float | None = None  # CFG; None: the run's eval_guidance_scale
+    seed: int = 0                     # image i is seeded by (seed, i): the run's in-loop evaluation used 0
+    out: str = ""                     # output folder (default: <run>/eval/epoch_NNNNNN, outside checkpoints/)
     summarize: list = field(default_factory=list)  # run folders: mean ± std of their summary.json
+
+
+def hub_reachable(timeout=3.0):
+    """Whether huggingface.co answers within `timeout` s (False at once under HF_HUB_OFFLINE=1): without it,
+    a model that is not cached is skipped in seconds instead of after the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def available(name, online):
+    """None if model `name` (a folder, "random:…", or a hub id) can be loaded now, else why not."""
+    if os.path.isdir(name) or name.startswith("random:") or online:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None
+    return "not in the local cache and the hub is unreachable (or HF_HUB_OFFLINE=1)"
+
+
+def load_checkpoint_config(path):
+    """(checkpoint folder, its Config) for eval.py's --ckpt, refusing what it cannot evaluate in one line."""
+    import checkpoint as C
+    import configurator
+    if not os.path.isdir(path):
+        raise SystemExit(f"--ckpt {path}: no such folder")
+    if os.path.isdir(os.path.join(path, "checkpoints")):  # a run folder: its newest intact checkpoint
+        newest = C.latest(path)
+        if newest is None:
+            raise SystemExit(f"--ckpt {path} is a run folder without an intact checkpoint")
+        print(f"--ckpt {path} is a run folder: evaluating its newest intact checkpoint {newest}")
+        path = newest
+    why = C.verify(path)
+    if why is not None and (os.path.exists(os.path.join(path, C.MANIFEST)) or
+                            not os.path.isfile(os.path.join(path, "config.json"))):
+        raise SystemExit(f"--ckpt {path} is not an intact checkpoint: {why}")
+    if why is not None:
+        print(f"WARNING {path}: {why}; evaluating it anyway")
+    try:
+        return path, configurator.Config(**json.load(open(os.path.join(path, "config.json"))))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{path}/config.json does not describe a run of this version: {e}") from None
 
 
 def main(argv=None):
@@ -283,37 +359,59 @@ def main(argv=None):
         return summarize(args.summarize)
     if not args.ckpt:
         raise SystemExit("--ckpt is required (or --summarize)")
-    cfg = configurator.Config(**json.load(open(os.path.join(args.ckpt, "config.json"))))
+    ckpt, cfg = load_checkpoint_config(args.ckpt)
+    M.quiet_libraries()
+    steps = args.num_steps or cfg.eval_num_steps       # by default, as the run evaluated itself
+    scale = args.guidance_scale or cfg.eval_guidance_scale
+    n = cfg.eval_n_per_prompt if args.n_per_prompt is None else args.n_per_prompt
+    if n < 1 or steps < 1 or scale < 1:
+        raise SystemExit("--n_per_prompt and --num_steps must be ≥ 1 and --guidance_scale ≥ 1")
+    try:
+        base = args.prompt or [p["prompt"] for p in data.load_prompts(args.prompts or cfg.test_prompts)]
+    except ValueError as e:
+        raise SystemExit(f"prompts: {e}") from None
+    if not (args.prompt or args.prompts):
+        base = base[:cfg.eval_max_prompts or None]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.seed)
     gen = M.build_generator(cfg, device)
-    M.load_weights(gen, args.ckpt)
-    base = args.prompt or [p["prompt"] for p in data.load_prompts(args.prompts or cfg.test_prompts)]
-    prompts = [p for p in base for _ in range(args.n_per_prompt)]
-    images = generate(gen, prompts, args.seed, args.num_steps, args.guidance_scale)
+    try:
+        M.load_weights(gen, ckpt)
+    except (KeyError, RuntimeError) as e:
+        raise SystemExit(f"{ckpt}: its weights do not fit the model its config.json describes "
+                         f"({type(e).__name__}: {str(e)[:160]})") from None
+    prompts = [p for p in base for _ in range(n)]
+    images = generate(gen, prompts, args.seed, steps, scale)
     refs = None
     try:
         refs = data.load_references(cfg, [{"prompt": p} for p in base]) if cfg.references else None
     except (SystemExit, ValueError) as e:
         print(f"references not used: {e}")
-    kind, adv = R.build_adversary(cfg, device)
-    metrics, skipped = measure(images, prompts, refs, adv.features if kind == "dino_adv" else None)
-    pm, ps = measure_preference(images, prompts, device, cfg)
+    online = hub_reachable()
+    features, skipped = None, {}
+    why = available(cfg.dino_backbone, online) if not cfg.dino_weights else None
+    if why is None:
+        features = R.make_features(cfg, device)
+    else:
+        skipped["dino_sim"] = skipped["fd_dino"] = f"{cfg.dino_backbone}: {why}"
+    metrics, more = measure(images, prompts, refs, features)
+    skipped = {**more, **skipped}
+    pm, ps = measure_preference(images, prompts, device, cfg, online)
     metrics.update(pm)
     skipped.update(ps)
-    out = args.out or os.path.join(args.ckpt, "eval")
+    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "eval",
+                                   os.path.basename(ckpt))
     os.makedirs(out, exist_ok=True)
     from PIL import Image
     for i, im in enumerate(images):
         Image.fromarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(
             os.path.join(out, f"{i:04d}.png"))
-    save_grid(images, os.path.join(out, "grid.png"), nrow=args.n_per_prompt)
-    json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, num_steps=args.num_steps,
-                   guidance_scale=args.guidance_scale, seed=args.seed),
-              open(os.path.join(out, "metrics.json"), "w"), indent=1)
+    save_grid(images, os.path.join(out, "grid.png"), nrow=n, labels=prompts)
+    json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, num_steps=steps, guidance_scale=scale,
+                   seed=args.seed, checkpoint=ckpt), open(os.path.join(out, "metrics.json"), "w"), indent=1)
     print(json.dumps(metrics, indent=1))
     for k, why in skipped.items():
         print(f"skipped {k}: {why}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

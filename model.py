@@ -138,6 +138,16 @@ def random_pipeline(arch="tiny", t5=False, seed=0, device="cpu", dtype=torch.flo
                                     tokenizer_3=char_tokenizer(a["clip_max_length"]) if t5 else None, **parts)
 
 
+def quiet_libraries():
+    """Silence what is noise in our logs: diffusers' and transformers' info messages and their nested
+    weight-loading progress bars (errors still show)."""
+    import diffusers
+    import transformers
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
 def load_pipeline(name_or_path, t5=True, device="cpu", dtype=torch.float32):
     """`"random:<arch>"` → random weights; a local folder or hub id → `from_pretrained`.
 
@@ -146,7 +156,7 @@ def load_pipeline(name_or_path, t5=True, device="cpu", dtype=torch.float32):
         return random_pipeline(name_or_path.split(":", 1)[1], t5=t5, device=device, dtype=dtype)
     extra = {} if t5 else dict(text_encoder_3=None, tokenizer_3=None)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, torch_dtype=dtype, **extra)
+        pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype, **extra)
     except Exception as e:  # OSError (no network / no weights), ValueError (bad folder), ...
         where = "folder" if os.path.isdir(name_or_path) else "hub id"
         raise SystemExit(
@@ -262,10 +272,12 @@ class PromptEncoder:
 
     Returns (prompt_embeds (B, T, D), pooled (B, P)) on `device`. The cache lives on `cache_device`
     (default `device`; the CPU under train.py's low_mem). Once every prompt is cached the text encoders
-    never run again, and `drop_text_encoders` frees them (train.py does so under low_mem)."""
+    never run again, and `drop_text_encoders` frees them (train.py does so under low_mem).
+    Each prompt is encoded alone: batched, its embedding would depend (in the last bits) on which prompts
+    shared its batch, and a resumed run, which fills the cache in another order, would not be exact."""
 
-    def __init__(self, pipe, device, max_sequence_length=128, cache_device=None, chunk=64):
-        self.pipe, self.device, self.max_len, self.chunk = pipe, device, max_sequence_length, chunk
+    def __init__(self, pipe, device, max_sequence_length=128, cache_device=None):
+        self.pipe, self.device, self.max_len = pipe, device, max_sequence_length
         self.cache_device = device if cache_device is None else cache_device  # "cpu" saves GPU memory
         self.cache = {}
 
@@ -275,13 +287,10 @@ class PromptEncoder:
         if todo and self.pipe.text_encoder is None:
             raise RuntimeError(f"prompt {todo[0]!r} was not encoded before the text encoders were freed "
                                "(low_mem)")
-        for c in range(0, len(todo), self.chunk):                   # bounded batches: T5-XXL is large
-            part = todo[c:c + self.chunk]
-            emb, _, pooled, _ = self.pipe.encode_prompt(part, part, part, device=self.device,
-                                                        do_classifier_free_guidance=False,
+        for p in todo:
+            emb, _, pooled, _ = self.pipe.encode_prompt(p, p, p, device=self.device, do_classifier_free_guidance=False,
                                                         max_sequence_length=self.max_len)
-            for i, p in enumerate(part):
-                self.cache[p] = (emb[i].to(self.cache_device), pooled[i].to(self.cache_device))
+            self.cache[p] = (emb[0].to(self.cache_device), pooled[0].to(self.cache_device))
         emb = torch.stack([self.cache[p][0] for p in prompts]).to(self.device)       # (B, T, D)
         pooled = torch.stack([self.cache[p][1] for p in prompts]).to(self.device)    # (B, P)
         return emb, pooled
@@ -295,6 +304,22 @@ class PromptEncoder:
 def vae_factor(pipe):
     """The VAE's downsampling factor (8 for SD3)."""
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def resolution_multiple(name_or_path):
+    """What image sizes must be a multiple of (VAE factor × patch size), read from the configs alone (no
+    weights): for "random:<arch>" and local pipeline folders; None for a hub id (checked after loading)."""
+    import json
+    if name_or_path.startswith("random:"):
+        a = ARCHS.get(name_or_path.split(":", 1)[1])
+        vae, tr = (a["vae"], a["transformer"]) if a else (None, None)
+    else:
+        try:
+            vae = json.load(open(os.path.join(name_or_path, "vae", "config.json")))
+            tr = json.load(open(os.path.join(name_or_path, "transformer", "config.json")))
+        except (OSError, ValueError):
+            return None
+    return 2 ** (len(vae["block_out_channels"]) - 1) * tr["patch_size"] if vae else None
 
 
 def latent_shape(pipe, resolution):

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -39,12 +38,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint as C
 import data
 import eval as E
 import model as M
 import reward as R
 import sampler as S
-from configurator import parse_args, validate
+from configurator import Config, parse_args, validate
 
 # -----------------------------------------------------------------------------------------------
 # GRPO maths: small pure functions (unit-tested)
@@ -349,7 +349,7 @@ def note_bad_update(cfg, counters, master, msg):
 
 
 # -----------------------------------------------------------------------------------------------
-# 8. Checkpoints: written to a temporary folder, then renamed (atomic); the newest complete one resumes
+# 8. Checkpoints (checkpoint.py writes and verifies them); the LoRA in diffusers' format
 
 def export_lora(gen, path):
     """The EMA LoRA in diffusers' format: `StableDiffusion3Pipeline.from_pretrained(base)
@@ -363,63 +363,6 @@ def export_lora(gen, path):
     StableDiffusion3Pipeline.save_lora_weights(
         path, transformer_lora_layers=layers,
         transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
-
-
-def save_checkpoint(cfg, epoch, gen, adversary, counters):
-    from safetensors.torch import save_file
-    root = os.path.join(cfg.out_dir, "checkpoints")
-    final = os.path.join(root, f"epoch_{epoch:06d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    tensors = {n: p.detach().float().cpu().contiguous() for n, p in gen.params.items()}
-    if not all(torch.isfinite(t).all() for t in tensors.values()):
-        raise SystemExit(f"refusing to write a non-finite checkpoint at epoch {epoch}")
-    save_file(tensors, os.path.join(tmp, "trainable.safetensors"))
-    save_file({n: t.cpu().contiguous() for n, t in gen.ema.state_dict().items()},
-              os.path.join(tmp, "ema.safetensors"))
-    state = dict(epoch=epoch, counters=dict(counters), config=dataclasses.asdict(cfg),
-                 optimizer=gen.opt.state_dict(), rng_cpu=torch.get_rng_state())
-    if adversary is not None:
-        state["adversary"] = adversary.head_state()
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    if cfg.lora_rank > 0:
-        export_lora(gen, os.path.join(tmp, "lora"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    for dirpath, _, files in os.walk(tmp):  # flush file contents before the rename makes them visible
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
-    os.fsync(fd)
-    os.close(fd)
-    done = sorted(d for d in os.listdir(root) if d.startswith("epoch_") and not d.endswith(".tmp"))
-    for old in done[:-cfg.keep_last]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out_dir):
-    root = os.path.join(out_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    done = sorted(d for d in os.listdir(root) if d.startswith("epoch_") and not d.endswith(".tmp"))
-    return os.path.join(root, done[-1]) if done else None
-
-
-def load_checkpoint(path, gen, adversary, counters):
-    """Restore everything `save_checkpoint` wrote; returns the checkpoint's epoch."""
-    M.load_weights(gen, path)
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=True, map_location=gen.device)
-    gen.opt.load_state_dict(state["optimizer"])
-    counters.update(state["counters"])
-    torch.set_rng_state(state["rng_cpu"].cpu())
-    if adversary is not None and "adversary" in state:
-        adversary.load_head_state(state["adversary"])
-    return state["epoch"]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -450,25 +393,32 @@ def external_logger(cfg):
     raise SystemExit(f"config error: log_to must be '', 'wandb' or 'tensorboard', got {cfg.log_to!r}")
 
 
-def open_metrics(out_dir, start):
-    """metrics.jsonl in append mode; on resume, drop the lines of epochs that will be redone."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        keep = [line for line in open(path) if line.strip() and json.loads(line)["epoch"] < start]
-        with open(path, "w") as f:
-            f.writelines(keep)
-    return open(path, "a")
+def announce(cfg, world, prompts, gen, resume_from, start):
+    """What rank 0 says before the first epoch. The whole config goes to out_dir/config.json; stdout gets
+    the keys that differ from the defaults (the paper's recipe) and the batch arithmetic."""
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    default = dataclasses.asdict(parse_args([]))
+    changed = [f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items() if v != default[k]]
+    print(f"config ({cfg.out_dir}/config.json); differs from the paper's recipe in: {', '.join(changed) or '-'}")
+    if resume_from:
+        print(f"resumed from {resume_from} (next epoch {start})")
+    n = cfg.prompts_per_epoch * cfg.group_size
+    print(f"world {world} | {cfg.prompts_per_epoch} prompts × {cfg.group_size} images = {n} images/epoch "
+          f"({n // world} per rank) | {len(prompts)} training prompts | trainable params "
+          f"{sum(p.numel() for p in gen.params.values()):,} of {M.count_params(gen.transformer):,}", flush=True)
 
 
 def epoch_line(s):
     """The one stdout line per epoch."""
-    line = (f"epoch {s['epoch']:4d} | G {s['g_steps']} D {s['d_steps']} | reward {s['reward_mean']:+.4f} "
-            f"± {s['reward_std']:.4f}")
+    line = (f"epoch {s['epoch']:4d}/{s['epochs']} | G {s['g_steps']} D {s['d_steps']} | "
+            f"reward {s['reward_mean']:+.4f} ± {s['reward_std']:.4f}")
     if "d_acc" in s:
         line += f" | ref {s['d_real']:+.3f} gen {s['d_fake']:+.3f} D acc {s['d_acc']:.2f}"
     if "clipfrac" in s:
         line += f" | clipfrac {s['clipfrac']:.3f} kl {s['approx_kl']:.1e}"
-    line += f" | {s['seconds']:.1f}s {s['images_per_s']:.1f} img/s"
+    eta = int(s.get("eta_s", 0))
+    line += f" | {s['seconds']:.1f}s {s['images_per_s']:.1f} img/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
     return line + (f" | peak {s['peak_gib']:.1f} GiB" if "peak_gib" in s else "")
 
 
@@ -476,7 +426,7 @@ def epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device):
     """What one epoch logs: `info` averaged over ranks, reward statistics, counters, time and memory."""
     stats = all_mean(info, device)
     r = all_rewards.cpu().double().numpy().reshape(-1, cfg.group_size)
-    stats.update(epoch=epoch, reward_mean=float(r.mean()), reward_std=float(r.std()),
+    stats.update(epoch=epoch, epochs=cfg.epochs, reward_mean=float(r.mean()), reward_std=float(r.std()),
                  zero_std_groups=float((r.std(1) < 1e-8).mean()), seconds=time.time() - t0,
                  images_per_s=len(all_rewards) / (time.time() - t0), **counters)
     if device.type == "cuda":  # this rank's peak since start-up (torch.cuda.max_memory_allocated)
@@ -487,16 +437,16 @@ def epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device):
 # -----------------------------------------------------------------------------------------------
 # The run
 
-def check_inputs(cfg, world):
+def check_inputs(cfg, world, master=True):
     """Everything the user gave us, checked before the (slow) model load, so a mistake costs seconds.
     Returns (training prompts, held-out prompts, references or None, checkpoint to resume from or None)."""
     validate(cfg, world)
     try:
         prompts = data.load_prompts(cfg.train_prompts)
     except ValueError as e:
-        raise SystemExit(f"{e}\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, "
-                         "references and weights: see README. To try the method on a laptop: "
-                         "`make demo`.)") from None
+        hint = ("\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and weights: "
+                "see README. To try the method on a laptop: `make demo`.)")
+        raise SystemExit(f"{e}{hint if cfg.train_prompts == Config.train_prompts else ''}") from None
     try:
         test_prompts = [p["prompt"] for p in data.load_prompts(cfg.test_prompts)] if cfg.eval_every else []
     except ValueError as e:
@@ -512,18 +462,24 @@ def check_inputs(cfg, world):
         references = data.load_references(cfg, prompts) if needs_refs else None
     except ValueError as e:
         raise SystemExit(f"reference images: {e}") from None
+    if master:
+        C.claim_out_dir(cfg)  # one run per folder; a used one is resumed or explicitly overwritten
     resume_from = None
     if cfg.resume:
-        resume_from = latest_checkpoint(cfg.out_dir)
+        resume_from = C.latest(cfg.out_dir, warn=print if master else lambda msg: None)
         if resume_from is None:
-            raise SystemExit(f"--resume: no complete checkpoint in {cfg.out_dir}/checkpoints")
+            raise SystemExit(f"--resume: no intact checkpoint in {cfg.out_dir}/checkpoints")
+        changes = C.config_changes(json.load(open(os.path.join(resume_from, "config.json"))), cfg,
+                                   cfg.allow_config_change)
+        if changes and master:
+            print("\n".join([f"--resume: changed since {resume_from}:", *changes]), flush=True)
     return prompts, test_prompts, references, resume_from
 
 
 def train(cfg):
     rank, world, device = setup_distributed()
     master = rank == 0
-    prompts, test_prompts, references, resume_from = check_inputs(cfg, world)
+    prompts, test_prompts, references, resume_from = check_inputs(cfg, world, master)
     torch.manual_seed(cfg.seed)
     gen = M.build_generator(cfg, device, world)
     adversary = R.build_adversary(cfg, device, gen.transformer.config.pooled_projection_dim)[1]
@@ -535,21 +491,15 @@ def train(cfg):
             torch.cuda.empty_cache()
     fixed_reward = R.build_fixed_reward(cfg, device, references, phi)
     counters = dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0)
-    start = load_checkpoint(resume_from, gen, adversary, counters) + 1 if resume_from else 0
+    start = C.load(resume_from, gen, adversary, counters, cfg) if resume_from else 0
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        if resume_from:
-            print(f"resumed from {resume_from} (next epoch {start})")
-        n = cfg.prompts_per_epoch * cfg.group_size
-        print(f"world {world} | {cfg.prompts_per_epoch} prompts × {cfg.group_size} images = {n} images/epoch "
-              f"({n // world} per rank) | {len(prompts)} training prompts | trainable params "
-              f"{sum(p.numel() for p in gen.params.values()):,} of {M.count_params(gen.transformer):,}")
-        log, extra_log = open_metrics(cfg.out_dir, start), external_logger(cfg)
+        announce(cfg, world, prompts, gen, resume_from, start)
+        log, extra_log = C.open_metrics(cfg.out_dir, start), external_logger(cfg)
     # SIGTERM (preemption): finish the epoch, save, exit 0. The flag is all-reduced so ranks agree.
     stop = torch.zeros(1, device=device)
     signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
     history = []  # (training reward, held-out metrics) per evaluation, for the reward-hacking monitor
+    t_run = time.time()
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         # held-out evaluation of the weights as they enter this epoch (epoch 0 = the base model)
@@ -586,7 +536,8 @@ def train(cfg):
             note_bad_update(cfg, counters, master,
                             f"epoch {epoch}: non-finite rewards or log-probs, update skipped")
         # 7. log (an evaluation is paired with this epoch's training reward for the reward-hacking monitor)
-        stats = {**epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device), **ev, "window": window}
+        stats = {**epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device), **ev, "window": window,
+                 "eta_s": (time.time() - t_run) / (epoch + 1 - start) * (cfg.epochs - epoch - 1)}
         if ev:
             history[-1] = (float(all_rewards.mean()), history[-1][1])
             if E.hacking_warning(history):
@@ -601,13 +552,13 @@ def train(cfg):
         if dist.is_initialized():
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if (epoch + 1) % cfg.save_every == 0 or epoch == cfg.epochs - 1 or stop.item():
-            if master:
-                save_checkpoint(cfg, epoch, gen, adversary, counters)
+            if master:  # named by epochs done: the weights entering epoch + 1
+                C.save(cfg, epoch + 1, gen, adversary, counters, export_lora if cfg.lora_rank > 0 else None)
             if dist.is_initialized():
                 dist.barrier()
         if stop.item():
             if master:
-                print(f"SIGTERM: saved epoch {epoch}, exiting", flush=True)
+                print(f"SIGTERM: saved checkpoint epoch_{epoch + 1:06d} after epoch {epoch}, exiting", flush=True)
             break
     else:
         if cfg.eval_every and start < cfg.epochs:  # the trained model, logged as epoch = cfg.epochs
@@ -615,14 +566,16 @@ def train(cfg):
             if master:
                 log.write(json.dumps(dict(epoch=cfg.epochs, **ev)) + "\n")
                 log.flush()
-                E.report(cfg.out_dir)
+                E.report(cfg.out_dir, counters["g_steps"])
     if dist.is_initialized():
         dist.destroy_process_group()
     return gen, adversary, counters
 
 
 def main(argv=None):
-    train(parse_args(sys.argv[1:] if argv is None else argv))
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    M.quiet_libraries()
+    train(cfg)
 
 
 if __name__ == "__main__":

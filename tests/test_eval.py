@@ -3,6 +3,7 @@ import os
 
 import torch
 
+import checkpoint as C
 import eval as E
 import train as T
 from test_train import ADV_PRESET, tiny_cfg
@@ -71,7 +72,7 @@ def test_exported_lora_reproduces_our_samples_in_diffusers(tmp_path):
     import model as M
     cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), epochs=2, ema_every=1, lr=3e-2)
     gen = T.train(cfg)[0]
-    ckpt = T.latest_checkpoint(str(tmp_path))
+    ckpt = C.latest(str(tmp_path))
     prompts = ["a red circle on the left", "a blue square in the centre"]
     ours = E.generate(gen, prompts, seed=3, num_steps=6, guidance_scale=2.0)
     base = E.generate(gen, prompts, seed=3, num_steps=6, guidance_scale=2.0, use_ema=False)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint as C
 import reward as R
 import train as T
 from test_train import ADV_PRESET, ROOT, tiny_cfg
@@ -53,13 +54,13 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path):
     _wait_for(lambda: os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 9, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _ckpts(b)[-1] == "epoch_000007"
+    assert _ckpts(b)[-1] == "epoch_000008"
     out = _run([f"--out_dir={b}", "--resume"] + args).stdout
     assert "resumed from" in out and "next epoch 8" in out
     for name in ("trainable.safetensors", "ema.safetensors"):
-        wa, wb = (load_file(os.path.join(d, "checkpoints", "epoch_000015", name)) for d in (a, b))
+        wa, wb = (load_file(os.path.join(d, "checkpoints", "epoch_000016", name)) for d in (a, b))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    sa, sb = (torch.load(os.path.join(d, "checkpoints", "epoch_000015", "state.pt"), weights_only=True)
+    sa, sb = (torch.load(os.path.join(d, "checkpoints", "epoch_000016", "state.pt"), weights_only=True)
               for d in (a, b))
     assert all(torch.equal(v, sb["adversary"]["head"][k]) for k, v in sa["adversary"]["head"].items())
     assert sa["counters"] == sb["counters"]
@@ -77,15 +78,15 @@ def test_sigterm_finishes_the_epoch_saves_and_exits_zero(tmp_path):
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "SIGTERM: saved epoch" in stdout
     last = json.loads(open(metrics).readlines()[-1])["epoch"]
-    assert _ckpts(out) == [f"epoch_{last:06d}"]
+    assert _ckpts(out) == [f"epoch_{last + 1:06d}"]  # named by epochs done
 
 
 def test_incomplete_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
     out = str(tmp_path / "run")
     _run([f"--out_dir={out}", "--epochs=5", "--keep_last=2"])
-    assert _ckpts(out) == ["epoch_000003", "epoch_000004"]
+    assert _ckpts(out) == ["epoch_000004", "epoch_000005"]
     os.makedirs(os.path.join(out, "checkpoints", "epoch_000009.tmp"))  # a save killed half-way
-    assert T.latest_checkpoint(out).endswith("epoch_000004")
+    assert C.latest(out).endswith("epoch_000005")
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "empty"])
@@ -111,7 +112,7 @@ def test_broken_reference_images_stop_before_any_weight_is_written(tmp_path, cas
     with pytest.warns(UserWarning, match="1"):
         T.train(tiny_cfg(ADV_PRESET, out_dir=out, references=str(refs / "index.json"),
                          skip_bad_references=True, epochs=1))
-    assert _ckpts(out) == ["epoch_000000"]
+    assert _ckpts(out) == ["epoch_000001"]
 
 
 @pytest.mark.parametrize("text,where", [("", "empty"), ("a red circle\n\nblue\n", ":2")])

@@ -93,7 +93,7 @@ def test_two_epoch_tiny_world_run(tmp_path):
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["reward_mean"])) for r in rows)
     assert counters["g_epochs"] == 2 and counters["d_steps"] == 2
-    assert os.path.isdir(tmp_path / "checkpoints" / "epoch_000001" / "lora")
+    assert os.path.isdir(tmp_path / "checkpoints" / "epoch_000002" / "lora")
 
 
 def test_references_made_from_the_tiny_pipeline_are_as_good_as_its_own_samples(tmp_path):

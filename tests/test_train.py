@@ -166,10 +166,10 @@ def test_resume_continues_exactly(tmp_path):
     _run([f"--out_dir={a}", "--epochs=3"])
     _run([f"--out_dir={b}", "--epochs=2"])
     out = _run([f"--out_dir={b}", "--epochs=3", "--resume"])
-    assert "resumed from" in out and "epoch    2" in out
-    wa, wb = _weights(a, 2), _weights(b, 2)
+    assert "resumed from" in out and "epoch    2/3" in out
+    wa, wb = _weights(a, 3), _weights(b, 3)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    sa, sb = (torch.load(os.path.join(d, "checkpoints", "epoch_000002", "state.pt"), weights_only=True)
+    sa, sb = (torch.load(os.path.join(d, "checkpoints", "epoch_000003", "state.pt"), weights_only=True)
               for d in (a, b))
     for k, v in sa["adversary"]["head"].items():
         assert torch.equal(v, sb["adversary"]["head"][k])
@@ -216,9 +216,9 @@ def test_two_process_gloo_keeps_generator_and_discriminator_identical(tmp_path):
 def test_torchrun_two_processes_checkpoint_and_resume(tmp_path, extra):
     out = str(tmp_path / "run")
     _run([f"--out_dir={out}", "--epochs=2"] + extra, nproc=2)
-    assert os.path.isdir(os.path.join(out, "checkpoints", "epoch_000001"))
+    assert os.path.isdir(os.path.join(out, "checkpoints", "epoch_000002"))
     log = _run([f"--out_dir={out}", "--resume", "--epochs=3"] + extra, nproc=2)
-    assert "resumed from" in log and "epoch    2" in log
+    assert "resumed from" in log and "epoch    2/3" in log
 
 
 # --- the adversarial reward in the loop -------------------------------------------------------
@@ -311,7 +311,7 @@ def test_low_mem_frees_text_encoders_and_trains_like_the_default(tmp_path):
     every = {"", *(p["prompt"] for p in data.load_prompts(tiny_cfg().train_prompts))}
     assert set(b.encode.cache) == every and set(a.encode.cache) <= every
     assert all(e.device.type == "cpu" for e, _ in b.encode.cache.values())
-    wa, wb = _weights(str(tmp_path / "a"), 1), _weights(str(tmp_path / "b"), 1)
+    wa, wb = _weights(str(tmp_path / "a"), 2), _weights(str(tmp_path / "b"), 2)
     assert wa.keys() == wb.keys()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4, rtol=0) for k in wa)
     with pytest.raises(RuntimeError, match="low_mem"):
@@ -386,7 +386,7 @@ def test_compiled_ddp_matches_eager_ddp(tmp_path):
     c, e = str(tmp_path / "c"), str(tmp_path / "e")
     _run([f"--out_dir={c}", "--epochs=3", "--compile=True"], nproc=2)
     _run([f"--out_dir={e}", "--epochs=3"], nproc=2)
-    wc, we = _weights(c, 2), _weights(e, 2)
+    wc, we = _weights(c, 3), _weights(e, 3)
     assert wc.keys() == we.keys()
     assert all(torch.allclose(wc[k], we[k], atol=1e-5, rtol=0) for k in wc)
 
