@@ -30,10 +30,12 @@ class Config:
     t5: bool = True                   # load T5-XXL; False feeds zeros in its place (as diffusers allows)
     max_sequence_length: int | None = None  # T5 tokens; None: the folder's sample_settings.json, else 128
                                       # (the recipe: 77 CLIP + 128 T5 = 205 text tokens)
-    resolution: int = 512
+    resolution: int = 512            # image side in pixels (square)
     lora_rank: int = 32               # 0 = full fine-tuning
-    lora_alpha: int = 64
-    gradient_checkpointing: bool = False
+    lora_alpha: int = 64              # LoRA scale alpha / rank (the recipe: 64 / 32 = 2)
+    init_lora: str = ""               # start from a LoRA in diffusers format (a folder with
+                                      # pytorch_lora_weights.safetensors: our checkpoints' lora/, Flow-GRPO's lora_path)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for time)
     compile: bool = False             # torch.compile the transformer
     low_mem: bool = False             # 24 GB GPUs: every prompt encoded once at start-up, then the text
                                       # encoders are freed and the embeddings kept on the CPU; VAE decodes 4
@@ -42,9 +44,9 @@ class Config:
     mixed_precision: str = "bf16"     # "bf16" (frozen weights bf16, autocast; CPU too) or "no" (float32)
     # data
     train_prompts: str = "data/train.txt"       # .txt (one per line) or .jsonl with "prompt"
-    test_prompts: str = "data/test.txt"
+    test_prompts: str = "data/test.txt"         # held-out prompts of the in-loop evaluation
     # sampling
-    num_steps: int = 10
+    num_steps: int = 10               # N sampling steps of a rollout
     guidance_scale: float = 4.5       # CFG when sampling and when recomputing log-probs; 1 = off
     sde_kind: str = "cps"             # "cps" (Adv-GRPO) or "sde" (Flow-GRPO)
     noise_level: float | None = None  # a; None: by sde_kind (cps 0.8 as Adv-GRPO, sde 0.7 as Flow-GRPO)
@@ -53,24 +55,24 @@ class Config:
     window_size: int = 2              # K trained (stochastic) steps; the rest are ODE
     # batch arithmetic (global = across all ranks)
     group_size: int = 16              # images per prompt
-    prompts_per_epoch: int = 48
+    prompts_per_epoch: int = 48       # prompts per epoch (48 × 16 = 768 images: 96 per GPU on 8)
     sample_batch_size: int = 16       # images per sampling forward on one rank
     train_batch_size: int = 8         # images per training forward on one rank
     updates_per_epoch: int = 2        # optimizer steps per epoch; gradients accumulate in between
     # GRPO
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    max_grad_norm: float = 1.0
+    lr: float = 3e-4                  # AdamW learning rate of the generator
+    weight_decay: float = 1e-4        # AdamW weight decay
+    max_grad_norm: float = 1.0        # gradient clipping (global norm)
     clip_range: float | None = None   # ε of the ratio clip; None: by sde_kind (cps 1e-5: its log-prob is
                                       # unscaled; sde 1e-4)
-    adv_clip: float = 5.0
+    adv_clip: float = 5.0             # advantages clipped to ±adv_clip
     beta_kl: float = 0.0              # KL to the frozen base, β·mean((μ_θ - μ_ref)²)
     global_std: bool = True           # normalise advantages by the std of all rewards of the epoch
     ema_decay: float = 0.9            # the EMA's decay after its warm-up: min((1 + s)/(10 + s), ema_decay)
     ema_every: int = 8                # EMA update every N optimizer steps
     # reward: a weighted sum; "dino_adv" / "pickscore_adv" are learned adversarially, others fixed
-    reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})
-    references: str = "data/references.json"  # {prompt: [relative paths]} index, or a folder (real for all)
+    reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})  # {name: weight}, e.g. "{'dino_adv': 1.0}"
+    references: str = "data/refs/index.json"  # {prompt: [relative paths]} index, or a folder (real for all)
     reference_root: str = ""          # root of the index's paths (default: the JSON's folder)
     skip_bad_references: bool = False  # drop unreadable reference images with a warning instead of stopping
     schedule: str = "paper"           # "paper": D-only epochs, G every d_times-th; "shared": G + D on one
@@ -78,24 +80,24 @@ class Config:
     d_warmup: int = 0                 # first epochs in which only the discriminator trains
     d_times: int = 10                 # paper schedule: G trains on epochs where (epoch+1) % d_times == 0
     d_steps: int = 1                  # D steps per D epoch, on the same samples
-    d_lr: float = 1e-4
+    d_lr: float = 1e-4                # Adam (0.5, 0.999) learning rate of the DINO discriminator head
     d_conditional: bool = False       # beyond the paper: the D head also sees the prompt (projection term on
                                       # the pooled text embedding); references of other prompts count as fakes
     dino_backbone: str = "vit_base_patch14_dinov2.lvd142m"  # timm name, or "random:tiny" (tests)
     dino_weights: str = ""            # local weights file for the backbone (clusters without hub access)
     dino_kwargs: dict = field(default_factory=dict)  # timm.create_model architecture kwargs (tiny world)
-    dino_image_size: int = 518
+    dino_image_size: int = 518        # images are resized to this for the backbone (DINOv2: 518 = 37 × 14)
     pickscore_model: str = "yuvalkirstain/PickScore_v1"     # hub id, folder, or "random:tiny" (tests)
-    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # its tokenizer (hub id or folder)
     pickscore_train_last_k: int = 1   # vision layers the PickScore adversary trains
                                       # (paper 2, published code 1)
-    pickscore_lr: float = 5e-6
+    pickscore_lr: float = 5e-6        # Adam (0.5, 0.999) learning rate of the PickScore adversary
     clip_model: str = "openai/clip-vit-large-patch14"  # the fixed clip_score reward
                                                        # (hub id, folder, random:tiny)
     # run
-    epochs: int = 1000
-    seed: int = 0
-    out_dir: str = "out/sd35m_dino"
+    epochs: int = 1000                # sampling rounds (each: D and/or G work, per the schedule)
+    seed: int = 0                     # every random stream derives from (seed, epoch, rank, image)
+    out_dir: str = "out/sd35m_dino"   # metrics, samples, checkpoints (one run per folder)
     save_every: int = 20              # epochs between checkpoints
     keep_last: int = 3                # checkpoints kept on disk
     resume: bool = False              # continue from the newest intact checkpoint in out_dir
@@ -105,8 +107,8 @@ class Config:
     log_to: str = ""                  # also log to "wandb" or "tensorboard" (installed separately)
     # held-out evaluation (EMA weights, ODE, fixed seeds) every eval_every epochs and at the end
     eval_every: int = 20              # 0 = never
-    eval_num_steps: int = 40
-    eval_guidance_scale: float = 4.5
+    eval_num_steps: int = 40          # ODE steps of the held-out samples
+    eval_guidance_scale: float = 4.5  # CFG of the held-out samples
     eval_n_per_prompt: int = 1        # images per test prompt
     eval_max_prompts: int = 64        # first N test prompts (0 = all)
 

@@ -28,6 +28,7 @@ Departs from the published Flow-GRPO / Adv-GRPO code
   fails before the first (expensive) epoch, naming the file and its prompt, and no epoch pays for decoding.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -350,18 +351,97 @@ def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0,
     return os.path.join(out, "index.json")
 
 
+# -----------------------------------------------------------------------------------------------
+# Importing the published prompt sets and reference indexes
+# Prompts: Flow-GRPO's dataset/ folder (github.com/yifan123/flow_grpo) holds the paper's sets —
+# pickscore/{train,test}.txt (the DINO and PickScore experiments), geneval/{train,test}_metadata.jsonl,
+# ocr/{train,test}.txt. References: the published generation script writes prompt2img_node<N>.json
+# ({prompt: [file names]}) per node beside the images.
+
+def import_prompts(src, out):
+    """A downloaded prompt file (.txt, or .jsonl with "prompt") rewritten in our strict format: stripped,
+    blank lines dropped (we refuse them), metadata kept (.jsonl). Returns (kept, dropped)."""
+    ext = os.path.splitext(src)[1].lower()
+    with open(src, encoding="utf-8-sig") as f:
+        raw = [line.strip() for line in f.read().removesuffix("\n").split("\n")]
+    rows = [json.loads(line) if ext == ".jsonl" else {"prompt": line} for line in raw if line]
+    rows = [r for r in rows if str(r.get("prompt", "")).strip()]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((json.dumps({**r, "prompt": r["prompt"].strip()}, ensure_ascii=False) if out.endswith(".jsonl")
+                     else r["prompt"].strip().replace("\n", " ")) + "\n")
+    load_prompts(out)  # what we wrote must read back
+    return len(rows), len(raw) - len(rows)
+
+
+def import_references(indexes, images, out):
+    """Merge published {prompt: [file names]} indexes (e.g. prompt2img_node*.json) whose files lie in
+    `images` into one index at `out`, paths relative to out's folder. Returns (prompts, files, missing)."""
+    merged = {}
+    for path in indexes:
+        with open(path, encoding="utf-8") as f:
+            for prompt, names in json.load(f).items():
+                merged.setdefault(prompt, []).extend(n for n in (names if isinstance(names, list) else [names])
+                                                     if n not in merged.get(prompt, []))
+    root = os.path.dirname(os.path.abspath(out))
+    index = {p: [os.path.relpath(os.path.join(os.path.abspath(images), n), root) for n in names]
+             for p, names in merged.items()}
+    os.makedirs(root, exist_ok=True)  # before the check: "<root>/../x" resolves only through an existing root
+    missing = [f for names in index.values() for f in names if not os.path.isfile(os.path.join(root, f))]
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1, ensure_ascii=False)
+    return len(index), sum(map(len, index.values())), missing
+
+
+@dataclasses.dataclass
+class MakeReferences:
+    model: str = ""                   # hub id or folder of a diffusers text-to-image pipeline
+    prompts: str = ""                 # prompt file (.txt or .jsonl)
+    out: str = "data/refs"            # output folder (PNGs + index.json)
+    n: int = 8                        # images per prompt (the paper: 8)
+    steps: int = 50                   # sampling steps (the paper: 50 with Qwen-Image)
+    guidance_scale: float = 4.0       # CFG, asked for in the pipeline's own way
+    size: int | None = None           # default: the pipeline's sample_settings.json, else 512
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ImportPrompts:
+    src: str = ""                     # a downloaded .txt or .jsonl prompt file
+    out: str = "data/train.txt"       # .txt (prompts only) or .jsonl (metadata kept)
+
+
+@dataclasses.dataclass
+class ImportReferences:
+    index: list = dataclasses.field(default_factory=list)  # published {prompt: [names]} JSON files
+    images: str = ""                  # the folder holding the images those names refer to
+    out: str = "data/refs/index.json"  # the merged index (train.py's default `references`)
+
+
+COMMANDS = {"make_references": MakeReferences, "import_prompts": ImportPrompts, "import_references": ImportReferences}
+
 if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="make reference images with any diffusers pipeline")
-    ap.add_argument("command", choices=["make_references"])
-    ap.add_argument("--model", required=True, help="hub id or folder of a diffusers text-to-image pipeline")
-    ap.add_argument("--prompts", required=True, help="prompt file (.txt or .jsonl)")
-    ap.add_argument("--out", required=True, help="output folder (PNGs + index.json)")
-    ap.add_argument("--n", type=int, default=8, help="images per prompt")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance_scale", type=float, default=4.0)
-    ap.add_argument("--size", type=int, default=None,
-                    help="default: the pipeline's sample_settings.json, else 512")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    print(make_references(a.model, a.prompts, a.out, a.n, a.steps, a.guidance_scale, a.size, a.seed))
+    import sys
+
+    import configurator
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        raise SystemExit(f"usage: python data.py {{{'|'.join(COMMANDS)}}} --key=value ...  (--help per command)")
+    (a,) = configurator.parse(sys.argv[2:], COMMANDS[sys.argv[1]], usage=f"python data.py {sys.argv[1]}\n")
+    if sys.argv[1] == "make_references":
+        if not (a.model and a.prompts):
+            raise SystemExit("make_references needs --model and --prompts")
+        print(make_references(a.model, a.prompts, a.out, a.n, a.steps, a.guidance_scale, a.size, a.seed))
+    elif sys.argv[1] == "import_prompts":
+        try:
+            kept, dropped = import_prompts(a.src, a.out)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"import_prompts: {e}") from None
+        print(f"{a.out}: {kept} prompts ({dropped} blank lines dropped)")
+    else:
+        try:
+            n_prompts, n_files, missing = import_references(a.index, a.images, a.out)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"import_references: {e}") from None
+        print(f"{a.out}: {n_prompts} prompts, {n_files} images" + (f"; {len(missing)} missing, e.g. {missing[0]}"
+                                                                     if missing else ""))

@@ -306,11 +306,18 @@ def hub_reachable(timeout=3.0):
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     import socket
-    try:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def connect():  # name resolution has no timeout of its own: the whole attempt runs in a thread
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    pool = ThreadPoolExecutor(1)
+    try:
+        pool.submit(connect).result(timeout=timeout)
         return True
-    except OSError:
+    except Exception:
         return False
+    finally:
+        pool.shutdown(wait=False)
 
 
 def available(name, online):

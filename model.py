@@ -19,6 +19,7 @@ zeros in place of the T5 tokens, exactly as diffusers does when `text_encoder_3`
 """
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -178,7 +179,6 @@ def pipeline_settings(name_or_path):
     path = os.path.join(name_or_path, SETTINGS_FILE)
     if not os.path.isfile(path):
         return {}
-    import json
     with open(path) as f:
         return json.load(f)
 
@@ -198,6 +198,34 @@ def add_lora(transformer, rank, alpha, targets=LORA_TARGETS, init="gaussian"):
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
                                        target_modules=list(targets)))
     return transformer
+
+
+def load_lora(transformer, folder):
+    """Set our adapter to a LoRA saved in diffusers' format (`save_lora_weights`: keys "transformer.<peft key>"),
+    refusing one of another rank or for other layers in one line."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    path = os.path.join(folder, "pytorch_lora_weights.safetensors")
+    if not os.path.isfile(path):
+        raise SystemExit(f"init_lora: no pytorch_lora_weights.safetensors in {folder}")
+    if not getattr(transformer, "peft_config", None):
+        raise SystemExit("init_lora needs lora_rank > 0")
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    ours = transformer.peft_config["default"]
+    theirs = (meta.get("transformer.r", ours.r), meta.get("transformer.lora_alpha", ours.lora_alpha))
+    if theirs != (ours.r, ours.lora_alpha):  # another alpha would silently rescale the update
+        raise SystemExit(f"init_lora {folder} has rank {theirs[0]} / alpha {theirs[1]}: set --lora_rank={theirs[0]} "
+                         f"--lora_alpha={theirs[1]}")
+    sd = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
+    try:
+        result = set_peft_model_state_dict(transformer, sd, adapter_name="default")
+    except RuntimeError as e:  # shape mismatch: another rank
+        raise SystemExit(f"init_lora {folder} does not fit lora_rank / targets of this run: {str(e)[:200]}") from None
+    if getattr(result, "unexpected_keys", None):
+        raise SystemExit(f"init_lora {folder} has weights for layers this run does not adapt, e.g. "
+                         f"{result.unexpected_keys[0]}")
 
 
 def trainable_parameters(module):
@@ -309,7 +337,6 @@ def vae_factor(pipe):
 def resolution_multiple(name_or_path):
     """What image sizes must be a multiple of (VAE factor × patch size), read from the configs alone (no
     weights): for "random:<arch>" and local pipeline folders; None for a hub id (checked after loading)."""
-    import json
     if name_or_path.startswith("random:"):
         a = ARCHS.get(name_or_path.split(":", 1)[1])
         vae, tr = (a["vae"], a["transformer"]) if a else (None, None)
@@ -374,6 +401,8 @@ def build_generator(cfg, device, world=1):
         raise SystemExit(f"config error: resolution {cfg.resolution} must be a multiple of {f} "
                          f"(VAE factor × patch size of {cfg.pretrained})")
     transformer = add_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.init_lora:
+        load_lora(transformer, cfg.init_lora)
     params = trainable_parameters(transformer)
     for p in params.values():
         p.data = p.data.float()

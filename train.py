@@ -369,23 +369,31 @@ def export_lora(gen, path):
 # 7. Logging
 
 def external_logger(cfg):
-    """stats -> None for wandb / tensorboard, when asked for; a clear stop when not installed."""
+    """log(stats, grid=None) for wandb / tensorboard, when asked for: the scalars of `stats`, and the held-out
+    sample grid (a PNG path) when an evaluation made one. A clear stop when the package is not installed."""
     if not cfg.log_to:
-        return lambda stats: None
+        return lambda stats, grid=None: None
     try:
         if cfg.log_to == "wandb":
             import wandb
             run = wandb.init(project="nanoAdvGRPO", name=os.path.basename(cfg.out_dir.rstrip("/")),
                              config=dataclasses.asdict(cfg), resume="allow")
-            return lambda stats: run.log(stats, step=stats["epoch"])
+
+            def log(stats, grid=None):
+                run.log({**stats, **({"samples": wandb.Image(grid)} if grid else {})}, step=stats["epoch"])
+            return log
         if cfg.log_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
 
-            def log(stats):
+            def log(stats, grid=None):
                 for k, v in stats.items():
                     if isinstance(v, (int, float)) and k != "epoch":
                         writer.add_scalar(k, v, stats["epoch"])
+                if grid:
+                    from PIL import Image
+                    writer.add_image("samples", np.asarray(Image.open(grid).convert("RGB")), stats["epoch"],
+                                     dataformats="HWC")
                 writer.flush()  # an epoch is minutes long: flush, so a killed run loses nothing
             return log
     except ImportError as e:
@@ -547,7 +555,7 @@ def train(cfg):
             print(epoch_line(stats), flush=True)
             log.write(json.dumps(stats) + "\n")
             log.flush()
-            extra_log(stats)
+            extra_log(stats, os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png") if ev else None)
         # 8. checkpoint
         if dist.is_initialized():
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)

@@ -1,0 +1,137 @@
+"""The first hour: --help, eval offline in seconds, eval like the run, one epoch number, readable logs,
+a LoRA to start from, the published data imported."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import configurator
+import data
+import model as M
+from test_train import ADV_PRESET, ROOT, tiny_cfg
+
+
+def _py(args, env_extra=None, drop=(), ok=True, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert (p.returncode == 0) == ok, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.parametrize("script, schemas", [("train.py", "Config"), ("eval.py", "EvalArgs"),
+                                             ("bench.py", "Bench Config")])
+def test_help_lists_every_key_with_its_default_and_comment(script, schemas):
+    import bench
+    import eval as E
+    out = _py([script, "--help"]).stdout
+    for name in schemas.split():
+        cls = {"Config": configurator.Config, "EvalArgs": E.EvalArgs, "Bench": bench.Bench}[name]
+        for key, text in configurator.comments(cls).items():
+            if text is not None:
+                assert text, f"{name}.{key} has no comment"
+                assert f"--{key}={getattr(cls(), key)!r}" in out and text[:30] in out, key
+
+
+def test_key_value_with_a_space_and_a_clear_type_error():
+    cfg = configurator.parse_args(["--lr", "0.1", "--seed", "3", "--resume", "--window_start", "random"])
+    assert (cfg.lr, cfg.seed, cfg.resume, cfg.window_start) == (0.1, 3, True, "random")
+    with pytest.raises(SystemExit, match="write --group_size=<value>"):
+        configurator.parse_args(["--group_size", "--lr=0.1"])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-epoch run with an in-loop evaluation at epochs 0 and 2 (the end)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    p = _py(["train.py", ADV_PRESET, f"--out_dir={out}", "--epochs=2", "--eval_every=2", "--eval_num_steps=3",
+             "--test_prompts=assets/tiny_prompts.txt", "--ema_every=1"], {"HF_HUB_OFFLINE": "1"})
+    return out, p.stdout
+
+
+def test_checkpoint_grid_and_summary_carry_one_epoch_number(run):
+    out, stdout = run
+    assert os.path.isdir(out / "checkpoints" / "epoch_000002") and os.path.isfile(out / "samples" / "epoch_000002.png")
+    assert json.load(open(out / "summary.json"))["epochs"] == {"before": 0, "after": 2}
+    assert "held-out before (epoch 0) → after (epoch 2)" in stdout
+    assert "epoch    1/2" in stdout and "ETA" in stdout and '"pretrained"' not in stdout  # no config dump
+    assert json.load(open(out / "config.json"))["epochs"] == 2
+
+
+def test_eval_skips_hub_models_in_seconds_offline_and_evaluates_like_the_run(run, tmp_path):
+    """No HF_HUB_OFFLINE, no network, no cache: PickScore / CLIP are skipped with the reason, fast. By
+    default eval.py uses the run's own eval steps, CFG and prompts."""
+    out, _ = run
+    t = time.time()
+    p = _py(["eval.py", "--ckpt", str(out / "checkpoints" / "epoch_000002"), "--out", str(tmp_path)],
+            {"HF_HOME": str(tmp_path / "hf")}, drop=("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    assert time.time() - t < 30
+    assert "skipped pickscore" in p.stdout and "hub is unreachable" in p.stdout
+    m = json.load(open(tmp_path / "metrics.json"))
+    cfg = json.load(open(out / "config.json"))
+    assert (m["num_steps"], m["guidance_scale"]) == (cfg["eval_num_steps"], cfg["eval_guidance_scale"])
+    assert m["prompts"] == [line.strip() for line in open(os.path.join(ROOT, "assets", "tiny_prompts.txt"))]
+    # the run's in-loop numbers of the same weights, same seed: eval.py reproduces them
+    last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
+    assert abs(m["metrics"]["toy_geneval"] - last["eval/toy_geneval"]) < 1e-9
+    assert abs(m["metrics"]["dino_sim"] - last["eval/dino_sim"]) < 1e-4
+
+
+def test_a_run_without_generator_steps_says_so(tmp_path):
+    p = _py(["train.py", ADV_PRESET, f"--out_dir={tmp_path / 'r'}", "--epochs=2", "--d_warmup=5", "--eval_every=2",
+             "--eval_num_steps=2", "--test_prompts=assets/tiny_prompts.txt"], {"HF_HUB_OFFLINE": "1"})
+    assert "the generator was never updated (0 G steps" in p.stdout
+
+
+def test_training_starts_from_an_exported_lora(run):
+    """init_lora: a checkpoint's diffusers-format lora/ (its EMA weights) is where the next run starts."""
+    from safetensors.torch import load_file
+    out, _ = run
+    cfg = tiny_cfg(ADV_PRESET, init_lora=str(out / "checkpoints" / "epoch_000002" / "lora"))
+    gen = M.build_generator(cfg, torch.device("cpu"))
+    ema = load_file(str(out / "checkpoints" / "epoch_000002" / "ema.safetensors"))
+    assert gen.params.keys() == ema.keys() and all(torch.allclose(gen.params[k], ema[k]) for k in ema)
+    assert torch.equal(gen.ema.shadow[next(iter(ema))], gen.params[next(iter(ema))])  # the EMA starts there too
+    with pytest.raises(SystemExit, match="lora_rank=4 --lora_alpha=8"):
+        M.build_generator(tiny_cfg(ADV_PRESET, init_lora=cfg.init_lora, lora_rank=8, lora_alpha=16),
+                          torch.device("cpu"))
+
+
+def test_the_sample_grid_goes_to_wandb_with_the_scalars(monkeypatch, tmp_path):
+    import types
+
+    import train as T
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(log=lambda d, step: calls.append((d, step))),
+                                 Image=lambda path: ("image", path))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log = T.external_logger(tiny_cfg(log_to="wandb", out_dir=str(tmp_path)))
+    log({"epoch": 4, "reward_mean": 0.5}, str(tmp_path / "grid.png"))
+    assert calls == [({"epoch": 4, "reward_mean": 0.5, "samples": ("image", str(tmp_path / "grid.png"))}, 4)]
+
+
+def test_the_published_prompt_sets_and_reference_indexes_import(tmp_path):
+    (tmp_path / "train.txt").write_text("a cat \n\n  a dog\n")
+    assert data.import_prompts(str(tmp_path / "train.txt"), str(tmp_path / "out" / "train.txt")) == (2, 1)
+    assert [p["prompt"] for p in data.load_prompts(str(tmp_path / "out" / "train.txt"))] == ["a cat", "a dog"]
+    (tmp_path / "m.jsonl").write_text(json.dumps({"prompt": "a cat", "tag": "single_object"}) + "\n")
+    data.import_prompts(str(tmp_path / "m.jsonl"), str(tmp_path / "out" / "m.jsonl"))
+    assert data.load_prompts(str(tmp_path / "out" / "m.jsonl")) == [{"prompt": "a cat", "tag": "single_object"}]
+    from PIL import Image
+    imgs = tmp_path / "qwen"
+    imgs.mkdir()
+    for n in ("node0_rank0_00000_0.png", "node1_rank0_00000_0.png"):
+        Image.new("RGB", (8, 8)).save(imgs / n)
+    (imgs / "prompt2img_node0.json").write_text(json.dumps({"a cat": ["node0_rank0_00000_0.png"]}))
+    (imgs / "prompt2img_node1.json").write_text(json.dumps({"a dog": ["node1_rank0_00000_0.png", "gone.png"]}))
+    out = str(tmp_path / "data" / "refs" / "index.json")
+    n_prompts, n_files, missing = data.import_references(sorted(map(str, imgs.glob("prompt2img_node*.json"))),
+                                                         str(imgs), out)
+    assert (n_prompts, n_files) == (2, 3) and [os.path.basename(m) for m in missing] == ["gone.png"]
+    refs = data.ReferenceSet.from_index(out, skip_bad=True)
+    assert refs.prompts == ["a cat", "a dog"] and len(refs) == 2
+    assert configurator.Config().references == "data/refs/index.json"   # where the README puts it
