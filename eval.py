@@ -416,6 +416,8 @@ def main(argv=None):
     json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, num_steps=steps, guidance_scale=scale,
                    seed=args.seed, checkpoint=ckpt), open(os.path.join(out, "metrics.json"), "w"), indent=1)
     print(json.dumps(metrics, indent=1))
+    if "fd_dino" in metrics and len(images) < 50:
+        print(f"WARNING fd_dino from {len(images)} images is unreliable: its covariances need ~50 or more")
     for k, why in skipped.items():
         print(f"skipped {k}: {why}")
     print(f"wrote {out}")
