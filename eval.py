@@ -202,18 +202,40 @@ def plot_curves(metrics_path, out_path, train_key="reward_mean",
 
 
 def hacking_warning(history, window=3):
-    """Reward hacking, operationally: over the last `window` evaluations the training reward rose while
-    every held-out metric that should rise fell. `history`: list of (train_reward, {metric: value})."""
+    """Reward hacking, operationally: over the last `window` evaluations the training reward rose while a
+    held-out quality measure got worse (toy GenEval or paired DINO similarity down by > 0.01, FD-DINO to
+    the references up by > 5 %). `history`: list of (training reward, {metric: value}) per evaluation, the
+    reward averaged over the epochs since the previous evaluation."""
     if len(history) < window:
         return None
     old, new = history[-window], history[-1]
-    falling = [k for k in new[1]
-               if k in old[1] and k in ("toy_geneval", "dino_sim") and new[1][k] < old[1][k]]
-    if new[0] > old[0] and falling:
+    worse = [k for k in ("toy_geneval", "dino_sim") if k in new[1] and k in old[1] and new[1][k] < old[1][k] - 0.01]
+    worse += [k for k in ("fd_dino",) if k in new[1] and k in old[1] and new[1][k] > 1.05 * old[1][k]]
+    if new[0] > old[0] and worse:
         return (f"reward hacking? training reward {old[0]:.4f} → {new[0]:.4f} while held-out "
-                + ", ".join(f"{k} {old[1][k]:.3f} → {new[1][k]:.3f}" for k in falling)
+                + ", ".join(f"{k} {old[1][k]:.3f} → {new[1][k]:.3f}" for k in worse)
                 + f" over the last {window} evaluations")
     return None
+
+
+def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_reward")):
+    """One table of several runs (e.g. the demo's adversarial and frozen-D runs): each key before → after,
+    and whether the reward-hacking monitor fired during the run."""
+    from checkpoint import read_metrics
+    rows = []
+    for d in run_dirs:
+        if not os.path.isfile(os.path.join(d, "summary.json")):
+            raise SystemExit(f"--compare: no summary.json in {d}")
+        s = json.load(open(os.path.join(d, "summary.json")))
+        flagged = any(r.get("hacking_warning") for r in read_metrics(os.path.join(d, "metrics.jsonl")))
+        rows.append((os.path.basename(os.path.normpath(d)), s, flagged))
+    print(f"{'held-out (train_reward: training)':36s}" + "".join(f"{name:>24s}" for name, _, _ in rows))
+    for k in keys:
+        cells = [f"{s[k]['before']:.3f} → {s[k]['after']:.3f}" if k in s else "—" for _, s, _ in rows]
+        print(f"{k:36s}" + "".join(f"{c:>24s}" for c in cells))
+    print(f"{'reward-hacking monitor':36s}" + "".join(f"{'FLAGGED' if f else 'quiet':>24s}" for _, _, f in rows))
+    print(f"{'epochs':36s}" + "".join(f"{str(s['epochs']['before']) + ' → ' + str(s['epochs']['after']):>24s}"
+                                      for _, s, _ in rows))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -298,6 +320,7 @@ class EvalArgs:
     seed: int = 0                     # image i is seeded by (seed, i): the run's in-loop evaluation used 0
     out: str = ""                     # output folder (default: <run>/eval/epoch_NNNNNN, outside checkpoints/)
     summarize: list = field(default_factory=list)  # run folders: mean ± std of their summary.json
+    compare: list = field(default_factory=list)  # run folders: one before → after table (make demo)
 
 
 def hub_reachable(timeout=3.0):
@@ -364,6 +387,8 @@ def main(argv=None):
                                  usage=__doc__.split("\n\n")[1] + "\n")
     if args.summarize:
         return summarize(args.summarize)
+    if args.compare:
+        return compare(args.compare)
     if not args.ckpt:
         raise SystemExit("--ckpt is required (or --summarize)")
     ckpt, cfg = load_checkpoint_config(args.ckpt)

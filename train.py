@@ -506,7 +506,7 @@ def train(cfg):
     # SIGTERM (preemption): finish the epoch, save, exit 0. The flag is all-reduced so ranks agree.
     stop = torch.zeros(1, device=device)
     signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
-    history = []  # (training reward, held-out metrics) per evaluation, for the reward-hacking monitor
+    history, since_eval = [], []  # (training reward, held-out metrics) per evaluation: the hacking monitor
     t_run = time.time()
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
@@ -546,8 +546,9 @@ def train(cfg):
         # 7. log (an evaluation is paired with this epoch's training reward for the reward-hacking monitor)
         stats = {**epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device), **ev, "window": window,
                  "eta_s": (time.time() - t_run) / (epoch + 1 - start) * (cfg.epochs - epoch - 1)}
-        if ev:
-            history[-1] = (float(all_rewards.mean()), history[-1][1])
+        since_eval.append(float(all_rewards.mean()))
+        if ev:  # paired with the mean training reward since the previous evaluation (one epoch: too noisy)
+            history[-1], since_eval = (float(np.mean(since_eval)), history[-1][1]), []
             if E.hacking_warning(history):
                 print(f"WARNING {E.hacking_warning(history)}", flush=True)
                 stats["hacking_warning"] = 1
