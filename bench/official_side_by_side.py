@@ -51,10 +51,12 @@ imported). The rest of its update (loss, accumulation, logging of the loss stati
 Left out, on both sides: the text encoders (prompt embeddings come from a cache; T5 is off, its 128 tokens
 are zeros, same shapes), the reward (DINOv2 features, discriminator scores, reference images), the
 discriminator step, advantages and all cross-rank gathers (advantages here are fixed random numbers), the
-EMA (one update every 8 optimizer steps: neither side reaches one in a 2-step update), checkpoints and
-logging. The published launcher uses DeepSpeed ZeRO-2 over 8 GPUs; here accelerate runs one process with
-native bf16 autocast (what `mixed_precision="bf16"` gives without DeepSpeed), so both sides compute the same
-bf16 forward with float32 LoRA weights. TF32 flags are left as they are (one process: the same for both).
+EMA (ours updates it every 8th optimizer step, which a 2-step update from a fresh counter never reaches; the
+published `ema.step` is not called), checkpoints and logging. The published launcher uses DeepSpeed ZeRO-2
+over 8 GPUs (DeepSpeed is not among our dependencies); here accelerate runs one process with native bf16
+autocast (what `mixed_precision="bf16"` gives without DeepSpeed), so both sides compute the same bf16
+forward with float32 LoRA weights. The published script turns TF32 matmuls on; here the flags stay at
+PyTorch's defaults for both sides (one process). Not yet run on a GPU.
 """
 
 import ast
@@ -98,8 +100,9 @@ class Side:
 
 
 # The recipe's keys (the published DINO config, per GPU); the batch keys are set from Side.
-RECIPE = dict(num_steps=10, guidance_scale=4.5, sde_kind="cps", noise_level=0.8, window_start="0", window_size=2,
-              updates_per_epoch=2, lora_rank=32, lora_alpha=64, lr=3e-4, weight_decay=1e-4, max_grad_norm=1.0,
+RECIPE = dict(num_steps=10, guidance_scale=4.5, sde_kind="cps", noise_level=0.8, window_start="0",
+              window_size=2, updates_per_epoch=2, lora_rank=32, lora_alpha=64, lr=3e-4, weight_decay=1e-4,
+              max_grad_norm=1.0,
               clip_range=1e-5, adv_clip=5.0, beta_kl=0.0, mixed_precision="bf16", t5=False, reward={},
               max_bad_updates=10 ** 9)
 ARCH = {"sd3.5-medium": dict(pretrained="random:sd3.5-medium", resolution=512, max_sequence_length=128),
@@ -123,7 +126,8 @@ def parse(argv):
     if side.images % group or side.images % side.sample_batch or side.images % side.published_sample_batch:
         raise SystemExit("--images must be a multiple of 16 (or below 16), and of both sample batches")
     keys = {**RECIPE, **ARCH[side.arch], "sample_batch_size": side.sample_batch,
-            "train_batch_size": side.train_batch, "group_size": group, "prompts_per_epoch": side.images // group}
+            "train_batch_size": side.train_batch, "group_size": group,
+            "prompts_per_epoch": side.images // group}
     _, cfg = configurator.parse([f"--{k}={v!r}" for k, v in keys.items()] + argv, Side, configurator.Config)
     for k in ("sample_batch_size", "train_batch_size", "group_size", "prompts_per_epoch"):
         setattr(cfg, k, keys[k])                   # set by --images / --sample_batch / --train_batch only
@@ -180,7 +184,8 @@ def load_published(folder):
         commit = None
     sha = {k: hashlib.sha256(open(p, "rb").read()).hexdigest()[:16] for k, p in files.items()}
     return types.SimpleNamespace(cps_step=cps_step, pipeline=mods["pipeline"].pipeline_with_logprob_random,
-                                 compute_log_prob=ns["compute_log_prob"], folder=folder, commit=commit, sha256=sha)
+                                 compute_log_prob=ns["compute_log_prob"], folder=folder, commit=commit,
+                                 sha256=sha)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -199,16 +204,18 @@ def check_cps(P, num_steps=10, noise_level=0.8, shift=3.0, tol=1e-5):
         x, v, prev = (torch.randn(3, 16, 8, 8, generator=g) for _ in range(3))
         t = sched.timesteps[i].repeat(len(x))
         _, lp_p, mean_p, std_p = P.cps_step(sched, v, t, x, noise_level=noise_level, prev_sample=prev)
-        _, lp_o, mean_o, std_o = S.sde_step(v, x, sigmas[i], sigmas[i + 1], noise_level, "cps", prev_sample=prev)
-        x_p = P.cps_step(sched, v, t, x, noise_level=noise_level, generator=torch.Generator().manual_seed(i))[0]
-        x_o = S.sde_step(v, x, sigmas[i], sigmas[i + 1], noise_level, "cps",
-                         generator=torch.Generator().manual_seed(i))[0]
+        _, lp_o, mean_o, std_o = S.sde_step(v, x, sigmas[i], sigmas[i + 1], noise_level, "cps",
+                                            prev_sample=prev)
+        seed = lambda: torch.Generator().manual_seed(i)  # noqa: E731  the same draws on both sides
+        x_p = P.cps_step(sched, v, t, x, noise_level=noise_level, generator=seed())[0]
+        x_o = S.sde_step(v, x, sigmas[i], sigmas[i + 1], noise_level, "cps", generator=seed())[0]
         for key, a, b in (("mean", mean_p, mean_o), ("std", std_p, std_o), ("log_prob", lp_p, lp_o),
                           ("sample", x_p, x_o)):
             worst[key] = max(worst[key], (a.float() - torch.as_tensor(b).float()).abs().max().item())
     ok = all(v <= tol for v in worst.values())
     print(f"CPS cross-check (CPU float32, {num_steps} steps, a={noise_level}): max |published - ours| "
-          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + f" -> {'OK' if ok else 'FAILED'} (tol {tol:g})")
+          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
+          + f" -> {'OK' if ok else 'FAILED'} (tol {tol:g})")
     return dict(max_abs_diff=dict(worst), tol=tol, ok=ok)
 
 
@@ -239,8 +246,8 @@ def published_setup(gen, cfg, passes):
     acc = Accelerator(mixed_precision="bf16" if cfg.mixed_precision == "bf16" else "no",
                       gradient_accumulation_steps=passes // cfg.updates_per_epoch,
                       cpu=gen.device.type == "cpu")
-    opt = torch.optim.AdamW(list(gen.params.values()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                            eps=1e-8)
+    opt = torch.optim.AdamW(list(gen.params.values()), lr=cfg.lr, betas=(0.9, 0.999),
+                            weight_decay=cfg.weight_decay, eps=1e-8)
     wrapped, opt = acc.prepare(AsPublished(gen.transformer), opt)
     pipe = copy.copy(gen.pipe)                     # shallow: the same VAE, scheduler, encoders
     object.__setattr__(pipe, "transformer", wrapped)
@@ -366,7 +373,7 @@ def run(side, cfg, P, device):
     gen = M.build_generator(cfg, device)
     n = side.images
     prompts = [f"side-by-side prompt {i // cfg.group_size}: a red cube on a blue table" for i in range(n)]
-    gen.encode(["", *prompts])                                   # the embedding cache, filled before any timer
+    gen.encode(["", *prompts])                  # the embedding cache, filled before any timer
     passes = n // cfg.train_batch_size * cfg.window_size
     acc, wrapped, pub_opt, pub_pipe = published_setup(gen, cfg, passes)
     initial = {k: p.detach().clone() for k, p in gen.params.items()}
@@ -404,17 +411,19 @@ def run(side, cfg, P, device):
             if who == "ours":
                 counters = dict(g_steps=0, bad_updates=0)
                 with timer("ours/update", rec):
-                    info = train.train_generator(cfg, it, gen, batches[who], advantages, counters, progress=False)
+                    info = train.train_generator(cfg, it, gen, batches[who], advantages, counters,
+                                                 progress=False)
                 notes["ours/optimizer_steps"].append(counters["g_steps"])
                 notes["ours/update_info"].append(info)
                 notes["ours/loss_finite"].append(bool(torch.isfinite(torch.tensor(info["loss"]))))
             else:
                 with timer("published/update", rec), torch.autograd.set_detect_anomaly(True):
-                    logged = published_update(P, acc, wrapped, pub_opt, pub_pipe, gen, cfg, side, batches[who],
-                                              advantages)
+                    logged = published_update(P, acc, wrapped, pub_opt, pub_pipe, gen, cfg, side,
+                                              batches[who], advantages)
                 notes["published/optimizer_steps"].append(len(logged))
                 notes["published/update_info"].append(logged)
-                notes["published/loss_finite"].append(all(torch.isfinite(torch.tensor(s["loss"])) for s in logged))
+                notes["published/loss_finite"].append(
+                    all(torch.isfinite(torch.tensor(s["loss"])) for s in logged))
         del batches
     reset()
     return summarize(side, cfg, timer, notes)
@@ -441,39 +450,46 @@ def summarize(side, cfg, timer, notes):
 
 
 def table(side, cfg, device, res):
+    """The printed summary: seconds and images/s per stage and side, then what the numbers rest on."""
     p, o = res["published"], res["ours"]
-    res_px = cfg.resolution
-    head = (f"{side.arch} {res_px}² on {device_name(device)} | {cfg.mixed_precision}, "
-            f"{'compiled' if cfg.compile else 'eager'}{', checkpointing' if cfg.gradient_checkpointing else ''}"
+    mode = ("compiled" if cfg.compile else "eager") + (", checkpointing" if cfg.gradient_checkpointing
+                                                        else "")
+    head = (f"{side.arch} {cfg.resolution}² on {device_name(device)} | {cfg.mixed_precision}, {mode}"
             f" | {side.images} images/epoch, sampling calls of {side.published_sample_batch} (published) / "
-            f"{side.sample_batch} (ours), train micro-batch {side.train_batch}, {cfg.num_steps} steps, window "
-            f"{cfg.window_start}..{int(cfg.window_start) + cfg.window_size}, CFG {cfg.guidance_scale}, CPS "
-            f"a={cfg.noise_level} | VAE decode: both sides | mean of {side.iters} after {side.warmup} warm-up")
+            f"{side.sample_batch} (ours), train micro-batch {side.train_batch}, {cfg.num_steps} steps, "
+            f"window {cfg.window_start}..{int(cfg.window_start) + cfg.window_size}, "
+            f"CFG {cfg.guidance_scale}, "
+            f"CPS a={cfg.noise_level} | VAE decode: both sides | mean of {side.iters} after {side.warmup} "
+            f"warm-up")
     rows = [("(a) sampling + decode", "sample_s", "sample_images_per_s"),
             ("(b) G update", "update_s", "update_images_per_s"),
-            (f"(c) paper {cfg.d_times - 1} D : 1 G", "paper_schedule_s_per_g_update", "paper_schedule_images_per_s"),
+            (f"(c) paper {cfg.d_times - 1} D : 1 G", "paper_schedule_s_per_g_update",
+             "paper_schedule_images_per_s"),
             ("    shared 1 : 1", None, "shared_schedule_images_per_s")]
-    lines = [head, f"{'stage':<24} {'published s':>12} {'img/s':>9} {'ours s':>10} {'img/s':>9} {'ours/published':>15}"]
+    lines = [head, f"{'stage':<24} {'published s':>12} {'img/s':>9} {'ours s':>10} {'img/s':>9} "
+                   f"{'ours/published':>15}"]
     for name, s_key, r_key in rows:
         ps = f"{p[s_key]:12.3f}" if s_key else f"{'':>12}"
         os_ = f"{o[s_key]:10.3f}" if s_key else f"{'':>10}"
         lines.append(f"{name:<24} {ps} {p[r_key]:9.2f} {os_} {o[r_key]:9.2f} {o[r_key] / p[r_key]:14.2f}×")
     if p["sample_peak_gib"] is not None:
-        lines.append(f"peak GiB (a) / (b): published {p['sample_peak_gib']:.1f} / {p['update_peak_gib']:.1f}, "
-                     f"ours {o['sample_peak_gib']:.1f} / {o['update_peak_gib']:.1f}")
+        lines.append(f"peak GiB (a) / (b): published {p['sample_peak_gib']:.1f} / "
+                     f"{p['update_peak_gib']:.1f}, ours {o['sample_peak_gib']:.1f} / "
+                     f"{o['update_peak_gib']:.1f}")
     pi, oi = p["first_update_info"][0], o["first_update_info"]
-    lines.append(f"(c) = {cfg.d_times} epochs of sampling + 1 G update per G update; reward, D step and text "
-                 f"encoders left out on both sides")
-    lines.append(f"optimizer steps per update: published {p['optimizer_steps_per_update']}, ours "
-                 f"{o['optimizer_steps_per_update']} | published: anomaly detection on, ratio vs the sampler's "
-                 f"log-probs; ours: old log-probs recomputed")
-    lines.append(f"at unchanged weights, first optimizer step: max |log p - old log p| published "
-                 f"{pi['logp_gap']:.2e} (its clipfrac {pi['clipfrac']:.2f}), ours {oi['sampler_logp_gap']:.2e} "
-                 f"(vs its sampler; not used: clipfrac over the update {oi['clipfrac']:.2f}) | our recompute of "
-                 f"the published "
-                 f"samples vs their sampler: {res['cross_logp_gap']:.2e}")
-    lines.append(f"finite: sampler log-probs published {p['sampler_logp_finite']}, ours {o['sampler_logp_finite']}; "
-                 f"losses published {p['loss_finite']}, ours {o['loss_finite']}")
+    lines += [
+        f"(c): s = seconds per G update = {cfg.d_times} epochs of sampling + 1 G update; img/s = images "
+        f"sampled / s. Left out on both sides: reward, D step, text encoders",
+        f"optimizer steps per update: published {p['optimizer_steps_per_update']}, ours "
+        f"{o['optimizer_steps_per_update']} | published: anomaly detection on, old log-probs = its "
+        f"sampler's; ours: old log-probs recomputed (inside (b))",
+        f"old log-probs at unchanged weights: published max |log p - sampler's| {pi['logp_gap']:.2e}, "
+        f"clipfrac of its first optimizer step {pi['clipfrac']:.2f}; ours max |recompute - sampler's| "
+        f"{oi['sampler_logp_gap']:.2e} (not used)",
+        f"our recompute of the published samples vs the published sampler's log-probs: max |diff| "
+        f"{res['cross_logp_gap']:.2e} ({cfg.mixed_precision})",
+        f"finite: sampler log-probs published {p['sampler_logp_finite']}, ours {o['sampler_logp_finite']}; "
+        f"losses published {p['loss_finite']}, ours {o['loss_finite']}"]
     return "\n".join(lines)
 
 
@@ -490,7 +506,8 @@ def main(argv=None):
     result = dict(date=time.strftime("%Y-%m-%d"), argv=argv, cps_check=cps,
                   published=dict(folder=P.folder, commit=P.commit, sha256=P.sha256))
     if not cps["ok"]:
-        raise SystemExit("CPS cross-check failed: the two steps differ; timings would compare different maths")
+        raise SystemExit("CPS cross-check failed: the two steps differ, so the timings would compare "
+                         "different maths")
     if not side.check_only:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if (device.type == "cuda" and not any(a.startswith("--gradient_checkpointing") for a in argv)
@@ -500,8 +517,8 @@ def main(argv=None):
         try:
             res = run(side, cfg, P, device)
         except torch.OutOfMemoryError as e:
-            raise SystemExit(f"out of memory: {str(e).splitlines()[0]} (try --gradient_checkpointing=True or a "
-                             f"smaller --train_batch)") from None
+            raise SystemExit(f"out of memory: {str(e).splitlines()[0]} (try --gradient_checkpointing=True "
+                             f"or a smaller --train_batch)") from None
         print(table(side, cfg, device, res), flush=True)
         import accelerate
         import diffusers
