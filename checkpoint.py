@@ -34,8 +34,9 @@ NAME = re.compile(r"^epoch_(\d{6})$")
 # (refused unless allow_config_change). Any other change is printed and applied.
 SAME_EXPERIMENT = ("pretrained", "t5", "max_sequence_length", "resolution", "lora_rank", "lora_alpha",
                    "train_prompts", "num_steps", "sde_kind", "group_size", "prompts_per_epoch", "reward",
-                   "references", "reference_root", "schedule", "d_conditional", "dino_backbone", "dino_weights",
-                   "dino_kwargs", "dino_image_size", "pickscore_model", "pickscore_train_last_k", "seed")
+                   "references", "reference_root", "schedule", "d_conditional", "dino_backbone",
+                   "dino_weights", "dino_kwargs", "dino_image_size", "pickscore_model",
+                   "pickscore_train_last_k", "seed")
 RUN_FILES = ("metrics.jsonl", "checkpoints", "samples", "summary.json", "curves.png", "config.json",
              "tensorboard")  # what `overwrite` clears: only what a run writes
 
@@ -44,7 +45,8 @@ def nonfinite(tree, prefix=""):
     """Names of the tensors in a nested dict / list that hold NaN or inf."""
     if torch.is_tensor(tree):
         return [] if not tree.is_floating_point() or torch.isfinite(tree).all() else [prefix or "tensor"]
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    items = (tree.items() if isinstance(tree, dict)
+             else enumerate(tree) if isinstance(tree, (list, tuple)) else ())
     return [name for k, v in items for name in nonfinite(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
@@ -57,7 +59,8 @@ def _sha256(path):
 
 
 def _files(folder):
-    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names)
+    return sorted(os.path.relpath(os.path.join(d, n), folder)
+                  for d, _, names in os.walk(folder) for n in names)
 
 
 def save(cfg, epochs_done, gen, adversary, counters, export_lora=None):
@@ -73,7 +76,8 @@ def save(cfg, epochs_done, gen, adversary, counters, export_lora=None):
                  optimizer=gen.opt.state_dict(), rng_cpu=torch.get_rng_state())
     if adversary is not None:
         state["adversary"] = adversary.head_state()
-    bad = nonfinite(dict(trainable=tensors, ema=ema, optimizer=state["optimizer"], adversary=state.get("adversary")))
+    bad = nonfinite(dict(trainable=tensors, ema=ema, optimizer=state["optimizer"],
+                         adversary=state.get("adversary")))
     if bad:
         raise SystemExit(f"refusing to save {final}: non-finite values in {', '.join(bad[:3])}"
                          f"{' …' if len(bad) > 3 else ''}; the checkpoints already on disk are kept")
@@ -87,7 +91,8 @@ def save(cfg, epochs_done, gen, adversary, counters, export_lora=None):
             export_lora(gen, os.path.join(tmp, "lora"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
-        manifest = {name: dict(bytes=os.path.getsize(os.path.join(tmp, name)), sha256=_sha256(os.path.join(tmp, name)))
+        manifest = {name: dict(bytes=os.path.getsize(os.path.join(tmp, name)),
+                               sha256=_sha256(os.path.join(tmp, name)))
                     for name in _files(tmp)}
         with open(os.path.join(tmp, MANIFEST), "w") as f:  # written last: its presence means complete
             json.dump(manifest, f, indent=1)
@@ -138,7 +143,8 @@ def verify(path):
 
 
 def latest(out_dir, warn=print):
-    """The newest intact checkpoint of `out_dir` or None; every newer damaged one is skipped with a warning."""
+    """The newest intact checkpoint of `out_dir` or None; every newer damaged one is skipped with a
+    warning."""
     for path in reversed(checkpoints(out_dir)):
         why = verify(path)
         if why is None:
@@ -159,9 +165,9 @@ def config_changes(saved: dict, cfg, allow=False):
     lines = [f"  {k}: {saved[k]!r} → {now[k]!r}" for k in changed]
     fatal = [k for k in changed if k in SAME_EXPERIMENT]
     if fatal and not allow:
-        raise SystemExit(f"--resume with {', '.join(fatal)} changed would be another experiment "
-                         f"({'; '.join(line.strip() for line in lines if line.split(':')[0].strip() in fatal)}). "
-                         "Start a new out_dir, or pass --allow_config_change=True.")
+        raise SystemExit(f"--resume with {', '.join(fatal)} changed would be another experiment ("
+                         f"{'; '.join(line.strip() for line in lines if line.split(':')[0].strip() in fatal)}"
+                         "). Start a new out_dir, or pass --allow_config_change=True.")
     return lines
 
 
@@ -173,7 +179,8 @@ def load(path, gen, adversary, counters, cfg):
     try:
         state = torch.load(os.path.join(path, "state.pt"), weights_only=True, map_location=gen.device)
     except Exception as e:  # weights_only refuses pickled code: say so instead of a traceback
-        raise SystemExit(f"{path}/state.pt cannot be read safely: {type(e).__name__}: {str(e)[:200]}") from None
+        raise SystemExit(f"{path}/state.pt cannot be read safely: {type(e).__name__}: "
+                         f"{str(e)[:200]}") from None
     gen.opt.load_state_dict(state["optimizer"])
     for group in gen.opt.param_groups:
         group["lr"] = cfg.lr
@@ -212,15 +219,17 @@ def claim_out_dir(cfg):
     used = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
     if used and not cfg.resume:
         if not cfg.overwrite:
-            raise SystemExit(f"out_dir {out} already holds a run ({', '.join(used)}): --resume to continue it, "
-                             "--overwrite=True to clear it first, or another --out_dir")
+            raise SystemExit(f"out_dir {out} already holds a run ({', '.join(used)}): "
+                             "--resume to continue it, --overwrite=True to clear it first, "
+                             "or another --out_dir")
         for n in used:
             p = os.path.join(out, n)
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
 def read_metrics(path, warn=print):
-    """The JSON lines of metrics.jsonl; a torn line (a kill or a full disk mid-write) is dropped with a warning."""
+    """The JSON lines of metrics.jsonl; a torn line (a kill or a full disk mid-write) is dropped with a
+    warning."""
     rows = []
     with open(path, "rb") as f:
         for i, raw in enumerate(f.read().split(b"\n"), 1):

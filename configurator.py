@@ -34,7 +34,8 @@ class Config:
     lora_rank: int = 32               # 0 = full fine-tuning
     lora_alpha: int = 64              # LoRA scale alpha / rank (the recipe: 64 / 32 = 2)
     init_lora: str = ""               # start from a LoRA in diffusers format (a folder with
-                                      # pytorch_lora_weights.safetensors: our checkpoints' lora/, Flow-GRPO's lora_path)
+                                      # pytorch_lora_weights.safetensors: our checkpoints' lora/, Flow-GRPO's
+                                      # lora_path)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for time)
     compile: bool = False             # torch.compile the transformer
     low_mem: bool = False             # 24 GB GPUs: every prompt encoded once at start-up, then the text
@@ -71,7 +72,8 @@ class Config:
     ema_decay: float = 0.9            # the EMA's decay after its warm-up: min((1 + s)/(10 + s), ema_decay)
     ema_every: int = 8                # EMA update every N optimizer steps
     # reward: a weighted sum; "dino_adv" / "pickscore_adv" are learned adversarially, others fixed
-    reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})  # {name: weight}, e.g. "{'dino_adv': 1.0}"
+    reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})  # {name: weight}, e.g.
+                                                                     # "{'dino_adv': 1.0}"
     references: str = "data/refs/index.json"  # {prompt: [relative paths]} index, or a folder (real for all)
     reference_root: str = ""          # root of the index's paths (default: the JSON's folder)
     skip_bad_references: bool = False  # drop unreadable reference images with a warning instead of stopping
@@ -148,14 +150,16 @@ UNIT_INTERVAL = ("noise_level", "ema_decay")
 def check_ranges(cfg):
     """One line naming the first key whose value is out of its range (or not finite); None if all are fine."""
     import math
-    for key in AT_LEAST_1 + POSITIVE + NON_NEGATIVE + UNIT_INTERVAL + ("guidance_scale", "eval_guidance_scale"):
+    for key in (AT_LEAST_1 + POSITIVE + NON_NEGATIVE + UNIT_INTERVAL
+                + ("guidance_scale", "eval_guidance_scale")):
         v = getattr(cfg, key)
         if v is None:
             continue
         if not math.isfinite(v):
             return f"{key} must be a finite number, got {v}"
         if key in AT_LEAST_1 and v < 1 or key in POSITIVE and v <= 0 or key in NON_NEGATIVE and v < 0:
-            return f"{key} must be {'≥ 1' if key in AT_LEAST_1 else '> 0' if key in POSITIVE else '≥ 0'}, got {v}"
+            return (f"{key} must be "
+                    f"{'≥ 1' if key in AT_LEAST_1 else '> 0' if key in POSITIVE else '≥ 0'}, got {v}")
         if key in UNIT_INTERVAL and not 0 <= v <= 1:
             return f"{key} must be in [0, 1], got {v}"
         if key.endswith("guidance_scale") and v < 1:
@@ -166,7 +170,8 @@ def check_ranges(cfg):
     from model import resolution_multiple
     f = resolution_multiple(cfg.pretrained)
     if f and cfg.resolution % f:
-        return f"resolution {cfg.resolution} must be a multiple of {f} (VAE factor × patch size of {cfg.pretrained})"
+        return (f"resolution {cfg.resolution} must be a multiple of {f} "
+                f"(VAE factor × patch size of {cfg.pretrained})")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         return f"out_dir {cfg.out_dir} is a file, not a folder"
     return None

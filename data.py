@@ -128,7 +128,8 @@ def _load_image(path: str, size: int | None) -> torch.Tensor:
         with Image.open(path) as im:
             im.load()  # open() reads only the header: decode inside this try so truncated data fails here
             im = ImageOps.exif_transpose(im)  # a camera's rotation flag: the picture as people see it
-            if im.mode.startswith("I"):  # 16/32-bit grayscale: convert("RGB") would clip to white, scale by value
+            # 16/32-bit grayscale: convert("RGB") would clip to white, scale by value
+            if im.mode.startswith("I"):
                 a = np.asarray(im, dtype=np.float64)
                 a = a / 257 if im.mode.startswith("I;16") or a.max() > 255 else a
                 im = Image.fromarray(a.round().clip(0, 255).astype(np.uint8), "L")
@@ -369,7 +370,8 @@ def import_prompts(src, out):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for r in rows:
-            f.write((json.dumps({**r, "prompt": r["prompt"].strip()}, ensure_ascii=False) if out.endswith(".jsonl")
+            f.write((json.dumps({**r, "prompt": r["prompt"].strip()}, ensure_ascii=False)
+                     if out.endswith(".jsonl")
                      else r["prompt"].strip().replace("\n", " ")) + "\n")
     load_prompts(out)  # what we wrote must read back
     return len(rows), len(raw) - len(rows)
@@ -382,7 +384,8 @@ def import_references(indexes, images, out):
     for path in indexes:
         with open(path, encoding="utf-8") as f:
             for prompt, names in json.load(f).items():
-                merged.setdefault(prompt, []).extend(n for n in (names if isinstance(names, list) else [names])
+                merged.setdefault(prompt, []).extend(n for n in (names if isinstance(names, list)
+                                                                 else [names])
                                                      if n not in merged.get(prompt, []))
     root = os.path.dirname(os.path.abspath(out))
     index = {p: [os.path.relpath(os.path.join(os.path.abspath(images), n), root) for n in names]
@@ -419,14 +422,16 @@ class ImportReferences:
     out: str = "data/refs/index.json"  # the merged index (train.py's default `references`)
 
 
-COMMANDS = {"make_references": MakeReferences, "import_prompts": ImportPrompts, "import_references": ImportReferences}
+COMMANDS = {"make_references": MakeReferences, "import_prompts": ImportPrompts,
+            "import_references": ImportReferences}
 
 if __name__ == "__main__":
     import sys
 
     import configurator
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        raise SystemExit(f"usage: python data.py {{{'|'.join(COMMANDS)}}} --key=value ...  (--help per command)")
+        raise SystemExit(f"usage: python data.py {{{'|'.join(COMMANDS)}}} --key=value ...  "
+                         "(--help per command)")
     (a,) = configurator.parse(sys.argv[2:], COMMANDS[sys.argv[1]], usage=f"python data.py {sys.argv[1]}\n")
     if sys.argv[1] == "make_references":
         if not (a.model and a.prompts):
@@ -443,5 +448,5 @@ if __name__ == "__main__":
             n_prompts, n_files, missing = import_references(a.index, a.images, a.out)
         except (OSError, ValueError) as e:
             raise SystemExit(f"import_references: {e}") from None
-        print(f"{a.out}: {n_prompts} prompts, {n_files} images" + (f"; {len(missing)} missing, e.g. {missing[0]}"
-                                                                     if missing else ""))
+        print(f"{a.out}: {n_prompts} prompts, {n_files} images"
+              + (f"; {len(missing)} missing, e.g. {missing[0]}" if missing else ""))

@@ -209,7 +209,8 @@ def hacking_warning(history, window=3):
     if len(history) < window:
         return None
     old, new = history[-window], history[-1]
-    worse = [k for k in ("toy_geneval", "dino_sim") if k in new[1] and k in old[1] and new[1][k] < old[1][k] - 0.01]
+    worse = [k for k in ("toy_geneval", "dino_sim")
+             if k in new[1] and k in old[1] and new[1][k] < old[1][k] - 0.01]
     worse += [k for k in ("fd_dino",) if k in new[1] and k in old[1] and new[1][k] > 1.05 * old[1][k]]
     if new[0] > old[0] and worse:
         return (f"reward hacking? training reward {old[0]:.4f} → {new[0]:.4f} while held-out "
@@ -233,7 +234,8 @@ def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_rewa
     for k in keys:
         cells = [f"{s[k]['before']:.3f} → {s[k]['after']:.3f}" if k in s else "—" for _, s, _ in rows]
         print(f"{k:36s}" + "".join(f"{c:>24s}" for c in cells))
-    print(f"{'reward-hacking monitor':36s}" + "".join(f"{'FLAGGED' if f else 'quiet':>24s}" for _, _, f in rows))
+    print(f"{'reward-hacking monitor':36s}" + "".join(f"{'FLAGGED' if f else 'quiet':>24s}"
+                                                      for _, _, f in rows))
     print(f"{'epochs':36s}" + "".join(f"{str(s['epochs']['before']) + ' → ' + str(s['epochs']['after']):>24s}"
                                       for _, s, _ in rows))
 
@@ -278,7 +280,8 @@ def report(out_dir, g_steps=None, k=5):
     if len(evals) < 2:
         return
     first, last = evals[0], evals[-1]
-    summary = {k[5:]: dict(before=first[k], after=last[k]) for k in last if k.startswith("eval/") and k in first}
+    summary = {k[5:]: dict(before=first[k], after=last[k])
+               for k in last if k.startswith("eval/") and k in first}
     trained = [r["reward_mean"] for r in rows if "clipfrac" in r]
     if len(trained) >= 2:
         summary["train_reward"] = dict(before=float(np.mean(trained[:k])), after=float(np.mean(trained[-k:])))
@@ -311,7 +314,8 @@ def summarize(run_dirs):
 
 @dataclass
 class EvalArgs:
-    ckpt: str = ""                    # a checkpoint folder (…/checkpoints/epoch_NNNNNN), or a run folder (its newest)
+    ckpt: str = ""                    # a checkpoint folder (…/checkpoints/epoch_NNNNNN), or a run folder
+                                      # (its newest)
     prompts: str = ""                 # prompt file (.txt or .jsonl); default: the run's test_prompts
     prompt: list = field(default_factory=list)  # prompts given directly: --prompt "a cat" "a dog"
     n_per_prompt: int | None = None   # images per prompt; None: the run's eval_n_per_prompt

@@ -201,8 +201,8 @@ def add_lora(transformer, rank, alpha, targets=LORA_TARGETS, init="gaussian"):
 
 
 def load_lora(transformer, folder):
-    """Set our adapter to a LoRA saved in diffusers' format (`save_lora_weights`: keys "transformer.<peft key>"),
-    refusing one of another rank or for other layers in one line."""
+    """Set our adapter to a LoRA saved in diffusers' format (`save_lora_weights`: keys
+    "transformer.<peft key>"), refusing one of another rank or for other layers in one line."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
     path = os.path.join(folder, "pytorch_lora_weights.safetensors")
@@ -216,13 +216,14 @@ def load_lora(transformer, folder):
     ours = transformer.peft_config["default"]
     theirs = (meta.get("transformer.r", ours.r), meta.get("transformer.lora_alpha", ours.lora_alpha))
     if theirs != (ours.r, ours.lora_alpha):  # another alpha would silently rescale the update
-        raise SystemExit(f"init_lora {folder} has rank {theirs[0]} / alpha {theirs[1]}: set --lora_rank={theirs[0]} "
-                         f"--lora_alpha={theirs[1]}")
+        raise SystemExit(f"init_lora {folder} has rank {theirs[0]} / alpha {theirs[1]}: "
+                         f"set --lora_rank={theirs[0]} --lora_alpha={theirs[1]}")
     sd = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
     try:
         result = set_peft_model_state_dict(transformer, sd, adapter_name="default")
     except RuntimeError as e:  # shape mismatch: another rank
-        raise SystemExit(f"init_lora {folder} does not fit lora_rank / targets of this run: {str(e)[:200]}") from None
+        raise SystemExit(f"init_lora {folder} does not fit lora_rank / targets of this run: "
+                         f"{str(e)[:200]}") from None
     if getattr(result, "unexpected_keys", None):
         raise SystemExit(f"init_lora {folder} has weights for layers this run does not adapt, e.g. "
                          f"{result.unexpected_keys[0]}")
@@ -316,7 +317,8 @@ class PromptEncoder:
             raise RuntimeError(f"prompt {todo[0]!r} was not encoded before the text encoders were freed "
                                "(low_mem)")
         for p in todo:
-            emb, _, pooled, _ = self.pipe.encode_prompt(p, p, p, device=self.device, do_classifier_free_guidance=False,
+            emb, _, pooled, _ = self.pipe.encode_prompt(p, p, p, device=self.device,
+                                                        do_classifier_free_guidance=False,
                                                         max_sequence_length=self.max_len)
             self.cache[p] = (emb[0].to(self.cache_device), pooled[0].to(self.cache_device))
         emb = torch.stack([self.cache[p][0] for p in prompts]).to(self.device)       # (B, T, D)

@@ -408,13 +408,15 @@ def announce(cfg, world, prompts, gen, resume_from, start):
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     default = dataclasses.asdict(parse_args([]))
     changed = [f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items() if v != default[k]]
-    print(f"config ({cfg.out_dir}/config.json); differs from the paper's recipe in: {', '.join(changed) or '-'}")
+    print(f"config ({cfg.out_dir}/config.json); differs from the paper's recipe in: "
+          f"{', '.join(changed) or '-'}")
     if resume_from:
         print(f"resumed from {resume_from} (next epoch {start})")
     n = cfg.prompts_per_epoch * cfg.group_size
     print(f"world {world} | {cfg.prompts_per_epoch} prompts × {cfg.group_size} images = {n} images/epoch "
           f"({n // world} per rank) | {len(prompts)} training prompts | trainable params "
-          f"{sum(p.numel() for p in gen.params.values()):,} of {M.count_params(gen.transformer):,}", flush=True)
+          f"{sum(p.numel() for p in gen.params.values()):,} of {M.count_params(gen.transformer):,}",
+          flush=True)
 
 
 def epoch_line(s):
@@ -426,7 +428,8 @@ def epoch_line(s):
     if "clipfrac" in s:
         line += f" | clipfrac {s['clipfrac']:.3f} kl {s['approx_kl']:.1e}"
     eta = int(s.get("eta_s", 0))
-    line += f" | {s['seconds']:.1f}s {s['images_per_s']:.1f} img/s | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+    line += (f" | {s['seconds']:.1f}s {s['images_per_s']:.1f} img/s"
+             f" | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
     return line + (f" | peak {s['peak_gib']:.1f} GiB" if "peak_gib" in s else "")
 
 
@@ -452,8 +455,8 @@ def check_inputs(cfg, world, master=True):
     try:
         prompts = data.load_prompts(cfg.train_prompts)
     except ValueError as e:
-        hint = ("\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and weights: "
-                "see README. To try the method on a laptop: `make demo`.)")
+        hint = ("\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and "
+                "weights: see README. To try the method on a laptop: `make demo`.)")
         raise SystemExit(f"{e}{hint if cfg.train_prompts == Config.train_prompts else ''}") from None
     try:
         test_prompts = [p["prompt"] for p in data.load_prompts(cfg.test_prompts)] if cfg.eval_every else []
@@ -567,7 +570,8 @@ def train(cfg):
                 dist.barrier()
         if stop.item():
             if master:
-                print(f"SIGTERM: saved checkpoint epoch_{epoch + 1:06d} after epoch {epoch}, exiting", flush=True)
+                print(f"SIGTERM: saved checkpoint epoch_{epoch + 1:06d} after epoch {epoch}, exiting",
+                      flush=True)
             break
     else:
         if cfg.eval_every and start < cfg.epochs:  # the trained model, logged as epoch = cfg.epochs

@@ -18,7 +18,8 @@ from test_train import ADV_PRESET, ROOT, tiny_cfg
 def _py(args, env_extra=None, drop=(), ok=True, timeout=240):
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
     assert (p.returncode == 0) == ok, p.stdout[-2000:] + p.stderr[-3000:]
     return p
 
@@ -55,7 +56,8 @@ def run(tmp_path_factory):
 
 def test_checkpoint_grid_and_summary_carry_one_epoch_number(run):
     out, stdout = run
-    assert os.path.isdir(out / "checkpoints" / "epoch_000002") and os.path.isfile(out / "samples" / "epoch_000002.png")
+    assert (os.path.isdir(out / "checkpoints" / "epoch_000002")
+            and os.path.isfile(out / "samples" / "epoch_000002.png"))
     assert json.load(open(out / "summary.json"))["epochs"] == {"before": 0, "after": 2}
     assert "held-out before (epoch 0) → after (epoch 2)" in stdout
     assert "epoch    1/2" in stdout and "ETA" in stdout and '"pretrained"' not in stdout  # no config dump
@@ -82,8 +84,9 @@ def test_eval_skips_hub_models_in_seconds_offline_and_evaluates_like_the_run(run
 
 
 def test_a_run_without_generator_steps_says_so(tmp_path):
-    p = _py(["train.py", ADV_PRESET, f"--out_dir={tmp_path / 'r'}", "--epochs=2", "--d_warmup=5", "--eval_every=2",
-             "--eval_num_steps=2", "--test_prompts=assets/tiny_prompts.txt"], {"HF_HUB_OFFLINE": "1"})
+    p = _py(["train.py", ADV_PRESET, f"--out_dir={tmp_path / 'r'}", "--epochs=2", "--d_warmup=5",
+             "--eval_every=2", "--eval_num_steps=2", "--test_prompts=assets/tiny_prompts.txt"],
+            {"HF_HUB_OFFLINE": "1"})
     assert "the generator was never updated (0 G steps" in p.stdout
 
 
@@ -95,7 +98,8 @@ def test_training_starts_from_an_exported_lora(run):
     gen = M.build_generator(cfg, torch.device("cpu"))
     ema = load_file(str(out / "checkpoints" / "epoch_000002" / "ema.safetensors"))
     assert gen.params.keys() == ema.keys() and all(torch.allclose(gen.params[k], ema[k]) for k in ema)
-    assert torch.equal(gen.ema.shadow[next(iter(ema))], gen.params[next(iter(ema))])  # the EMA starts there too
+    # the EMA starts there too
+    assert torch.equal(gen.ema.shadow[next(iter(ema))], gen.params[next(iter(ema))])
     with pytest.raises(SystemExit, match="lora_rank=4 --lora_alpha=8"):
         M.build_generator(tiny_cfg(ADV_PRESET, init_lora=cfg.init_lora, lora_rank=8, lora_alpha=16),
                           torch.device("cpu"))
@@ -106,8 +110,9 @@ def test_the_sample_grid_goes_to_wandb_with_the_scalars(monkeypatch, tmp_path):
 
     import train as T
     calls = []
-    fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(log=lambda d, step: calls.append((d, step))),
-                                 Image=lambda path: ("image", path))
+    fake = types.SimpleNamespace(
+        init=lambda **kw: types.SimpleNamespace(log=lambda d, step: calls.append((d, step))),
+        Image=lambda path: ("image", path))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     log = T.external_logger(tiny_cfg(log_to="wandb", out_dir=str(tmp_path)))
     log({"epoch": 4, "reward_mean": 0.5}, str(tmp_path / "grid.png"))
@@ -120,14 +125,16 @@ def test_the_published_prompt_sets_and_reference_indexes_import(tmp_path):
     assert [p["prompt"] for p in data.load_prompts(str(tmp_path / "out" / "train.txt"))] == ["a cat", "a dog"]
     (tmp_path / "m.jsonl").write_text(json.dumps({"prompt": "a cat", "tag": "single_object"}) + "\n")
     data.import_prompts(str(tmp_path / "m.jsonl"), str(tmp_path / "out" / "m.jsonl"))
-    assert data.load_prompts(str(tmp_path / "out" / "m.jsonl")) == [{"prompt": "a cat", "tag": "single_object"}]
+    assert (data.load_prompts(str(tmp_path / "out" / "m.jsonl"))
+            == [{"prompt": "a cat", "tag": "single_object"}])
     from PIL import Image
     imgs = tmp_path / "qwen"
     imgs.mkdir()
     for n in ("node0_rank0_00000_0.png", "node1_rank0_00000_0.png"):
         Image.new("RGB", (8, 8)).save(imgs / n)
     (imgs / "prompt2img_node0.json").write_text(json.dumps({"a cat": ["node0_rank0_00000_0.png"]}))
-    (imgs / "prompt2img_node1.json").write_text(json.dumps({"a dog": ["node1_rank0_00000_0.png", "gone.png"]}))
+    (imgs / "prompt2img_node1.json").write_text(
+        json.dumps({"a dog": ["node1_rank0_00000_0.png", "gone.png"]}))
     out = str(tmp_path / "data" / "refs" / "index.json")
     n_prompts, n_files, missing = data.import_references(sorted(map(str, imgs.glob("prompt2img_node*.json"))),
                                                          str(imgs), out)

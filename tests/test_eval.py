@@ -27,7 +27,8 @@ def test_hacking_monitor_fires_only_when_reward_rises_and_held_out_falls():
     assert E.hacking_warning(up_down[:2]) is None       # not enough evaluations yet
     fd_up = [(0.1, {"fd_dino": 10.0}), (0.2, {"fd_dino": 11.0}), (0.3, {"fd_dino": 12.0})]
     assert "fd_dino 10.000 → 12.000" in E.hacking_warning(fd_up)
-    noise = [(0.1, {"toy_geneval": 0.50, "fd_dino": 10.0}), (0.2, {}), (0.3, {"toy_geneval": 0.495, "fd_dino": 10.3})]
+    noise = [(0.1, {"toy_geneval": 0.50, "fd_dino": 10.0}), (0.2, {}),
+             (0.3, {"toy_geneval": 0.495, "fd_dino": 10.3})]
     assert E.hacking_warning(noise) is None             # within the margins: eval noise, not hacking
 
 

@@ -103,7 +103,8 @@ def test_a_used_out_dir_is_resumed_or_overwritten_never_mixed(tmp_path):
 def test_a_second_live_run_on_one_folder_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.');"
                                "import checkpoint as C, configurator as K;"
-                               f"C.claim_out_dir(K.Config(out_dir={str(tmp_path)!r})); print('held', flush=True);"
+                               f"C.claim_out_dir(K.Config(out_dir={str(tmp_path)!r}));"
+                               " print('held', flush=True);"
                                "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -172,11 +173,12 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, built, 
     ("--save_every=0", "save_every"), ("--ema_every=0", "ema_every"), ("--window_size=0", "window_size"),
     ("--window_size=9", "window_size"), ("--window_start=7", "window"), ("--num_steps=0", "num_steps"),
     ("--prompts_per_epoch=0", "prompts_per_epoch"), ("--resolution=0", "resolution"),
-    ("--resolution=30", "resolution"), ("--lora_rank=-1", "lora_rank"), ("--reward={'brightness': 'x'}", "reward"),
-    ("--d_lr=-1e-4", "d_lr"), ("--dino_image_size=0", "dino_image_size"), ("--max_grad_norm=-1", "max_grad_norm"),
-    ("--noise_level=1.5", "noise_level"), ("--beta_kl=-1", "beta_kl"), ("--guidance_scale=0.5", "guidance_scale"),
-    ("--epochs=0", "epochs"), ("--keep_last=-1", "keep_last"), ("--keep_last=0", "keep_last"),
-    ("--lr=nan", "lr"), ("--clip_range=0", "clip_range"),
+    ("--resolution=30", "resolution"), ("--lora_rank=-1", "lora_rank"),
+    ("--reward={'brightness': 'x'}", "reward"), ("--d_lr=-1e-4", "d_lr"),
+    ("--dino_image_size=0", "dino_image_size"), ("--max_grad_norm=-1", "max_grad_norm"),
+    ("--noise_level=1.5", "noise_level"), ("--beta_kl=-1", "beta_kl"),
+    ("--guidance_scale=0.5", "guidance_scale"), ("--epochs=0", "epochs"), ("--keep_last=-1", "keep_last"),
+    ("--keep_last=0", "keep_last"), ("--lr=nan", "lr"), ("--clip_range=0", "clip_range"),
 ])
 def test_bad_numbers_are_refused_in_one_line_before_the_model_loads(tmp_path, arg, key):
     with pytest.raises(SystemExit, match=key) as e:
@@ -230,9 +232,9 @@ def test_eval_refuses_bad_input_in_one_line(run_dir, tmp_path, case):
     if case == "truncated":
         open(ckpt / "ema.safetensors", "r+b").truncate(10)
     err = _run(args, ok=False, preset=None, script="eval.py").stderr
-    expect = {"missing": "no such folder", "no_config": "not an intact checkpoint", "other_arch": "do not fit",
-              "n_zero": "n_per_prompt", "no_prompts": "does not exist", "no_summary": "no summary.json",
-              "truncated": "ema.safetensors has 10 bytes"}[case]
+    expect = {"missing": "no such folder", "no_config": "not an intact checkpoint",
+              "other_arch": "do not fit", "n_zero": "n_per_prompt", "no_prompts": "does not exist",
+              "no_summary": "no summary.json", "truncated": "ema.safetensors has 10 bytes"}[case]
     assert expect in err, err[-2000:]
 
 
@@ -262,8 +264,10 @@ def test_images_are_read_as_people_see_them(tmp_path):
 
 def test_prompt_files_are_read_as_people_mean_them(tmp_path):
     (tmp_path / "bom.txt").write_bytes("\ufeffa red circle\r\na blue\x0csquare\n".encode())
-    assert [p["prompt"] for p in data.load_prompts(str(tmp_path / "bom.txt"))] == ["a red circle", "a blue\x0csquare"]
-    (tmp_path / "u.jsonl").write_text(json.dumps({"prompt": "line\u2028sep and \u0085 next"}, ensure_ascii=False) + "\n")
+    assert ([p["prompt"] for p in data.load_prompts(str(tmp_path / "bom.txt"))]
+            == ["a red circle", "a blue\x0csquare"])
+    (tmp_path / "u.jsonl").write_text(json.dumps({"prompt": "line\u2028sep and \u0085 next"},
+                                                 ensure_ascii=False) + "\n")
     assert data.load_prompts(str(tmp_path / "u.jsonl"))[0]["prompt"] == "line\u2028sep and \u0085 next"
     (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(ValueError, match="nested too deeply"):
