@@ -570,8 +570,7 @@ def train(cfg):
                 dist.barrier()
         if stop.item():
             if master:
-                print(f"SIGTERM: saved checkpoint epoch_{epoch + 1:06d} after epoch {epoch}, exiting",
-                      flush=True)
+                print(f"SIGTERM: saved epoch_{epoch + 1:06d} ({epoch + 1} epochs done), exiting", flush=True)
             break
     else:
         if cfg.eval_every and start < cfg.epochs:  # the trained model, logged as epoch = cfg.epochs

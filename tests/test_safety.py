@@ -14,17 +14,13 @@ import checkpoint as C
 import configurator
 import data
 import train as T
+from inproc import run_main
 from test_train import ADV_PRESET, PRESET, ROOT, tiny_cfg
 
 
 def _run(args, ok=True, preset=ADV_PRESET, script="train.py"):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.run([sys.executable, script, *([preset] if preset else []), *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=240)
-    assert (p.returncode == 0) == ok, p.stdout[-2000:] + p.stderr[-3000:]
-    if not ok:
-        assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    return p
+    """`python script [preset] args`, in this process (a traceback fails the test)."""
+    return run_main(script, [*([preset] if preset else []), *args], ok)
 
 
 def _same_weights(a, b, name="trainable.safetensors"):

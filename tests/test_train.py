@@ -147,6 +147,9 @@ def test_random_window_is_random_per_epoch_and_in_first_half():
 # --- checkpoints, resume, DDP -------------------------------------------------------------------
 
 def _run(args, nproc=1, preset=ADV_PRESET):
+    if nproc == 1:
+        from inproc import run_main
+        return run_main("train.py", [preset, *args]).stdout  # no new interpreter for one process
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
            if nproc > 1 else [sys.executable]) + ["train.py", preset] + args
@@ -211,7 +214,9 @@ def test_two_process_gloo_keeps_generator_and_discriminator_identical(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["--schedule=paper", "--d_times=2"],
-                                   ["--reward={'pickscore_adv': 1.0}", "--pickscore_model=random:tiny"]],
+                                   pytest.param(["--reward={'pickscore_adv': 1.0}",
+                                                 "--pickscore_model=random:tiny"],
+                                                marks=pytest.mark.slow)],  # 50 s; the same DDP path
                          ids=["dino_paper", "pickscore_adv"])
 def test_torchrun_two_processes_checkpoint_and_resume(tmp_path, extra):
     out = str(tmp_path / "run")
