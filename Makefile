@@ -7,8 +7,17 @@ export HF_HUB_OFFLINE := 1
 	.venv/bin/pip install -q -r requirements.txt
 	touch $@
 
+# The shapes-world demo: Adv-GRPO and the same discriminator frozen after its warm-up (a fixed learned
+# reward), from the same early base, side by side on two cores (the frozen run logs to its folder), then
+# one before → after table of both.
 demo: .venv/.installed
-	$(PY) train.py config/tiny.py --out_dir=out/demo
+	mkdir -p out/demo
+	OMP_NUM_THREADS=1 $(PY) train.py config/tiny_frozen.py --out_dir=out/demo/frozen --overwrite=True \
+		> out/demo/frozen.log 2>&1 & \
+	OMP_NUM_THREADS=1 $(PY) train.py config/tiny.py --out_dir=out/demo/adversarial --overwrite=True; \
+	status=$$?; wait $$! || status=1; \
+	[ $$status -eq 0 ] || { echo "a run failed: see out/demo/frozen.log"; exit 1; }
+	$(PY) eval.py --compare out/demo/adversarial out/demo/frozen
 
 test: .venv/.installed
 	$(PY) -m pytest -q -m "not slow"

@@ -419,6 +419,17 @@ def announce(cfg, world, prompts, gen, resume_from, start):
           flush=True)
 
 
+def monitor(history, since_eval):
+    """The reward-hacking monitor, at each evaluation: pair the newest one with the mean training reward
+    since the previous one (one epoch's reward is too noisy) and check the pattern (eval.hacking_warning).
+    Empties since_eval; returns the warning or None."""
+    if not since_eval:
+        return None
+    history[-1] = (float(np.mean(since_eval)), history[-1][1])
+    since_eval.clear()
+    return E.hacking_warning(history)
+
+
 def epoch_line(s):
     """The one stdout line per epoch."""
     line = (f"epoch {s['epoch']:4d}/{s['epochs']} | G {s['g_steps']} D {s['d_steps']} | "
@@ -550,11 +561,9 @@ def train(cfg):
         stats = {**epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device), **ev, "window": window,
                  "eta_s": (time.time() - t_run) / (epoch + 1 - start) * (cfg.epochs - epoch - 1)}
         since_eval.append(float(all_rewards.mean()))
-        if ev:  # paired with the mean training reward since the previous evaluation (one epoch: too noisy)
-            history[-1], since_eval = (float(np.mean(since_eval)), history[-1][1]), []
-            if E.hacking_warning(history):
-                print(f"WARNING {E.hacking_warning(history)}", flush=True)
-                stats["hacking_warning"] = 1
+        if ev and (warning := monitor(history, since_eval)):
+            print(f"WARNING {warning}", flush=True)
+            stats["hacking_warning"] = 1
         if master:
             print(epoch_line(stats), flush=True)
             log.write(json.dumps(stats) + "\n")
@@ -576,7 +585,11 @@ def train(cfg):
         if cfg.eval_every and start < cfg.epochs:  # the trained model, logged as epoch = cfg.epochs
             ev = E.evaluate(cfg, gen, phi, references, test_prompts, cfg.epochs, history, rank)
             if master:
-                log.write(json.dumps(dict(epoch=cfg.epochs, **ev)) + "\n")
+                final = dict(epoch=cfg.epochs, **ev)
+                if warning := monitor(history, since_eval):  # the last evaluation is watched too
+                    print(f"WARNING {warning}", flush=True)
+                    final["hacking_warning"] = 1
+                log.write(json.dumps(final) + "\n")
                 log.flush()
                 E.report(cfg.out_dir, counters["g_steps"])
     if dist.is_initialized():

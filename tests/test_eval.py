@@ -1,4 +1,5 @@
 """eval.py: metrics with known answers, the hacking monitor, and the diffusers LoRA round trip."""
+import json
 import os
 
 import torch
@@ -59,12 +60,17 @@ def test_paired_dino_sim_uses_own_references_only():
     assert sk4["fd_dino"] == sk4["dino_sim"] == "non-finite DINO features in 1 of 2 generations"
 
 
-def test_in_loop_eval_writes_grid_curves_and_summary(tmp_path):
+def test_in_loop_eval_writes_grid_curves_and_summary(tmp_path, monkeypatch):
+    seen = []  # the reward-hacking monitor sees every evaluation, the last one (after the loop) included
+    monkeypatch.setattr(E, "hacking_warning",
+                        lambda h: seen.append(list(h)) or ("flag" if len(h) == 3 else None))
     cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), epochs=4, eval_every=2, eval_num_steps=4, ema_every=1)
     T.train(cfg)
+    assert [len(h) for h in seen] == [1, 2, 3] and all(r == r for r, _ in seen[-1])  # each paired, no NaN
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert lines[-1]["epoch"] == 4 and lines[-1]["hacking_warning"] == 1
     for f in ("curves.png", "summary.json", "samples/epoch_000000.png", "samples/epoch_000004.png"):
         assert os.path.exists(tmp_path / f), f
-    import json
     s = json.load(open(tmp_path / "summary.json"))
     assert s["epochs"] == {"before": 0, "after": 4}
     assert {"toy_geneval", "background", "dino_sim", "fd_dino"} <= set(s)

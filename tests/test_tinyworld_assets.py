@@ -15,11 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "assets", "tinyworld")
 
 
-def tiny_world_cfg(**kw):
+def tiny_world_cfg(preset="tiny.py", **kw):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        cfg = T.parse_args([os.path.join("config", "tiny.py")])
+        cfg = T.parse_args([os.path.join("config", preset)])
     finally:
         os.chdir(cwd)
     for k in ("pretrained", "train_prompts", "test_prompts", "references", "dino_weights"):
@@ -61,8 +61,24 @@ def test_prompt_files_are_the_split():
             == [tw.prompt_of(s) for s in test])
 
 
-def test_assets_load_through_model_and_reward_and_the_base_is_mostly_light():
+def test_the_two_bases_are_what_the_presets_say():
+    """pipeline_early (config/tiny.py): light only, held-out toy GenEval ≈ 0.5 with shape the error (colour
+    and position right). pipeline (config/tiny_style.py): see the next test. They share every part but
+    the transformer."""
+    import eval as E
     cfg = tiny_world_cfg()
+    assert cfg.pretrained.endswith("pipeline_early")
+    gen = M.build_generator(cfg, torch.device("cpu"))
+    prompts = [p["prompt"] for p in data.load_prompts(cfg.test_prompts)]
+    acc = tw.accuracy(E.generate(gen, prompts, num_steps=10, guidance_scale=3.0), prompts)
+    assert 0.35 < acc["correct"] < 0.7 and acc["colour"] > 0.95 and acc["position"] > 0.95, acc
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        assert os.path.realpath(os.path.join(ASSETS, "pipeline_early", part)) == os.path.join(
+            os.path.realpath(ASSETS), "pipeline", part)
+
+
+def test_assets_load_through_model_and_reward_and_the_base_is_mostly_light():
+    cfg = tiny_world_cfg("tiny_style.py")
     gen = M.build_generator(cfg, torch.device("cpu"))
     import eval as E
     prompts = [p["prompt"] for p in data.load_prompts(cfg.test_prompts)]
@@ -96,6 +112,7 @@ def test_two_epoch_tiny_world_run(tmp_path):
     assert os.path.isdir(tmp_path / "checkpoints" / "epoch_000002" / "lora")
 
 
+@pytest.mark.slow  # 20 s; make_references is also tested on a random pipeline (tests/test_data.py)
 def test_references_made_from_the_tiny_pipeline_are_as_good_as_its_own_samples(tmp_path):
     """data.make_references on the committed pipeline reads its sample_settings.json (1-token text, 32 px):
     with diffusers' default text length (256 zero tokens) the same command made blank backgrounds and
@@ -108,7 +125,7 @@ def test_references_made_from_the_tiny_pipeline_are_as_good_as_its_own_samples(t
     refs = data.ReferenceSet.from_index(index)
     made = tw.accuracy(torch.cat([refs.images_of(p) for p in prompts]),
                        [p for p in prompts for _ in range(2)])
-    gen = M.build_generator(tiny_world_cfg(), torch.device("cpu"))
+    gen = M.build_generator(tiny_world_cfg("tiny_style.py"), torch.device("cpu"))  # the same pipeline
     own_prompts = [p for p in prompts for _ in range(2)]
     own = tw.accuracy(E.generate(gen, own_prompts, num_steps=10, guidance_scale=3.0), own_prompts)
     assert (refs.images.shape[-1] == 32 and made["correct"] >= own["correct"] - 0.2
@@ -124,3 +141,26 @@ def test_plain_diffusers_loads_the_tiny_pipeline_as_the_readme_says():
     images = pipe(prompts, height=32, width=32, num_inference_steps=10, guidance_scale=3.0,
                   max_sequence_length=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert tw.accuracy(images, prompts)["correct"] >= 0.75
+
+
+def test_the_demo_runs_differ_only_in_freezing_the_discriminator():
+    import dataclasses
+    adv, frozen, style = (tiny_world_cfg(p) for p in ("tiny.py", "tiny_frozen.py", "tiny_style.py"))
+    for cfg in (adv, frozen, style):
+        T.validate(cfg, 1)
+    diff = {k for k, v in dataclasses.asdict(adv).items() if getattr(frozen, k) != v}
+    assert diff == {"schedule", "d_warmup", "d_steps", "out_dir"} and frozen.schedule == "frozen"
+    assert style.pretrained.endswith(os.path.join("tinyworld", "pipeline"))
+    assert "refs_dark" in style.references
+
+
+def test_the_style_study_keeps_the_settings_it_was_measured_with():
+    """config/tiny_style.py builds on config/tiny.py; the README's style-transfer numbers were measured with
+    these values, so a change to the demo preset must not move them."""
+    style = tiny_world_cfg("tiny_style.py")
+    want = dict(group_size=8, prompts_per_epoch=8, sample_batch_size=32, train_batch_size=16,
+                updates_per_epoch=2, lr=3e-4, lora_rank=8, clip_range=1e-3, noise_level=0.8, window_size=2,
+                num_steps=10, guidance_scale=3.0, d_steps=1, d_warmup=5, d_lr=1e-4, schedule="shared",
+                epochs=60, eval_every=10, eval_n_per_prompt=2, ema_decay=0.9, reward={"dino_adv": 1.0},
+                d_conditional=False)
+    assert {k: getattr(style, k) for k in want} == want

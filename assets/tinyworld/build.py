@@ -9,6 +9,7 @@ analyser — is tinyworld.py.
 """
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -23,6 +24,7 @@ from tinyworld import (COLOURS, POSITIONS, SHAPES, STYLES, all_scenes, prompt_of
 # -----------------------------------------------------------------------------------------------
 # The builder of the committed assets: `python assets/tinyworld/build.py` (deterministic, ~40 min on 2 cores)
 #
+#   assets/tinyworld/pipeline_early/  the same, transformer stopped at EARLY_STEPS, light renders only
 #   assets/tinyworld/pipeline/        a StableDiffusion3Pipeline folder (no T5): tiny VAE (32² → 4×16²),
 #                                     tiny MMDiT trained by flow matching on renders of the train prompts,
 #                                     90% light and 10% dark, two frozen random CLIP text encoders with a
@@ -44,6 +46,7 @@ BACKBONE = dict(model="vit_small_patch14_dinov2", img_size=32, patch_size=4, emb
                 num_heads=4, init_values=1.0)
 REF_STYLES = ("dark", "light")
 DARK_FRAC = 0.1  # share of dark renders in the base's training set
+EARLY_STEPS = 600  # the early base: toy GenEval ≈ 0.5 on held-out prompts (500 steps: 0.23; 800: 0.85)
 N_REFS = 4
 
 
@@ -249,12 +252,22 @@ def build(out="assets/tinyworld", scale=1.0):
     # every group the same background and its adversarial reward then pushes elsewhere (measured:
     # background flat, content collapsing). The paper's premise is the same: SD3.5 can draw the
     # references' style, rarely; Adv-GRPO makes it the norm.
-    tr = build_transformer(t0, pipe, train_scenes, steps=max(2, int(2000 * scale)), dark_frac=DARK_FRAC)
-    pipe.register_modules(transformer=tr.half())  # fp16 on disk halves the size; training loads float32
-    pipe.save_pretrained(os.path.join(out, "pipeline"))
     from model import SETTINGS_FILE  # what diffusers cannot know: the text length it was trained with
-    with open(os.path.join(out, "pipeline", SETTINGS_FILE), "w") as f:
-        json.dump(dict(max_sequence_length=1, resolution=32), f)
+    # Two bases: "pipeline" (2,000 steps, 90 % light / 10 % dark: the style-transfer study) and
+    # "pipeline_early" (the same recipe stopped at EARLY_STEPS, light only: blobby shapes, the quality demo)
+    for name, steps, dark in (("pipeline", 2000, DARK_FRAC), ("pipeline_early", EARLY_STEPS, 0.0)):
+        if os.path.isfile(os.path.join(out, name, SETTINGS_FILE)):
+            continue
+        tr = build_transformer(t0, pipe, train_scenes, steps=max(2, int(steps * scale)), dark_frac=dark)
+        pipe.register_modules(transformer=tr.half())  # fp16 on disk halves the size; training loads float32
+        pipe.save_pretrained(os.path.join(out, name))
+        with open(os.path.join(out, name, SETTINGS_FILE), "w") as f:
+            json.dump(dict(max_sequence_length=1, resolution=32), f)
+    for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        shared = os.path.join(out, "pipeline_early", part)  # identical to the main pipeline's: one copy
+        if not os.path.islink(shared):
+            shutil.rmtree(shared)
+            os.symlink(os.path.join("..", "pipeline", part), shared)
     _log(t0, f"saved to {out}")
 
 

@@ -1,0 +1,49 @@
+# The shapes world (tinyworld.py): Adv-GRPO on a laptop CPU through the same code path as SD3.5.
+#   python train.py config/tiny.py          (make demo runs it beside config/tiny_frozen.py)
+# The quality setting, the paper's main claim: an early, imperfect base (600 flow-matching steps: colours
+# and positions right, shapes blobby or fragmented, held-out toy GenEval ≈ 0.5) and references from a
+# "stronger model" (the renderer itself, same light style). The adversarial reward — a discriminator on
+# the frozen tiny ViT that stands in for DINOv2 — should pull the generations toward the references:
+# FD-DINO down, held-out toy GenEval up (no training reward sees it). See README "Results".
+pretrained = "assets/tinyworld/pipeline_early"
+t5 = False
+# max_sequence_length (1: one zero token in T5's slot) comes from the pipeline folder's sample_settings.json
+resolution = 32
+mixed_precision = "no"
+train_prompts = "assets/tinyworld/train.txt"
+test_prompts = "assets/tinyworld/test.txt"
+references = "assets/tinyworld/refs_light/index.json"
+dino_backbone = "vit_small_patch14_dinov2"   # the tiny DINOv2-style ViT of assets/tinyworld/build.py
+dino_weights = "assets/tinyworld/backbone.safetensors"
+dino_kwargs = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, init_values=1.0)
+dino_image_size = 32
+num_steps = 10
+guidance_scale = 3.0
+sde_kind = "cps"
+noise_level = 0.8
+window_start = "0"
+window_size = 2
+group_size = 16                  # 16 images a prompt: the group statistics carry the signal (8: too noisy)
+prompts_per_epoch = 6            # 96 images an epoch: the demo fits in 10 minutes on 2 cores
+sample_batch_size = 32
+train_batch_size = 32
+updates_per_epoch = 1            # one optimizer step on all 96 images of an epoch
+lora_rank = 8
+lora_alpha = 16
+lr = 3e-4
+clip_range = 1e-3
+reward = {"dino_adv": 1.0}
+schedule = "shared"              # every epoch: rewards from the current D, then a G step and d_steps D steps
+d_steps = 1
+d_warmup = 5                     # the head learns before the generator listens to it
+d_lr = 1e-3
+ema_every = 1
+ema_decay = 0.9
+epochs = 30
+save_every = 15
+eval_every = 15
+eval_num_steps = 10
+eval_guidance_scale = 3.0
+eval_n_per_prompt = 4            # 216 held-out images: a toy GenEval step of 0.005
+eval_max_prompts = 0
+out_dir = "out/tiny"
