@@ -202,20 +202,24 @@ def plot_curves(metrics_path, out_path, train_key="reward_mean",
 
 
 def hacking_warning(history, window=3):
-    """Reward hacking, operationally: over the last `window` evaluations the training reward rose while a
-    held-out quality measure got worse (toy GenEval or paired DINO similarity down by > 0.01, FD-DINO to
-    the references up by > 5 %). `history`: list of (training reward, {metric: value}) per evaluation, the
-    reward averaged over the epochs since the previous evaluation."""
-    if len(history) < window:
+    """Reward hacking, operationally: under one and the same reward function, the training reward rose while
+    a held-out quality measure got worse (toy GenEval or paired DINO similarity down by > 0.01, FD-DINO to
+    the references up by > 5 %), from the oldest to the newest of the last `window` evaluations.
+    `history`: per evaluation (training reward, {metric: value}[, reward version]), the reward averaged over
+    the epochs since the previous evaluation; the version (train.py: discriminator steps so far) tells which
+    evaluations saw the same reward. A discriminator that trains every epoch is a new reward every epoch:
+    its values at two evaluations are not comparable, so the monitor stays silent for it by construction."""
+    same = [h for h in history if h[2:] == history[-1][2:]][-window:]
+    if len(same) < 2:
         return None
-    old, new = history[-window], history[-1]
+    old, new = same[0], same[-1]
     worse = [k for k in ("toy_geneval", "dino_sim")
              if k in new[1] and k in old[1] and new[1][k] < old[1][k] - 0.01]
     worse += [k for k in ("fd_dino",) if k in new[1] and k in old[1] and new[1][k] > 1.05 * old[1][k]]
     if new[0] > old[0] and worse:
         return (f"reward hacking? training reward {old[0]:.4f} → {new[0]:.4f} while held-out "
                 + ", ".join(f"{k} {old[1][k]:.3f} → {new[1][k]:.3f}" for k in worse)
-                + f" over the last {window} evaluations")
+                + f" over the last {len(same)} evaluations")
     return None
 
 

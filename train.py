@@ -419,14 +419,16 @@ def announce(cfg, world, prompts, gen, resume_from, start):
           flush=True)
 
 
-def monitor(history, since_eval):
+def monitor(history, since_eval, version):
     """The reward-hacking monitor, at each evaluation: pair the newest one with the mean training reward
-    since the previous one (one epoch's reward is too noisy) and check the pattern (eval.hacking_warning).
-    Empties since_eval; returns the warning or None."""
-    if not since_eval:
-        return None
-    history[-1] = (float(np.mean(since_eval)), history[-1][1])
+    since the previous one (one epoch's reward is too noisy), counting only epochs scored by the reward
+    function the generator now sees (`version`: discriminator steps so far; constant for fixed rewards),
+    and check the pattern (eval.hacking_warning). Empties since_eval; returns the warning or None."""
+    same = [r for r, v in since_eval if v == version]
     since_eval.clear()
+    if not same:
+        return None
+    history[-1] = (float(np.mean(same)), history[-1][1], version)
     return E.hacking_warning(history)
 
 
@@ -545,6 +547,7 @@ def train(cfg):
                                         cfg.global_std)[mine]
         # 4. who trains this epoch
         d_steps, do_g = schedule(cfg, epoch, {**info, "finite": finite})
+        version = counters["d_steps"]  # which discriminator scored this epoch (the hacking monitor's key)
         # 5. discriminator update
         info.update(update_discriminator(adversary, d_batch, d_steps))
         counters["d_steps"] += d_steps
@@ -560,8 +563,8 @@ def train(cfg):
         # 7. log (an evaluation is paired with this epoch's training reward for the reward-hacking monitor)
         stats = {**epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device), **ev, "window": window,
                  "eta_s": (time.time() - t_run) / (epoch + 1 - start) * (cfg.epochs - epoch - 1)}
-        since_eval.append(float(all_rewards.mean()))
-        if ev and (warning := monitor(history, since_eval)):
+        since_eval.append((float(all_rewards.mean()), version))
+        if ev and (warning := monitor(history, since_eval, version)):
             print(f"WARNING {warning}", flush=True)
             stats["hacking_warning"] = 1
         if master:
@@ -586,7 +589,7 @@ def train(cfg):
             ev = E.evaluate(cfg, gen, phi, references, test_prompts, cfg.epochs, history, rank)
             if master:
                 final = dict(epoch=cfg.epochs, **ev)
-                if warning := monitor(history, since_eval):  # the last evaluation is watched too
+                if warning := monitor(history, since_eval, version):  # the last evaluation is watched too
                     print(f"WARNING {warning}", flush=True)
                     final["hacking_warning"] = 1
                 log.write(json.dumps(final) + "\n")

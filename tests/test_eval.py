@@ -25,7 +25,13 @@ def test_hacking_monitor_fires_only_when_reward_rises_and_held_out_falls():
     assert "toy_geneval 0.500 → 0.300" in E.hacking_warning(up_down)
     up_up = [(0.1, {"toy_geneval": 0.5}), (0.2, {"toy_geneval": 0.6}), (0.3, {"toy_geneval": 0.7})]
     assert E.hacking_warning(up_up) is None
-    assert E.hacking_warning(up_down[:2]) is None       # not enough evaluations yet
+    assert E.hacking_warning(up_down[:1]) is None       # not enough evaluations yet
+    assert "0.500 → 0.450" in E.hacking_warning(up_down[:2])
+    # a reward function that changed between evaluations (a discriminator that trains) is not compared
+    moving = [(r, m, version) for version, (r, m) in enumerate(up_down)]
+    assert E.hacking_warning(moving) is None
+    frozen_after_warmup = [(-0.5, {"toy_geneval": 0.9}, 3)] + [(r, m, 7) for r, m in up_down[1:]]
+    assert "0.450 → 0.300" in E.hacking_warning(frozen_after_warmup)  # compared from the freeze on
     fd_up = [(0.1, {"fd_dino": 10.0}), (0.2, {"fd_dino": 11.0}), (0.3, {"fd_dino": 12.0})]
     assert "fd_dino 10.000 → 12.000" in E.hacking_warning(fd_up)
     noise = [(0.1, {"toy_geneval": 0.50, "fd_dino": 10.0}), (0.2, {}),
@@ -66,7 +72,7 @@ def test_in_loop_eval_writes_grid_curves_and_summary(tmp_path, monkeypatch):
                         lambda h: seen.append(list(h)) or ("flag" if len(h) == 3 else None))
     cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path), epochs=4, eval_every=2, eval_num_steps=4, ema_every=1)
     T.train(cfg)
-    assert [len(h) for h in seen] == [1, 2, 3] and all(r == r for r, _ in seen[-1])  # each paired, no NaN
+    assert [len(h) for h in seen] == [1, 2, 3] and all(h[0] == h[0] for h in seen[-1])  # each paired, no NaN
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert lines[-1]["epoch"] == 4 and lines[-1]["hacking_warning"] == 1
     for f in ("curves.png", "summary.json", "samples/epoch_000000.png", "samples/epoch_000004.png"):
