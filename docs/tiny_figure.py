@@ -4,7 +4,8 @@
 
 Left: the same held-out prompts (six rows of the labelled grids: several sizes, shapes and colours)
 before training and after it, for the first run of each group. Right: the training reward, held-out toy
-GenEval and FD-DINO to the references against epoch, the mean of each group's runs (thin lines: single seeds)."""
+GenEval and FD-DINO to the references against epoch, the mean of each group's runs (thin lines: single
+seeds)."""
 import json
 import os
 import sys
@@ -46,7 +47,8 @@ def main(out, groups):
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     plots = [("reward_mean", "training reward, 5-epoch mean (adversarial: D moves)"),
-             ("eval/toy_geneval", "held-out toy GenEval"), ("eval/fd_dino", "held-out FD-DINO to the references")]
+             ("eval/toy_geneval", "held-out toy GenEval"),
+             ("eval/fd_dino", "held-out FD-DINO to the references")]
     for j, (key, label) in enumerate(plots):
         ax = fig.add_subplot(1, len(panels) + len(plots), len(panels) + j + 1)
         for c, (name, runs) in enumerate(groups):
