@@ -22,7 +22,7 @@ from tinyworld import (COLOURS, POSITIONS, SHAPES, STYLES, all_scenes, prompt_of
                        to_tensor)
 
 # -----------------------------------------------------------------------------------------------
-# The builder of the committed assets: `python assets/tinyworld/build.py` (deterministic; ~25 min for the main base)
+# The builder of the committed assets: `python assets/tinyworld/build.py` (deterministic; main base ~25 min)
 #
 #   assets/tinyworld/pipeline_early/  the same, transformer stopped at EARLY_STEPS, light renders only
 #   assets/tinyworld/pipeline/        a StableDiffusion3Pipeline folder (no T5): tiny VAE (32² → 4×16²),
