@@ -470,6 +470,19 @@ def paired_cosine(cls, prompts, ref_cls):
                         for i, p in enumerate(prompts)])
 
 
+@register("toy_geneval")
+def toy_geneval(**_):
+    """Shapes world only (tinyworld.py): 1 if the exact analyser finds what the prompt asks for (colour,
+    shape, position, one object), else 0 — a GenEval-style rule reward. An oracle for the toy world: it
+    measures what the held-out toy GenEval measures, so it shows how far the generator side can go."""
+    import tinyworld  # noqa: PLC0415 (the world is only needed when this reward is asked for)
+
+    def fn(images, prompts, metadata):
+        return torch.tensor([float(tinyworld.analyse(im, p)["correct"])
+                             for im, p in zip(images.float().cpu(), prompts, strict=True)]), {}
+    return fn
+
+
 @register("pickscore")
 def pickscore(device="cpu", pickscore_model="yuvalkirstain/PickScore_v1",
               pickscore_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **_):

@@ -308,3 +308,15 @@ def test_conditional_head_tells_the_right_prompt_from_the_wrong_one():
     other = DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), seed=5, cond_dim=8)
     other.load_head_state(state)
     assert torch.equal(other.score(*fr, e_b), cond.score(*fr, e_b))
+
+
+def test_toy_geneval_reward_is_the_analysers_verdict():
+    # the shapes world's oracle reward: 1 for a render of the prompt's scene, 0 for another shape
+    import tinyworld as tw
+    scenes = [tw.Scene("red", "square", "left"), tw.Scene("blue", "circle", "top")]
+    images = tw.render_batch(scenes)
+    prompts = [tw.prompt_of(s) for s in scenes]
+    swapped = [tw.prompt_of(tw.Scene(s.colour, "triangle", s.position)) for s in scenes]
+    fn = build_reward({"toy_geneval": 1.0})
+    assert fn(images, prompts, [{}] * 2)[0].tolist() == [1.0, 1.0]
+    assert fn(images, swapped, [{}] * 2)[0].tolist() == [0.0, 0.0]
