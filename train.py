@@ -508,6 +508,8 @@ def train(cfg):
     gen = M.build_generator(cfg, device, world)
     adversary = R.build_adversary(cfg, device, gen.transformer.config.pooled_projection_dim)[1]
     phi = getattr(adversary, "phi", None)  # the DINO φ: shared by dino_sim and the held-out metrics
+    if phi is None and "dino_sim" in cfg.reward:  # a fixed dino_sim run: its φ measures the held-out set too
+        phi = R.make_features(cfg, device)
     if cfg.low_mem:  # every prompt this run will see, encoded now; then the text encoders (T5: ~9 GiB) go
         gen.encode(["", *(p["prompt"] for p in prompts), *test_prompts])
         gen.encode.drop_text_encoders()
