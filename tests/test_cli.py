@@ -150,7 +150,8 @@ def test_the_published_prompt_sets_and_reference_indexes_import(tmp_path):
 
 def test_a_fixed_dino_sim_run_measures_the_held_out_set_with_its_dino(tmp_path):
     # with no discriminator, the DINO φ of the dino_sim reward still gives FD-DINO and paired similarity
-    _py(["train.py", ADV_PRESET, f"--out_dir={tmp_path / 'r'}", "--epochs=1", "--eval_every=1", "--eval_num_steps=2",
-         "--test_prompts=assets/tiny_prompts.txt", "--reward={'dino_sim': 1.0}"], {"HF_HUB_OFFLINE": "1"})
+    _py(["train.py", ADV_PRESET, f"--out_dir={tmp_path / 'r'}", "--epochs=1", "--eval_every=1",
+         "--eval_num_steps=2", "--test_prompts=assets/tiny_prompts.txt", "--reward={'dino_sim': 1.0}"],
+        {"HF_HUB_OFFLINE": "1"})
     first = json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())
     assert {"eval/dino_sim", "eval/fd_dino"} <= set(first) and first["reward/dino_sim"] > 0
