@@ -190,3 +190,14 @@ def test_style_stats_order_styles():
     assert (sat["light"] - sat["muted"]).min() > 0.1 and (sat["dark"] - sat["muted"]).min() > 0.1
     assert min(sat["light"].mean(), sat["dark"].mean()) > sat["muted"].mean() + 0.2
     assert tw.style_stats(torch.ones(1, 3, 16, 16))["saturation"].tolist() == [0.0]
+
+
+def test_within_group_auc_compares_images_of_one_prompt_only():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs"))
+    from tiny_shape_signal import within_group_auc
+    correct = np.array([True, False, True, False, True, False])
+    group = np.array([0, 0, 1, 1, 2, 2])
+    # one win, one tie, one loss; across groups every correct image scores below every wrong one of group 0
+    assert within_group_auc(np.array([0.9, 0.1, 0.5, 0.5, 0.0, 1.0]), correct, group) == 0.5
+    assert within_group_auc(np.array([-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]), correct, group) == 1.0
+    assert np.isnan(within_group_auc(np.zeros(2), np.array([True, True]), np.array([0, 0])))
