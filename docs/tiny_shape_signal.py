@@ -1,10 +1,11 @@
 """Which reward can tell a right shape from a wrong one? (the shapes world, README "Results")
 
-    python docs/tiny_shape_signal.py [PRESET] [N_PROMPTS] [N_PER_PROMPT]      # default config/tiny.py 72 8
+    python docs/tiny_shape_signal.py [PRESET] [--key=value ...]     # default config/tiny.py, e.g.
+    python docs/tiny_shape_signal.py config/tiny.py --pretrained=assets/tinyworld/pipeline   # another base
 
 GRPO only learns from differences *within* a prompt's group: a reward raises shape accuracy only if,
 among images of the same prompt, it scores the shape-correct ones above the shape-wrong ones. This
-samples N_PER_PROMPT images for each of the first N_PROMPTS training prompts from the preset's base
+samples 8 images for each of the first 72 training prompts from the preset's base
 (ODE, CFG as in its evaluation), judges their shape with the exact analyser, and prints for each reward
 the within-prompt AUC: the share of (correct, wrong) pairs of one prompt that it orders correctly
 (1 = always, 0.5 = chance), and its mean within-group standard deviation (how loud it is in a sum).
@@ -40,9 +41,9 @@ def within_group_auc(scores, correct, group):
     return float(np.concatenate(wins).mean()) if wins else float("nan")
 
 
-def main(preset="config/tiny.py", n_prompts=72, n_per=8):
+def main(argv, n_prompts=72, n_per=8):
     torch.set_num_threads(1)
-    cfg = parse_args([preset])
+    cfg = parse_args(argv if argv and not argv[0].startswith("--") else ["config/tiny.py", *argv])
     gen = M.build_generator(cfg, torch.device("cpu"))
     prompts = [p["prompt"] for p in data.load_prompts(cfg.train_prompts)][:n_prompts]
     P = [p for p in prompts for _ in range(n_per)]
@@ -96,5 +97,4 @@ def main(preset="config/tiny.py", n_prompts=72, n_per=8):
 
 
 if __name__ == "__main__":
-    a = sys.argv[1:]
-    main(*(a[:1] or ["config/tiny.py"]), *(int(x) for x in a[1:3]))
+    main(sys.argv[1:])
