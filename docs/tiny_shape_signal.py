@@ -12,8 +12,10 @@ the within-prompt AUC: the share of (correct, wrong) pairs of one prompt that it
 Rewards: the discriminator head (the paper's unconditional one) trained 5 / 30 / 100 steps on these
 images against the references, as in a run's warm-up; the paired DINO similarity (`dino_sim`); the two
 added (head + w · dino_sim); and the prompt-aware head (--d_conditional) given the hardest wrong-prompt
-negatives this world has: references of a training prompt that differs only in shape. The rule reward
-`toy_geneval` is the ceiling (AUC 1 by definition). ~5 min on one core."""
+negatives this world has: references of a training prompt that differs only in shape; and the paper's
+head on raw pixels instead of the ViT (tokens = 4×4 pixel patches, CLS = their mean), to tell a limit
+of the stand-in ViT from a limit of any unconditional discriminator. The rule reward `toy_geneval` is the
+ceiling (AUC 1 by definition). ~5 min on one core."""
 import os
 import sys
 
@@ -39,6 +41,15 @@ def within_group_auc(scores, correct, group):
             d = s[c][:, None] - s[~c][None, :]                  # (n_correct, n_wrong)
             wins.append(((d > 0) + 0.5 * (d == 0)).ravel())
     return float(np.concatenate(wins).mean()) if wins else float("nan")
+
+
+class PixelTokens(torch.nn.Module):
+    """A "backbone" with no learned features: tokens = the image's 4×4 pixel patches, CLS = their mean."""
+    num_features = 48
+
+    def forward_features(self, x):                                     # (B, 3, H, W) normalised
+        patches = torch.nn.functional.unfold(x, 4, stride=4).transpose(1, 2)  # (B, N, 48)
+        return torch.cat([patches.mean(1, keepdim=True), patches], dim=1)     # (B, 1 + N, 48)
 
 
 def main(argv, n_prompts=72, n_per=8):
@@ -69,6 +80,10 @@ def main(argv, n_prompts=72, n_per=8):
     other_shape = [[b for b, o in enumerate(scene) if o != s and (o.colour, o.position, o.size)
                     == (s.colour, s.position, s.size)] for s in scene]  # among these training prompts
     cond = R.DinoDiscriminator(head.phi, lr=cfg.d_lr, seed=cfg.seed, cond_dim=pool.shape[1])
+    pixels = R.DinoFeatures(PixelTokens(), cfg.resolution)
+    pix = R.DinoDiscriminator(pixels, lr=cfg.d_lr, seed=cfg.seed)
+    pix_fake = pixels(images)
+    pix_real = [torch.cat(t) for t in zip(*(pixels(refs.images_of(p)) for p in prompts))]  # as real_cls, ..
     n, k = cfg.group_size * cfg.prompts_per_epoch, len(real[0][0])  # batch size; references per prompt
     assert all(len(r[0]) == k for r in real), "the shapes world has as many references for every prompt"
     g, done = torch.Generator().manual_seed(0), 0
@@ -79,6 +94,7 @@ def main(argv, n_prompts=72, n_per=8):
             q = group[i.numpy()]                                   # their prompts
             j = [any_ref_of(a) for a in q]                         # references of the same prompts: real
             head.d_step((real_cls[j], real_patches[j]), (fake[0][i], fake[1][i]))
+            pix.d_step((pix_real[0][j], pix_real[1][j]), (pix_fake[0][i], pix_fake[1][i]))
             keep = [m for m, a in enumerate(q) if other_shape[a]]  # wrong: the same scene in another shape
             wrong = [any_ref_of(other_shape[q[m]][int(torch.randint(len(other_shape[q[m]]), (1,),
                                                                      generator=g))]) for m in keep]
@@ -90,6 +106,9 @@ def main(argv, n_prompts=72, n_per=8):
               f"{s.reshape(n_prompts, n_per).std(1, ddof=1).mean():18.4f}")
         for w in (1, 10):
             print(f"{f'  + {w} x dino_sim':50s} {within_group_auc(s + w * sim, correct, group):.3f}")
+        s = pix.score(*pix_fake, generator=torch.Generator().manual_seed(1)).numpy()
+        print(f"{f'the head on raw pixels, {steps} steps':50s} {within_group_auc(s, correct, group):.3f}"
+              f"{s.reshape(n_prompts, n_per).std(1, ddof=1).mean():18.4f}")
         s = cond.score(*fake, pool, generator=torch.Generator().manual_seed(1)).numpy()
         print(f"{f'prompt-aware head, hardest negatives, {steps} steps':50s} "
               f"{within_group_auc(s, correct, group):.3f}"
