@@ -47,6 +47,10 @@ class PixelTokens(torch.nn.Module):
     """A "backbone" with no learned features: tokens = the image's 4×4 pixel patches, CLS = their mean."""
     num_features = 48
 
+    def __init__(self):
+        super().__init__()
+        self.dtype_of = torch.nn.Parameter(torch.zeros(0))  # no weights; DinoFeatures reads the dtype here
+
     def forward_features(self, x):                                     # (B, 3, H, W) normalised
         patches = torch.nn.functional.unfold(x, 4, stride=4).transpose(1, 2)  # (B, N, 48)
         return torch.cat([patches.mean(1, keepdim=True), patches], dim=1)     # (B, 1 + N, 48)
