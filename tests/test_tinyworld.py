@@ -197,7 +197,8 @@ def test_within_group_auc_compares_images_of_one_prompt_only():
     from tiny_shape_signal import within_group_auc
     correct = np.array([True, False, True, False, True, False])
     group = np.array([0, 0, 1, 1, 2, 2])
-    # one win, one tie, one loss; across groups every correct image scores below every wrong one of group 0
+    # one win, one tie, one loss
     assert within_group_auc(np.array([0.9, 0.1, 0.5, 0.5, 0.0, 1.0]), correct, group) == 0.5
+    # right order in every group, though groups 1 and 2 score their correct images below group 0's wrong one
     assert within_group_auc(np.array([-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]), correct, group) == 1.0
     assert np.isnan(within_group_auc(np.zeros(2), np.array([True, True]), np.array([0, 0])))
