@@ -134,9 +134,12 @@ def split(held_out: int = 18, seed: int = 0) -> tuple[list[Scene], list[Scene]]:
 SUPERSAMPLE = 4  # draw at 4x, downsample with LANCZOS: clean anti-aliased edges at 32 px
 
 
-def render(scene: Scene, size: int = 32, style: str = "light", rng: np.random.Generator | None = None):
+def render(scene: Scene, size: int = 32, style: str = "light", rng: np.random.Generator | None = None,
+           specks: int = 0):
     """One RGB PIL image (size x size). With `rng`, the centre moves by up to ±3% of the side per axis
-    (±1 px at 32) and the object is scaled by 0.9..1.1, so references of one prompt are not all identical."""
+    (±1 px at 32) and the object is scaled by 0.9..1.1, so references of one prompt are not all identical.
+    `specks` > 0 (needs `rng`) adds that many stray blobs of paint: the flawed renders of the "flawed base"
+    (assets/tinyworld/build.py), see `draw_specks`."""
     dx = dy = 0.0
     scale = 1.0
     if rng is not None:
@@ -156,7 +159,29 @@ def render(scene: Scene, size: int = 32, style: str = "light", rng: np.random.Ge
     else:  # equilateral, apex up, centroid at (x, y)
         R = 1.2 * r  # circumradius 1.2 r: a bit more than half the circle's area
         draw.polygon([(x, y - R), (x - R * 0.866, y + R / 2), (x + R * 0.866, y + R / 2)], fill=fill)
+    if specks:
+        draw_specks(draw, S, (x, y), 1.2 * r, scene.colour, style, specks, rng)
     return img.resize((size, size), Image.LANCZOS)
+
+
+SPECK_RADIUS = (0.09, 0.12)  # of the side: 3-4 px at 32, an area of 25-45 px, well above MIN_AREA
+
+
+def draw_specks(draw, S, centre, extent, colour, style, n, rng):
+    """n stray blobs of paint on an S x S canvas, each a small disk clear of the object (centre, extent:
+    its circumradius) by at least a speck's diameter, half of them the object's colour (a fragment) and
+    half another palette colour (a splash). The flaw a prompt-blind eye sees at once (the references never
+    have it) and that toy GenEval counts (a second object: count wrong)."""
+    names = list(COLOURS)
+    for _ in range(n):
+        rad = rng.uniform(*SPECK_RADIUS) * S
+        for _ in range(100):  # rejection sampling of a free spot inside the canvas
+            px, py = rng.uniform(rad + 1, S - rad - 1, size=2)
+            if np.hypot(px - centre[0], py - centre[1]) > extent + 3 * rad:
+                break
+        c = colour if rng.random() < 0.5 else names[(names.index(colour) + rng.integers(1, len(names)))
+                                                    % len(names)]
+        draw.ellipse([px - rad, py - rad, px + rad, py + rad], fill=palette(style)[c])
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -1,12 +1,14 @@
-"""Which reward can tell a right shape from a wrong one? (the shapes world, README "Results")
+"""Which reward can tell a right image from a wrong one? (the shapes world, README "Results")
 
-    python docs/tiny_shape_signal.py [PRESET] [--key=value ...]     # default config/tiny.py, e.g.
-    python docs/tiny_shape_signal.py config/tiny.py --pretrained=assets/tinyworld/pipeline   # another base
+    python docs/tiny_shape_signal.py [PRESET] [--judge=correct|shape|count|colour|position] [--key=value ...]
+    python docs/tiny_shape_signal.py                                   # config/tiny.py: the flawed base
+    python docs/tiny_shape_signal.py config/tiny.py --pretrained=assets/tinyworld/pipeline_early --judge=shape
 
-GRPO only learns from differences *within* a prompt's group: a reward raises shape accuracy only if,
-among images of the same prompt, it scores the shape-correct ones above the shape-wrong ones. This
-samples 8 images for each of the first 72 training prompts from the preset's base
-(ODE, CFG as in its evaluation), judges their shape with the exact analyser, and prints for each reward
+GRPO only learns from differences *within* a prompt's group: a reward raises accuracy only if, among
+images of the same prompt, it scores the right ones above the wrong ones. This samples 8 images for
+each of the first 72 training prompts from the preset's base (ODE, CFG as in its evaluation), judges
+them with the exact analyser (`--judge`: the whole toy GenEval verdict, the default, or one attribute
+of it, e.g. shape for the early base's binding errors), and prints for each reward
 the within-prompt AUC: the share of (correct, wrong) pairs of one prompt that it orders correctly
 (1 = always, 0.5 = chance), and its mean within-group standard deviation (how loud it is in a sum).
 Rewards: the discriminator head (the paper's unconditional one) trained 5 / 30 / 100 steps on these
@@ -58,13 +60,15 @@ class PixelTokens(torch.nn.Module):
 
 def main(argv, n_prompts=72, n_per=8):
     torch.set_num_threads(1)
+    judge = next((a.split("=", 1)[1] for a in argv if a.startswith("--judge=")), "correct")
+    argv = [a for a in argv if not a.startswith("--judge=")]
     cfg = parse_args(argv if argv and not argv[0].startswith("--") else ["config/tiny.py", *argv])
     gen = M.build_generator(cfg, torch.device("cpu"))
     prompts = [p["prompt"] for p in data.load_prompts(cfg.train_prompts)][:n_prompts]
     P = [p for p in prompts for _ in range(n_per)]
     images = E.generate(gen, P, seed=5, num_steps=cfg.eval_num_steps, guidance_scale=cfg.eval_guidance_scale,
                         use_ema=False)
-    correct = np.array([tw.analyse(im, p)["shape"] for im, p in zip(images, P)])
+    correct = np.array([tw.analyse(im, p)[judge] for im, p in zip(images, P)])
     group = np.repeat(np.arange(n_prompts), n_per)
     refs = data.ReferenceSet.from_index(cfg.references, size=cfg.resolution)
     head = R.build_adversary(cfg, torch.device("cpu"))[1]
@@ -72,7 +76,7 @@ def main(argv, n_prompts=72, n_per=8):
     real = [head.phi(refs.images_of(p)) for p in prompts]
     sim = R.paired_cosine(fake[0], P, {p: r[0] for p, r in zip(prompts, real)}).numpy()
     real_cls, real_patches = torch.cat([r[0] for r in real]), torch.cat([r[1] for r in real])
-    print(f"{len(P)} images of {n_prompts} training prompts; shape accuracy {correct.mean():.3f}; "
+    print(f"{len(P)} images of {n_prompts} training prompts; {judge} accuracy {correct.mean():.3f}; "
           f"{int(sum((correct[group == c].sum() * (~correct[group == c]).sum()) for c in range(n_prompts)))} "
           f"(correct, wrong) pairs")
     print(f"{'reward':50s} within-prompt AUC   within-group std")

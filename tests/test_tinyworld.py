@@ -156,6 +156,22 @@ def test_two_objects_fail_count():
     assert r["colour"] and r["shape"] and r["position"]  # the rest judge the largest object
 
 
+def test_specks_are_a_count_error_the_analyser_sees_and_leave_the_clean_render_alone():
+    """The flawed base's training flaw: every render with 1 or 2 specks is judged wrong (count), for every
+    scene, while its largest object is still the prompt's; specks=0 draws nothing from the generator, so
+    clean renders (and the committed clean bases' training sets) are unchanged."""
+    rng = np.random.default_rng(0)
+    for s in tw.all_scenes():
+        for n in (1, 2):
+            r = tw.analyse(tw.render(s, 32, "light", rng, specks=n), tw.prompt_of(s))
+            assert r["count"] is False and r["correct"] is False, (s, n)
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    scene = Scene("red", "square", "left")
+    assert np.array_equal(np.asarray(tw.render(scene, 32, "light", a, specks=0)),
+                          np.asarray(tw.render(scene, 32, "light", b)))
+    assert a.random() == b.random()  # the same draws were taken
+
+
 def test_degrades_gracefully():
     # mild blur and noise keep it exact at 48 px; pure noise and tiny images return bools, never raise
     scenes, rng = tw.all_scenes()[::5], np.random.default_rng(2)

@@ -24,7 +24,11 @@ from tinyworld import (COLOURS, POSITIONS, SHAPES, STYLES, all_scenes, prompt_of
 # -----------------------------------------------------------------------------------------------
 # The builder of the committed assets: `python assets/tinyworld/build.py` (deterministic; main base ~25 min)
 #
-#   assets/tinyworld/pipeline_early/  the same, transformer stopped at EARLY_STEPS, light renders only
+#   assets/tinyworld/pipeline_flawed/ the quality demo's base: the main transformer fine-tuned FLAWED_STEPS
+#                                     on light renders, a SPECK_FRAC share of them with stray specks of
+#                                     paint (tinyworld.draw_specks): it draws clean shapes and, often, specks
+#   assets/tinyworld/pipeline_early/  the same, transformer stopped at EARLY_STEPS, light renders only:
+#                                     binding errors (a round square), the quality demo's control
 #   assets/tinyworld/pipeline/        a StableDiffusion3Pipeline folder (no T5): tiny VAE (32² → 4×16²),
 #                                     tiny MMDiT trained by flow matching on renders of the train prompts,
 #                                     90% light and 10% dark, two frozen random CLIP text encoders with a
@@ -47,6 +51,11 @@ BACKBONE = dict(model="vit_small_patch14_dinov2", img_size=32, patch_size=4, emb
 REF_STYLES = ("dark", "light")
 DARK_FRAC = 0.1  # share of dark renders in the base's training set
 EARLY_STEPS = 600  # the early base: toy GenEval ≈ 0.5 on held-out prompts (500 steps: 0.23; 800: 0.85)
+# The flawed base: 400 steps at lr 1e-3 from the main base, 60 % of the renders with 1-2 specks of radius
+# tinyworld.SPECK_RADIUS. Measured on 576 generations of 72 training prompts (docs/tiny_shape_signal.py):
+# toy GenEval 0.28, the paper's head separates flawed from clean at within-prompt AUC 0.87-0.90. (Specks
+# of radius 0.06-0.08 gave held-out toy GenEval 0.565, every error a count error, but AUC only 0.69-0.77.)
+FLAWED_STEPS, SPECK_FRAC = 400, 0.6
 N_REFS = 4
 
 
@@ -63,10 +72,14 @@ def _log(t0, msg):
     print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
 
 
-def _render_pool(scenes, n_jitter, style, seed):
-    """Every scene rendered n_jitter times with jitter: (len(scenes)·n_jitter, 3, 32, 32) and prompts."""
+def _render_pool(scenes, n_jitter, style, seed, speck_frac=0.0):
+    """Every scene rendered n_jitter times with jitter: (len(scenes)·n_jitter, 3, 32, 32) and prompts.
+    A `speck_frac` share of the renders (drawn at random) carries 1 or 2 stray specks of paint."""
     rng = np.random.default_rng(seed)
-    imgs = torch.stack([to_tensor(render(s, 32, style, rng)) for s in scenes for _ in range(n_jitter)])
+    # (no draw at all when speck_frac = 0: the clean bases keep their random streams)
+    specks = lambda: int(rng.integers(1, 3)) if speck_frac and rng.random() < speck_frac else 0  # noqa: E731
+    imgs = torch.stack([to_tensor(render(s, 32, style, rng, specks=specks()))
+                        for s in scenes for _ in range(n_jitter)])
     return imgs, [prompt_of(s) for s in scenes for _ in range(n_jitter)]
 
 
@@ -116,7 +129,8 @@ def build_text_encoders():
     return tok, encs
 
 
-def build_transformer(t0, pipe, train_scenes, steps=2000, dark_frac=0.0, lr=1e-3, init=None, seed=1):
+def build_transformer(t0, pipe, train_scenes, steps=2000, dark_frac=0.0, lr=1e-3, init=None, seed=1,
+                      speck_frac=0.0):
     """The base model: flow matching (logit-normal t, 10% empty-prompt dropout for CFG) on VAE latents of
     renders of the training prompts, a `dark_frac` share of them dark (~0.4 s a step at batch 128 on 2
     cores). `init`: a folder of transformer weights to continue from."""
@@ -132,7 +146,7 @@ def build_transformer(t0, pipe, train_scenes, steps=2000, dark_frac=0.0, lr=1e-3
                                    pos_embed_max_size=16)
     pipe.register_modules(transformer=tr)  # encode_prompt reads joint_attention_dim from it
     enc = PromptEncoder(pipe, "cpu", max_sequence_length=1)
-    imgs, prompts = _render_pool(train_scenes, 24, "light", seed)
+    imgs, prompts = _render_pool(train_scenes, 24, "light", seed, speck_frac)
     if dark_frac > 0:  # replace a random share of the renders by the same scenes drawn dark
         dark, _ = _render_pool(train_scenes, 24, "dark", seed + 100)
         pick = torch.rand(len(imgs), generator=torch.Generator().manual_seed(seed)) < dark_frac
@@ -254,20 +268,25 @@ def build(out="assets/tinyworld", scale=1.0):
     # references' style, rarely; Adv-GRPO makes it the norm.
     from model import SETTINGS_FILE  # what diffusers cannot know: the text length it was trained with
     # Two bases: "pipeline" (2,000 steps, 90 % light / 10 % dark: the style-transfer study) and
-    # "pipeline_early" (the same recipe stopped at EARLY_STEPS, light only: blobby shapes, the quality demo)
-    for name, steps, dark in (("pipeline", 2000, DARK_FRAC), ("pipeline_early", EARLY_STEPS, 0.0)):
+    # "pipeline_early" (the same recipe stopped at EARLY_STEPS, light only: blobby shapes), and
+    # "pipeline_flawed" (the main one fine-tuned on light renders, a SPECK_FRAC share with specks)
+    main_weights = os.path.join(out, "pipeline", "transformer")
+    stages = (("pipeline", 2000, dict(dark_frac=DARK_FRAC)), ("pipeline_early", EARLY_STEPS, {}),
+              ("pipeline_flawed", FLAWED_STEPS, dict(init=main_weights, speck_frac=SPECK_FRAC)))
+    for name, steps, kw in stages:
         if os.path.isfile(os.path.join(out, name, SETTINGS_FILE)):
             continue
-        tr = build_transformer(t0, pipe, train_scenes, steps=max(2, int(steps * scale)), dark_frac=dark)
+        tr = build_transformer(t0, pipe, train_scenes, steps=max(2, int(steps * scale)), **kw)
         pipe.register_modules(transformer=tr.half())  # fp16 on disk halves the size; training loads float32
         pipe.save_pretrained(os.path.join(out, name))
         with open(os.path.join(out, name, SETTINGS_FILE), "w") as f:
             json.dump(dict(max_sequence_length=1, resolution=32), f)
     for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
-        shared = os.path.join(out, "pipeline_early", part)  # identical to the main pipeline's: one copy
-        if not os.path.islink(shared):
-            shutil.rmtree(shared)
-            os.symlink(os.path.join("..", "pipeline", part), shared)
+        for name in ("pipeline_early", "pipeline_flawed"):  # identical to the main pipeline's: one copy
+            shared = os.path.join(out, name, part)
+            if not os.path.islink(shared):
+                shutil.rmtree(shared)
+                os.symlink(os.path.join("..", "pipeline", part), shared)
     _log(t0, f"saved to {out}")
 
 
