@@ -5,7 +5,7 @@
 # to the references' style (eval/background → eval/ref_background) without losing content
 # (eval/toy_geneval). See README "Results" for what this measured.
 # The same world and code as config/tiny.py; what differs:
-exec(open("config/tiny.py").read())
+base = "tiny.py"
 pretrained = "assets/tinyworld/pipeline"                # 2,000 steps, 90 % light / 10 % dark renders
 references = "assets/tinyworld/refs_dark/index.json"
 group_size = 8
