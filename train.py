@@ -52,9 +52,9 @@ import reward as R
 import sampler as S
 from configurator import Config, parse_args, validate
 
-# The random streams of an epoch beside the per-image noise: seed_of(cfg.seed, epoch, rank, <stream>)
-PATCHES, REFS, ORDER, WINDOW = 1, 2, 3, 7  # the adversary's patch draws, references drawn, micro-batches,
-                                            # the random window (seeded by (seed, epoch) alone)
+# Named random streams: seed_of(cfg.seed, epoch, rank, S) for the adversary's draws (DINO: its patch tokens),
+# the references drawn and the micro-batch order; the random window is seeded by (seed, epoch, WINDOW) alone.
+PATCHES, REFS, ORDER, WINDOW = 1, 2, 3, 7  # the values are the streams: changing one changes every result
 
 # -----------------------------------------------------------------------------------------------
 # GRPO maths: small pure functions (unit-tested)
