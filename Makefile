@@ -17,7 +17,7 @@ demo: .venv/.installed
 	OMP_NUM_THREADS=1 $(PY) train.py config/tiny.py --out_dir=out/demo/adversarial --overwrite=True; \
 	status=$$?; wait $$! || status=1; \
 	[ $$status -eq 0 ] || { echo "a run failed: see out/demo/frozen.log"; exit 1; }
-	$(PY) eval.py --compare out/demo/adversarial out/demo/frozen
+	$(PY) sample.py --compare out/demo/adversarial out/demo/frozen
 
 test: .venv/.installed
 	$(PY) -m pytest -q -m "not slow"

@@ -8,7 +8,7 @@ random weights (no download): SD3.5-M on one GPU, or the tiny architecture on a 
     python bench.py --count_only --arch=sd3.5-medium  # FLOPs only, on shape-only models (any machine)
     python bench.py --resolution=1024 --out=b.json    # other --key=value are train.Config keys
 
-It runs train.py's own functions (model.build_generator, sample_epoch, score_epoch, update_discriminator,
+It runs train.py's own functions (model.build_generator, sample_epoch, score_epoch, the adversary's update,
 train_generator) on one GPU's share of the recipe: 96 images = 6 prompts × 16, sample batch 16, train batch
 8, 10 steps, window 2, CFG 4.5 (the published recipe). Timers sit between torch.cuda.synchronize() calls.
 Two rows are work that happens inside another stage: the VAE decode (inside sample_epoch) and the
@@ -130,7 +130,7 @@ def count_flops(cfg):
     meta = torch.device("meta")
     gen = M.build_generator(cfg, meta)
     with meta:
-        adv = R.build_adversary(cfg, meta)[1]
+        adv = R.build_adversary(cfg, meta)
     emb, pool = gen.encode([""])                                       # (1, T, D), (1, P): the real shapes
     shape = gen.latent_shape()                                         # (C, h, w)
     cfg_rows = 2 if cfg.guidance_scale > 1 else 1                     # CFG doubles the batch
@@ -216,7 +216,7 @@ def run(b, cfg, device, flops):
     """Build the real models, run warm-up + timed epochs of the real loop; returns the result dict."""
     torch.manual_seed(cfg.seed)
     gen = M.build_generator(cfg, device)
-    adversary, references = R.build_adversary(cfg, device)[1], random_references(cfg)
+    adversary, references = R.build_adversary(cfg, device), random_references(cfg)
     n, epochs = cfg.prompts_per_epoch * cfg.group_size, b.warmup_epochs + b.epochs
     prompts = [[f"bench prompt {e}-{i}: a red cube on a blue table" for i in range(cfg.prompts_per_epoch)]
                for e in range(epochs)]
@@ -241,7 +241,8 @@ def run(b, cfg, device, flops):
         with st("reward"):
             rewards, d_batch, _ = train.score_epoch(cfg, e, 0, batch, mine, None, adversary, references)
         with st("d_step"):
-            train.update_discriminator(adversary, d_batch, 1)
+            if d_batch is not None:
+                adversary.update(d_batch, 1)
         nonfinite += int(e >= b.warmup_epochs and d_batch is None)  # then φ and D did not run
         advantages = train.compute_advantages(rewards, [p["prompt"] for p in mine], global_std=cfg.global_std)
         with st("old_logp"):  # train_generator's recompute of the old log-probs, timed alone and subtracted

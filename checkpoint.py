@@ -9,24 +9,34 @@ Owns
   and SHA-256. A full disk ends in one line, and the previous checkpoint stays.
 - `latest` / `verify`: the newest *intact* checkpoint — a damaged, truncated or stray one is skipped with
   a warning that names what is wrong.
-- `load`, `config_changes`: restore a run exactly; say which keys changed since the checkpoint, and refuse
-  the changes that make it another experiment.
+- `load`, `load_weights`, `config_changes`: restore a run exactly (or, for sample.py, its weights); say
+  which keys changed since the checkpoint, and refuse the changes that make it another experiment.
 - `claim_out_dir`: one run per folder (a lock file); a used folder is resumed or explicitly overwritten,
   never mixed.
 - `open_metrics`: metrics.jsonl in append mode; a line torn by a kill is dropped, not fatal.
+  `external_logger`: the same rows to wandb or tensorboard when asked for (neither is a dependency).
+- `export_lora` / `load_lora`: the LoRA in diffusers' format, written into every checkpoint (its `lora/`)
+  and read back as `init_lora` (ours, or Flow-GRPO's `lora_path`).
 
 Leaves out: what is trained (model.py, reward.py) and when to save (train.py).
 """
 
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 
+import numpy as np
 import torch
+from diffusers import StableDiffusion3Pipeline
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 NAME = re.compile(r"^epoch_(\d{6})$")
@@ -63,10 +73,9 @@ def _files(folder):
                   for d, _, names in os.walk(folder) for n in names)
 
 
-def save(cfg, epochs_done, gen, adversary, counters, export_lora=None):
+def save(cfg, epochs_done, gen, adversary, counters):
     """Write checkpoint `epoch_<epochs_done>` atomically; returns its path. Refuses (SystemExit, nothing
     written, nothing pruned) when any tensor is non-finite or the disk is full."""
-    from safetensors.torch import save_file
     root = os.path.join(cfg.out_dir, "checkpoints")
     final = os.path.join(root, f"epoch_{epochs_done:06d}")
     tmp = final + ".tmp"
@@ -87,7 +96,7 @@ def save(cfg, epochs_done, gen, adversary, counters, export_lora=None):
         save_file(tensors, os.path.join(tmp, "trainable.safetensors"))
         save_file(ema, os.path.join(tmp, "ema.safetensors"))
         torch.save(state, os.path.join(tmp, "state.pt"))
-        if export_lora is not None:
+        if cfg.lora_rank > 0:
             export_lora(gen, os.path.join(tmp, "lora"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -114,6 +123,44 @@ def save(cfg, epochs_done, gen, adversary, counters, export_lora=None):
     for old in intact[:-cfg.keep_last]:  # prune only intact ones older than the newest keep_last
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def export_lora(gen, path):
+    """The EMA LoRA in diffusers' format: `StableDiffusion3Pipeline.from_pretrained(base)
+    .load_lora_weights(path)` then samples what our eval samples (a test checks it)."""
+    tr = gen.transformer
+    with gen.ema.applied(gen.params):
+        layers = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(tr).items()}
+    # the metadata carries lora_alpha: without it diffusers assumes alpha = rank (a 2x wrong scale here)
+    StableDiffusion3Pipeline.save_lora_weights(
+        path, transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
+
+
+def load_lora(transformer, folder):
+    """Set our adapter to a LoRA saved in diffusers' format (`save_lora_weights`: keys
+    "transformer.<peft key>"), refusing one of another rank or for other layers in one line."""
+    path = os.path.join(folder, "pytorch_lora_weights.safetensors")
+    if not os.path.isfile(path):
+        raise SystemExit(f"init_lora: no pytorch_lora_weights.safetensors in {folder}")
+    if not getattr(transformer, "peft_config", None):
+        raise SystemExit("init_lora needs lora_rank > 0")
+    with safe_open(path, "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    ours = transformer.peft_config["default"]
+    theirs = (meta.get("transformer.r", ours.r), meta.get("transformer.lora_alpha", ours.lora_alpha))
+    if theirs != (ours.r, ours.lora_alpha):  # another alpha would silently rescale the update
+        raise SystemExit(f"init_lora {folder} has rank {theirs[0]} / alpha {theirs[1]}: "
+                         f"set --lora_rank={theirs[0]} --lora_alpha={theirs[1]}")
+    sd = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
+    try:
+        result = set_peft_model_state_dict(transformer, sd, adapter_name="default")
+    except RuntimeError as e:  # shape mismatch: another rank
+        raise SystemExit(f"init_lora {folder} does not fit lora_rank / targets of this run: "
+                         f"{str(e)[:200]}") from None
+    if getattr(result, "unexpected_keys", None):
+        raise SystemExit(f"init_lora {folder} has weights for layers this run does not adapt, e.g. "
+                         f"{result.unexpected_keys[0]}")
 
 
 def checkpoints(out_dir):
@@ -171,10 +218,18 @@ def config_changes(saved: dict, cfg, allow=False):
     return lines
 
 
+def load_weights(gen, path):
+    """The trainable and EMA weights of checkpoint folder `path` into the model.Generator `gen`."""
+    trainable = load_file(os.path.join(path, "trainable.safetensors"))
+    with torch.no_grad():
+        for n, p in gen.params.items():
+            p.copy_(trainable[n])
+    gen.ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+
+
 def load(path, gen, adversary, counters, cfg):
     """Restore a checkpoint into a built run; returns epochs done. The optimizers take the *current*
-    cfg.lr / d_lr / pickscore_lr (a changed lr on --resume is applied, as config.json records)."""
-    from model import load_weights
+    cfg.lr and the adversary's own lr (a changed lr on --resume is applied, as config.json records)."""
     load_weights(gen, path)
     try:
         state = torch.load(os.path.join(path, "state.pt"), weights_only=True, map_location=gen.device)
@@ -187,9 +242,7 @@ def load(path, gen, adversary, counters, cfg):
     counters.update(state["counters"])
     torch.set_rng_state(state["rng_cpu"].cpu())
     if adversary is not None and "adversary" in state:
-        adversary.load_head_state(state["adversary"])
-        for group in adversary.opt.param_groups:
-            group["lr"] = cfg.d_lr if "dino_adv" in cfg.reward else cfg.pickscore_lr
+        adversary.load_head_state(state["adversary"])  # its optimizer keeps adversary.lr
     return state["epoch"]
 
 
@@ -202,7 +255,6 @@ _LOCKS = {}  # run folder -> its open, locked .lock file, held until the process
 def claim_out_dir(cfg):
     """Make cfg.out_dir this run's own: refuse a file, a folder another live run is writing, or a used
     folder without --resume (--overwrite clears what a run writes there, nothing else)."""
-    import fcntl
     out = os.path.abspath(cfg.out_dir)
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"out_dir {out} is a file, not a folder")
@@ -253,3 +305,35 @@ def open_metrics(out_dir, start):
             f.writelines(json.dumps(r) + "\n" for r in keep)
         os.replace(path + ".tmp", path)
     return open(path, "a")
+
+
+def external_logger(cfg):
+    """log(stats, grid=None) for wandb / tensorboard, when asked for: the scalars of `stats`, and the held-out
+    sample grid (a PNG path) when an evaluation made one. A clear stop when the package is not installed."""
+    if not cfg.log_to:
+        return lambda stats, grid=None: None
+    try:
+        if cfg.log_to == "wandb":
+            import wandb
+            run = wandb.init(project="nanoAdvGRPO", name=os.path.basename(cfg.out_dir.rstrip("/")),
+                             config=dataclasses.asdict(cfg), resume="allow")
+
+            def log(stats, grid=None):
+                run.log({**stats, **({"samples": wandb.Image(grid)} if grid else {})}, step=stats["epoch"])
+            return log
+        if cfg.log_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+
+            def log(stats, grid=None):
+                for k, v in stats.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        writer.add_scalar(k, v, stats["epoch"])
+                if grid:
+                    writer.add_image("samples", np.asarray(Image.open(grid).convert("RGB")), stats["epoch"],
+                                     dataformats="HWC")
+                writer.flush()  # an epoch is minutes long: flush, so a killed run loses nothing
+            return log
+    except ImportError as e:
+        raise SystemExit(f"log_to={cfg.log_to!r} needs its package: pip install {cfg.log_to} ({e})") from None
+    raise SystemExit(f"config error: log_to must be '', 'wandb' or 'tensorboard', got {cfg.log_to!r}")

@@ -6,21 +6,26 @@ configurator.py — every knob of a run with its default, and the one parser tha
 
 `Config`'s defaults are the paper's main setting: SD3.5-Medium, 512², the adversarial DINOv2 reward, with
 the published hyper-parameters. A preset in config/ is a Python file that assigns some of these names
-(it runs as code: `lr = 1e-4`, not YAML's `lr: 1e-4`, which Python reads as an annotation and we refuse).
-`parse` serves train.py, eval.py and bench.py alike: each passes its dataclasses, and a key goes to the
-one that has it. Unknown keys, wrong types and impossible values are refused in one line that names the
-key and where it came from — before any model is loaded.
+(it runs as code: `lr = 1e-4`, not YAML's `lr: 1e-4`, which Python reads as an annotation and we refuse)
+and states only what differs from its base: the defaults, or the preset it names in `base = "tiny.py"`
+(a path relative to the preset's own folder), applied first. `parse` serves train.py, sample.py,
+prepare.py and bench.py alike: each passes its dataclasses, and a key goes to the one that has it.
+Unknown keys, wrong types and impossible values are refused in one line that names the key and where it
+came from — before any model is loaded.
 """
 
 import ast
 import difflib
 import inspect
 import io
+import math
 import os
 import sys
 import tokenize
 import typing
 from dataclasses import dataclass, field
+
+from model import SETTINGS_FILE, pipeline_settings, resolution_multiple
 
 
 @dataclass
@@ -72,8 +77,10 @@ class Config:
     ema_decay: float = 0.9            # the EMA's decay after its warm-up: min((1 + s)/(10 + s), ema_decay)
     ema_every: int = 8                # EMA update every N optimizer steps
     # reward: a weighted sum; "dino_adv" / "pickscore_adv" are learned adversarially, others fixed
-    reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})  # {name: weight}, e.g.
-                                                                     # "{'dino_adv': 1.0}"
+    reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})  # {name: weight or {'weight': w,
+                                                                     # setting: value}}, e.g. "{'dino_adv':
+                                                                     # 1.0, 'ocr_sim': {'weight': 1.0,
+                                                                     # 'lam': 0.3}}" (settings: reward.py)
     references: str = "data/refs/index.json"  # {prompt: [relative paths]} index, or a folder (real for all)
     reference_root: str = ""          # root of the index's paths (default: the JSON's folder)
     skip_bad_references: bool = False  # drop unreadable reference images with a warning instead of stopping
@@ -121,7 +128,6 @@ def resolve_defaults(cfg):
     """Fill in the keys left None: noise_level / clip_range by sde_kind, max_sequence_length from the
     pipeline folder's sample_settings.json (else 128). A value that contradicts the pipeline's settings
     is refused: it would sample garbage without an error."""
-    from model import SETTINGS_FILE, pipeline_settings
     for key, value in SDE_DEFAULTS.get(cfg.sde_kind, {}).items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
@@ -149,7 +155,6 @@ UNIT_INTERVAL = ("noise_level", "ema_decay")
 
 def check_ranges(cfg):
     """One line naming the first key whose value is out of its range (or not finite); None if all are fine."""
-    import math
     for key in (AT_LEAST_1 + POSITIVE + NON_NEGATIVE + UNIT_INTERVAL
                 + ("guidance_scale", "eval_guidance_scale")):
         v = getattr(cfg, key)
@@ -164,10 +169,6 @@ def check_ranges(cfg):
             return f"{key} must be in [0, 1], got {v}"
         if key.endswith("guidance_scale") and v < 1:
             return f"{key} must be ≥ 1 (1 = no classifier-free guidance), got {v}"
-    for name, w in cfg.reward.items():
-        if type(w) not in (int, float) or not math.isfinite(w):
-            return f"reward weight of {name!r} must be a number, got {w!r}"
-    from model import resolution_multiple
     f = resolution_multiple(cfg.pretrained)
     if f and cfg.resolution % f:
         return (f"resolution {cfg.resolution} must be a multiple of {f} "
@@ -289,8 +290,8 @@ def parse(argv, *schemas, usage=""):
     while args:
         arg = args.pop(0)
         if arg.endswith(".py") and not arg.startswith("--"):
-            for key, value in run_preset(arg).items():
-                set_key(key, value, arg)
+            for key, (value, where) in run_preset(arg).items():
+                set_key(key, value, where)
         elif arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
             kinds = typing.get_args(hints[key][1]) or (hints[key][1],) if key in hints else ()
@@ -316,9 +317,12 @@ def literal(raw):
         return raw
 
 
-def run_preset(path):
-    """A preset's assignments {name: value}. It runs as Python; an annotation without a value (YAML's
-    `lr: 0.1`) would silently do nothing, so it is refused with its line."""
+def run_preset(path, _seen=()):
+    """A preset's assignments {name: (value, file that set it)}, its `base` preset's first. It runs as
+    Python; an annotation without a value (YAML's `lr: 0.1`) would silently do nothing, so it is refused
+    with its line."""
+    if os.path.abspath(path) in _seen:
+        raise SystemExit(f"{path}: presets inherit from each other in a circle ({' → '.join(_seen)})")
     try:
         source = open(path).read()
     except FileNotFoundError:
@@ -338,8 +342,15 @@ def run_preset(path):
         raise
     except Exception as e:
         raise SystemExit(f"{path}: the preset raised {type(e).__name__}: {e}") from None
-    return {k: v for k, v in ns.items()
-            if not k.startswith("_") and not callable(v) and not isinstance(v, type(sys))}
+    values = {k: (v, path) for k, v in ns.items()
+              if not k.startswith("_") and not callable(v) and not isinstance(v, type(sys))}
+    if "base" not in values:
+        return values
+    base = values.pop("base")[0]
+    if not isinstance(base, str) or not base.endswith(".py"):
+        raise SystemExit(f"{path}: base must name a preset file (base = \"tiny.py\"), got {base!r}")
+    return {**run_preset(os.path.join(os.path.dirname(path), base), (*_seen, os.path.abspath(path))),
+            **values}
 
 
 def parse_args(argv):

@@ -12,8 +12,8 @@ Owns
   `{prompt: [relative image paths]}` or from a folder (style transfer: every image is real for every
   prompt), loaded eagerly, checked, and stored as uint8 (N, 3, H, W).
 
-Leaves out: DDP calls (train.py passes rank and world size in), text encoding (model.py), and anything
-that scores images (reward.py).
+Leaves out: DDP calls (train.py passes rank and world size in), text encoding (model.py), anything
+that scores images (reward.py), making and importing data sets offline (prepare.py).
 
 Departs from the published Flow-GRPO / Adv-GRPO code
 - Flow-GRPO's txt loader (`line.strip()` per line) turns a blank line into the prompt "" without a word; we
@@ -28,7 +28,6 @@ Departs from the published Flow-GRPO / Adv-GRPO code
   fails before the first (expensive) epoch, naming the file and its prompt, and no epoch pays for decoding.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -288,165 +287,3 @@ def load_references(cfg, prompts):
         raise SystemExit(f"{len(missing)} of {len(prompts)} training prompts have no reference images in "
                          f"{cfg.references}, e.g. {missing[:3]}. Add references or remove these prompts.")
     return refs
-
-
-# -----------------------------------------------------------------------------------------------
-# Making references: `python data.py make_references --model M --prompts F --out DIR`
-# The paper's references come from a stronger model (Qwen-Image, 512², 50 steps, 8 per prompt);
-# any diffusers text-to-image pipeline works. Writes DIR/<k>_<j>.png and DIR/index.json.
-
-def guidance_kwargs(pipe, guidance_scale, m):
-    """The pipeline's own way of asking for classifier-free guidance of strength `guidance_scale`, for m
-    prompts. Most pipelines take `guidance_scale`. Qwen-Image (the paper's reference model) and other
-    pipelines with `true_cfg_scale` run real CFG only when given that *and* a negative prompt; their
-    `guidance_scale` is for guidance-distilled transformers and is otherwise ignored with a warning, which
-    would silently give references without CFG."""
-    import inspect
-    params = inspect.signature(pipe.__call__).parameters
-    transformer_cfg = getattr(getattr(pipe, "transformer", None), "config", None) or {}
-    distilled = bool(transformer_cfg.get("guidance_embeds", False))  # e.g. FLUX.1-dev: guidance is an input
-    if "true_cfg_scale" in params and not distilled:
-        return dict(true_cfg_scale=guidance_scale, negative_prompt=[" "] * m)  # " ": diffusers' own advice
-    return dict(guidance_scale=guidance_scale)
-
-
-def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0, size=None, seed=0,
-                    batch_size=4, device=None):
-    """n images per prompt from any diffusers pipeline. `size` defaults to the folder's sample_settings.json
-    resolution (pipelines this project writes), else 512; its text length is honoured the same way."""
-    import inspect
-    import json
-    from diffusers import DiffusionPipeline
-    from tqdm.auto import tqdm
-    from model import pipeline_settings
-    settings = pipeline_settings(model)
-    size = size or settings.get("resolution", 512)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    # a local folder saved without some component (e.g. SD3 without T5) lists it as [null, null]
-    index_file = os.path.join(model, "model_index.json")
-    absent = {k: None for k, v in json.load(open(index_file)).items()
-              if isinstance(v, list) and v[0] is None} if os.path.exists(index_file) else {}
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **absent).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    extra = guidance_kwargs(pipe, guidance_scale, 1)
-    if ("max_sequence_length" in settings
-            and "max_sequence_length" in inspect.signature(pipe.__call__).parameters):
-        extra["max_sequence_length"] = settings["max_sequence_length"]
-    prompts = [p["prompt"] for p in load_prompts(prompts_file)]
-    os.makedirs(out, exist_ok=True)
-    index = {}
-    for k, prompt in enumerate(tqdm(prompts, desc="references")):
-        index[prompt] = []
-        for j0 in range(0, n, batch_size):
-            m = min(batch_size, n - j0)
-            gen = [torch.Generator(device).manual_seed(seed * 1_000_003 + k * n + j0 + i) for i in range(m)]
-            images = pipe([prompt] * m, num_inference_steps=steps, height=size, width=size, generator=gen,
-                          **{**extra, **guidance_kwargs(pipe, guidance_scale, m)}).images
-            for i, im in enumerate(images):
-                name = f"{k:05d}_{j0 + i}.png"
-                im.save(os.path.join(out, name))
-                index[prompt].append(name)
-    with open(os.path.join(out, "index.json"), "w") as f:
-        json.dump(index, f, indent=1)
-    return os.path.join(out, "index.json")
-
-
-# -----------------------------------------------------------------------------------------------
-# Importing the published prompt sets and reference indexes
-# Prompts: Flow-GRPO's dataset/ folder (github.com/yifan123/flow_grpo) holds the paper's sets —
-# pickscore/{train,test}.txt (the DINO and PickScore experiments), geneval/{train,test}_metadata.jsonl,
-# ocr/{train,test}.txt. References: the published generation script writes prompt2img_node<N>.json
-# ({prompt: [file names]}) per node beside the images.
-
-def import_prompts(src, out):
-    """A downloaded prompt file (.txt, or .jsonl with "prompt") rewritten in our strict format: stripped,
-    blank lines dropped (we refuse them), metadata kept (.jsonl). Returns (kept, dropped)."""
-    ext = os.path.splitext(src)[1].lower()
-    with open(src, encoding="utf-8-sig") as f:
-        raw = [line.strip() for line in f.read().removesuffix("\n").split("\n")]
-    rows = [json.loads(line) if ext == ".jsonl" else {"prompt": line} for line in raw if line]
-    rows = [r for r in rows if str(r.get("prompt", "")).strip()]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((json.dumps({**r, "prompt": r["prompt"].strip()}, ensure_ascii=False)
-                     if out.endswith(".jsonl")
-                     else r["prompt"].strip().replace("\n", " ")) + "\n")
-    load_prompts(out)  # what we wrote must read back
-    return len(rows), len(raw) - len(rows)
-
-
-def import_references(indexes, images, out):
-    """Merge published {prompt: [file names]} indexes (e.g. prompt2img_node*.json) whose files lie in
-    `images` into one index at `out`, paths relative to out's folder. Returns (prompts, files, missing)."""
-    merged = {}
-    for path in indexes:
-        with open(path, encoding="utf-8") as f:
-            for prompt, names in json.load(f).items():
-                merged.setdefault(prompt, []).extend(n for n in (names if isinstance(names, list)
-                                                                 else [names])
-                                                     if n not in merged.get(prompt, []))
-    root = os.path.dirname(os.path.abspath(out))
-    index = {p: [os.path.relpath(os.path.join(os.path.abspath(images), n), root) for n in names]
-             for p, names in merged.items()}
-    os.makedirs(root, exist_ok=True)  # before the check: "<root>/../x" resolves only through an existing root
-    missing = [f for names in index.values() for f in names if not os.path.isfile(os.path.join(root, f))]
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=1, ensure_ascii=False)
-    return len(index), sum(map(len, index.values())), missing
-
-
-@dataclasses.dataclass
-class MakeReferences:
-    model: str = ""                   # hub id or folder of a diffusers text-to-image pipeline
-    prompts: str = ""                 # prompt file (.txt or .jsonl)
-    out: str = "data/refs"            # output folder (PNGs + index.json)
-    n: int = 8                        # images per prompt (the paper: 8)
-    steps: int = 50                   # sampling steps (the paper: 50 with Qwen-Image)
-    guidance_scale: float = 4.0       # CFG, asked for in the pipeline's own way
-    size: int | None = None           # default: the pipeline's sample_settings.json, else 512
-    seed: int = 0
-
-
-@dataclasses.dataclass
-class ImportPrompts:
-    src: str = ""                     # a downloaded .txt or .jsonl prompt file
-    out: str = "data/train.txt"       # .txt (prompts only) or .jsonl (metadata kept)
-
-
-@dataclasses.dataclass
-class ImportReferences:
-    index: list = dataclasses.field(default_factory=list)  # published {prompt: [names]} JSON files
-    images: str = ""                  # the folder holding the images those names refer to
-    out: str = "data/refs/index.json"  # the merged index (train.py's default `references`)
-
-
-COMMANDS = {"make_references": MakeReferences, "import_prompts": ImportPrompts,
-            "import_references": ImportReferences}
-
-if __name__ == "__main__":
-    import sys
-
-    import configurator
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        raise SystemExit(f"usage: python data.py {{{'|'.join(COMMANDS)}}} --key=value ...  "
-                         "(--help per command)")
-    (a,) = configurator.parse(sys.argv[2:], COMMANDS[sys.argv[1]], usage=f"python data.py {sys.argv[1]}\n")
-    if sys.argv[1] == "make_references":
-        if not (a.model and a.prompts):
-            raise SystemExit("make_references needs --model and --prompts")
-        print(make_references(a.model, a.prompts, a.out, a.n, a.steps, a.guidance_scale, a.size, a.seed))
-    elif sys.argv[1] == "import_prompts":
-        try:
-            kept, dropped = import_prompts(a.src, a.out)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"import_prompts: {e}") from None
-        print(f"{a.out}: {kept} prompts ({dropped} blank lines dropped)")
-    else:
-        try:
-            n_prompts, n_files, missing = import_references(a.index, a.images, a.out)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"import_references: {e}") from None
-        print(f"{a.out}: {n_prompts} prompts, {n_files} images"
-              + (f"; {len(missing)} missing, e.g. {missing[0]}" if missing else ""))

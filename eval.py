@@ -1,14 +1,10 @@
 """
-eval.py — held-out evaluation: generate with the EMA weights, measure, draw.
+eval.py — held-out evaluation in the training loop: generate with the EMA weights, measure, draw.
 
-    python eval.py --ckpt out/tiny/checkpoints/epoch_000099                 # the run's test prompts
-    python eval.py --ckpt CKPT --prompt "a red circle on the left" --n_per_prompt 8
-    python eval.py --ckpt CKPT --prompts my_prompts.txt --num_steps 40 --guidance_scale 4.5
-    python eval.py --summarize out/transfer_s0 out/transfer_s1 out/transfer_s2       # mean ± std over runs
-
-Writes PNGs, a grid and metrics.json next to the checkpoint (or --out). train.py calls `evaluate` every
-`eval_every` epochs on the fixed held-out prompts, with fixed seeds, so curves compare like with like,
-and `report` at the end (curves.png, summary.json).
+train.py calls `evaluate` every `eval_every` epochs on the fixed held-out prompts, with fixed seeds, so
+curves compare like with like, `hacking_warning` (through its monitor) at each evaluation, and `report`
+at the end (curves.png, summary.json). sample.py, the command line, evaluates a checkpoint with the same
+functions.
 
 Metrics (each is skipped, with the reason recorded, when its ingredients are missing):
 - dino_sim: mean cosine of DINO CLS features between a generation and *its own prompt's* references
@@ -18,7 +14,9 @@ Metrics (each is skipped, with the reason recorded, when its ingredients are mis
 - toy_geneval (+ per attribute), background / saturation and style_match (share of generations whose
   background is within 0.25 of the references' mean): exact pixel metrics, for prompts of the shapes
   world (tinyworld.py). They are the demo's held-out style metrics: no training reward sees them.
-- pickscore / clip_score: when those models can be loaded (needs the hub or a local copy).
+- pickscore / clip_score (sample.py only): when those models can be loaded (the hub or a local copy).
+
+Leaves out: loading checkpoints and the command line (sample.py), training rewards (reward.py).
 
 Departs from the published code: the paired dino_sim above; FD computed in float64 with an
 eigen-decomposition (no scipy).
@@ -27,13 +25,19 @@ eigen-decomposition (no scipy).
 import contextlib
 import json
 import os
-from dataclasses import dataclass, field
 
+import matplotlib
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 import reward as R
 import sampler as S
+import tinyworld as tw
+from checkpoint import read_metrics
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 
 @torch.no_grad()
@@ -100,7 +104,6 @@ def measure(images, prompts, references=None, features=None):
     else:
         skipped["dino_sim"] = skipped["fd_dino"] = "no references or no feature backbone in this run"
     try:
-        import tinyworld as tw
         for p in prompts:
             tw.parse(p)
     except ValueError:
@@ -130,30 +133,9 @@ def measure(images, prompts, references=None, features=None):
     return m, skipped
 
 
-def measure_preference(images, prompts, device, cfg, online=True):
-    """PickScore and CLIP score from the models the run's config names, when their weights can be loaded
-    (local folder, cache, or the hub when `online`). (metrics, skipped)."""
-    m, skipped = {}, {}
-    models = dict(pickscore_model=cfg.pickscore_model, pickscore_processor=cfg.pickscore_processor,
-                  clip_model=cfg.clip_model)
-    for name, model in (("pickscore", cfg.pickscore_model), ("clip_score", cfg.clip_model)):
-        why = available(model, online)
-        if why is not None:
-            skipped[name] = f"{model}: {why}"
-            continue
-        try:
-            fn = R.REWARDS[name](device=device, **models)
-        except Exception as e:  # offline, no cache, gated model...
-            skipped[name] = f"model not available ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-            continue
-        m[name] = float(fn(images.to(device), prompts, [{}] * len(prompts))[0].mean())
-    return m, skipped
-
-
 def save_grid(images, path, nrow=8, labels=None):
     """A PNG grid of images (B, 3, H, W) in [0, 1], nrow per row, scaled up so 32-px toys are visible.
     `labels` (one per image, e.g. its prompt): each row is captioned, on its left, with its images' labels."""
-    from PIL import Image, ImageDraw, ImageFont
     x = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()   # (B, H, W, 3)
     b, h, w, _ = x.shape
     rows = (b + nrow - 1) // nrow
@@ -180,9 +162,6 @@ def save_grid(images, path, nrow=8, labels=None):
 def plot_curves(metrics_path, out_path, train_key="reward_mean",
                 eval_keys=("eval/toy_geneval", "eval/style_match", "eval/background", "eval/dino_sim")):
     """Training reward and held-out metrics against epoch on one figure: the reward-hacking picture."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rows = [json.loads(l) for l in open(metrics_path) if l.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
     tr = [(r["epoch"], r[train_key]) for r in rows if train_key in r]
@@ -223,27 +202,6 @@ def hacking_warning(history, window=3):
     return None
 
 
-def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_reward")):
-    """One table of several runs (e.g. the demo's adversarial and frozen-D runs): each key before → after,
-    and whether the reward-hacking monitor fired during the run."""
-    from checkpoint import read_metrics
-    rows = []
-    for d in run_dirs:
-        if not os.path.isfile(os.path.join(d, "summary.json")):
-            raise SystemExit(f"--compare: no summary.json in {d}")
-        s = json.load(open(os.path.join(d, "summary.json")))
-        flagged = any(r.get("hacking_warning") for r in read_metrics(os.path.join(d, "metrics.jsonl")))
-        rows.append((os.path.basename(os.path.normpath(d)), s, flagged))
-    print(f"{'held-out (train_reward: training)':36s}" + "".join(f"{name:>24s}" for name, _, _ in rows))
-    for k in keys:
-        cells = [f"{s[k]['before']:.3f} → {s[k]['after']:.3f}" if k in s else "—" for _, s, _ in rows]
-        print(f"{k:36s}" + "".join(f"{c:>24s}" for c in cells))
-    print(f"{'reward-hacking monitor':36s}" + "".join(f"{'FLAGGED' if f else 'quiet':>24s}"
-                                                      for _, _, f in rows))
-    print(f"{'epochs':36s}" + "".join(f"{str(s['epochs']['before']) + ' → ' + str(s['epochs']['after']):>24s}"
-                                      for _, s, _ in rows))
-
-
 # -----------------------------------------------------------------------------------------------
 # In the training loop
 
@@ -273,7 +231,6 @@ def report(out_dir, g_steps=None, k=5):
     """End of run: curves, and the before/after numbers of the held-out evaluation (first vs last, each
     named by the epochs done, as its grid in samples/ and its checkpoint), plus the training reward
     (mean of the first vs the last k epochs that trained the generator). Writes summary.json."""
-    from checkpoint import read_metrics
     path = os.path.join(out_dir, "metrics.jsonl")
     rows = read_metrics(path)
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
@@ -298,163 +255,3 @@ def report(out_dir, g_steps=None, k=5):
             print(f"  {k:20s} {v['before']:.4f} → {v['after']:.4f}")
 
 
-def summarize(run_dirs):
-    """Mean ± std over runs (e.g. seeds) of each run's summary.json: {metric: (before, after)}."""
-    missing = [d for d in run_dirs if not os.path.isfile(os.path.join(d, "summary.json"))]
-    if missing:
-        raise SystemExit(f"--summarize: no summary.json in {', '.join(missing)} (a run writes it at its end, "
-                         "with eval_every > 0)")
-    rows = [json.load(open(os.path.join(d, "summary.json"))) for d in run_dirs]
-    out = {}
-    for k in rows[0]:
-        if k == "epochs":
-            continue
-        b, a = np.array([r[k]["before"] for r in rows]), np.array([r[k]["after"] for r in rows])
-        out[k] = dict(before=float(b.mean()), before_std=float(b.std()), after=float(a.mean()),
-                      after_std=float(a.std()))
-        print(f"{k:16s} {b.mean():.3f} ± {b.std():.3f}  →  {a.mean():.3f} ± {a.std():.3f}   (n={len(rows)})")
-    return out
-
-
-@dataclass
-class EvalArgs:
-    ckpt: str = ""                    # a checkpoint folder (…/checkpoints/epoch_NNNNNN), or a run folder
-                                      # (its newest)
-    prompts: str = ""                 # prompt file (.txt or .jsonl); default: the run's test_prompts
-    prompt: list = field(default_factory=list)  # prompts given directly: --prompt "a cat" "a dog"
-    n_per_prompt: int | None = None   # images per prompt; None: the run's eval_n_per_prompt
-    num_steps: int | None = None      # ODE steps; None: the run's eval_num_steps
-    guidance_scale: float | None = None  # CFG; None: the run's eval_guidance_scale
-    seed: int = 0                     # image i is seeded by (seed, i): the run's in-loop evaluation used 0
-    out: str = ""                     # output folder (default: <run>/eval/epoch_NNNNNN, outside checkpoints/)
-    summarize: list = field(default_factory=list)  # run folders: mean ± std of their summary.json
-    compare: list = field(default_factory=list)  # run folders: one before → after table (make demo)
-
-
-def hub_reachable(timeout=3.0):
-    """Whether huggingface.co answers within `timeout` s (False at once under HF_HUB_OFFLINE=1): without it,
-    a model that is not cached is skipped in seconds instead of after the hub client's retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    import socket
-    from concurrent.futures import ThreadPoolExecutor
-
-    def connect():  # name resolution has no timeout of its own: the whole attempt runs in a thread
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-    pool = ThreadPoolExecutor(1)
-    try:
-        pool.submit(connect).result(timeout=timeout)
-        return True
-    except Exception:
-        return False
-    finally:
-        pool.shutdown(wait=False)
-
-
-def available(name, online):
-    """None if model `name` (a folder, "random:…", or a hub id) can be loaded now, else why not."""
-    if os.path.isdir(name) or name.startswith("random:") or online:
-        return None
-    from huggingface_hub import try_to_load_from_cache
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return None
-    return "not in the local cache and the hub is unreachable (or HF_HUB_OFFLINE=1)"
-
-
-def load_checkpoint_config(path):
-    """(checkpoint folder, its Config) for eval.py's --ckpt, refusing what it cannot evaluate in one line."""
-    import checkpoint as C
-    import configurator
-    if not os.path.isdir(path):
-        raise SystemExit(f"--ckpt {path}: no such folder")
-    if os.path.isdir(os.path.join(path, "checkpoints")):  # a run folder: its newest intact checkpoint
-        newest = C.latest(path)
-        if newest is None:
-            raise SystemExit(f"--ckpt {path} is a run folder without an intact checkpoint")
-        print(f"--ckpt {path} is a run folder: evaluating its newest intact checkpoint {newest}")
-        path = newest
-    why = C.verify(path)
-    if why is not None and (os.path.exists(os.path.join(path, C.MANIFEST)) or
-                            not os.path.isfile(os.path.join(path, "config.json"))):
-        raise SystemExit(f"--ckpt {path} is not an intact checkpoint: {why}")
-    if why is not None:
-        print(f"WARNING {path}: {why}; evaluating it anyway")
-    try:
-        return path, configurator.Config(**json.load(open(os.path.join(path, "config.json"))))
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"{path}/config.json does not describe a run of this version: {e}") from None
-
-
-def main(argv=None):
-    import sys
-
-    import configurator
-    import data
-    import model as M
-    (args,) = configurator.parse(sys.argv[1:] if argv is None else argv, EvalArgs,
-                                 usage=__doc__.split("\n\n")[1] + "\n")
-    if args.summarize:
-        return summarize(args.summarize)
-    if args.compare:
-        return compare(args.compare)
-    if not args.ckpt:
-        raise SystemExit("--ckpt is required (or --summarize)")
-    ckpt, cfg = load_checkpoint_config(args.ckpt)
-    M.quiet_libraries()
-    steps = args.num_steps or cfg.eval_num_steps       # by default, as the run evaluated itself
-    scale = args.guidance_scale or cfg.eval_guidance_scale
-    n = cfg.eval_n_per_prompt if args.n_per_prompt is None else args.n_per_prompt
-    if n < 1 or steps < 1 or scale < 1:
-        raise SystemExit("--n_per_prompt and --num_steps must be ≥ 1 and --guidance_scale ≥ 1")
-    try:
-        base = args.prompt or [p["prompt"] for p in data.load_prompts(args.prompts or cfg.test_prompts)]
-    except ValueError as e:
-        raise SystemExit(f"prompts: {e}") from None
-    if not (args.prompt or args.prompts):
-        base = base[:cfg.eval_max_prompts or None]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gen = M.build_generator(cfg, device)
-    try:
-        M.load_weights(gen, ckpt)
-    except (KeyError, RuntimeError) as e:
-        raise SystemExit(f"{ckpt}: its weights do not fit the model its config.json describes "
-                         f"({type(e).__name__}: {str(e)[:160]})") from None
-    prompts = [p for p in base for _ in range(n)]
-    images = generate(gen, prompts, args.seed, steps, scale)
-    refs = None
-    try:
-        refs = data.load_references(cfg, [{"prompt": p} for p in base]) if cfg.references else None
-    except (SystemExit, ValueError) as e:
-        print(f"references not used: {e}")
-    online = hub_reachable()
-    features, skipped = None, {}
-    why = available(cfg.dino_backbone, online) if not cfg.dino_weights else None
-    if why is None:
-        features = R.make_features(cfg, device)
-    else:
-        skipped["dino_sim"] = skipped["fd_dino"] = f"{cfg.dino_backbone}: {why}"
-    metrics, more = measure(images, prompts, refs, features)
-    skipped = {**more, **skipped}
-    pm, ps = measure_preference(images, prompts, device, cfg, online)
-    metrics.update(pm)
-    skipped.update(ps)
-    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "eval",
-                                   os.path.basename(ckpt))
-    os.makedirs(out, exist_ok=True)
-    from PIL import Image
-    for i, im in enumerate(images):
-        Image.fromarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(
-            os.path.join(out, f"{i:04d}.png"))
-    save_grid(images, os.path.join(out, "grid.png"), nrow=n, labels=prompts)
-    json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, num_steps=steps, guidance_scale=scale,
-                   seed=args.seed, checkpoint=ckpt), open(os.path.join(out, "metrics.json"), "w"), indent=1)
-    print(json.dumps(metrics, indent=1))
-    if "fd_dino" in metrics and len(images) < 50:
-        print(f"WARNING fd_dino from {len(images)} images is unreliable: its covariances need ~50 or more")
-    for k, why in skipped.items():
-        print(f"skipped {k}: {why}")
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()

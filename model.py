@@ -11,7 +11,8 @@ Owns
   unconditional branch) is encoded once and reused forever.
 - `EMA` of the trainable parameters.
 
-Leaves out: sampling maths (sampler.py), rewards (reward.py), DDP (train.py).
+Leaves out: sampling maths (sampler.py), rewards (reward.py), DDP (train.py), LoRA and checkpoint files
+(checkpoint.py: `init_lora` is read there).
 
 Departs from the published code: random-weight construction of the real SD3.5-M component configs
 (no download needed to benchmark), and the T5 encoder can be dropped (`t5=False`): SD3 then feeds
@@ -29,6 +30,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transf
                        StableDiffusion3Pipeline)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
+import checkpoint as C
 import sampler as S
 
 # -----------------------------------------------------------------------------------------------
@@ -198,35 +200,6 @@ def add_lora(transformer, rank, alpha, targets=LORA_TARGETS, init="gaussian"):
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
                                        target_modules=list(targets)))
     return transformer
-
-
-def load_lora(transformer, folder):
-    """Set our adapter to a LoRA saved in diffusers' format (`save_lora_weights`: keys
-    "transformer.<peft key>"), refusing one of another rank or for other layers in one line."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    path = os.path.join(folder, "pytorch_lora_weights.safetensors")
-    if not os.path.isfile(path):
-        raise SystemExit(f"init_lora: no pytorch_lora_weights.safetensors in {folder}")
-    if not getattr(transformer, "peft_config", None):
-        raise SystemExit("init_lora needs lora_rank > 0")
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    ours = transformer.peft_config["default"]
-    theirs = (meta.get("transformer.r", ours.r), meta.get("transformer.lora_alpha", ours.lora_alpha))
-    if theirs != (ours.r, ours.lora_alpha):  # another alpha would silently rescale the update
-        raise SystemExit(f"init_lora {folder} has rank {theirs[0]} / alpha {theirs[1]}: "
-                         f"set --lora_rank={theirs[0]} --lora_alpha={theirs[1]}")
-    sd = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
-    try:
-        result = set_peft_model_state_dict(transformer, sd, adapter_name="default")
-    except RuntimeError as e:  # shape mismatch: another rank
-        raise SystemExit(f"init_lora {folder} does not fit lora_rank / targets of this run: "
-                         f"{str(e)[:200]}") from None
-    if getattr(result, "unexpected_keys", None):
-        raise SystemExit(f"init_lora {folder} has weights for layers this run does not adapt, e.g. "
-                         f"{result.unexpected_keys[0]}")
 
 
 def trainable_parameters(module):
@@ -404,7 +377,7 @@ def build_generator(cfg, device, world=1):
                          f"(VAE factor × patch size of {cfg.pretrained})")
     transformer = add_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
     if cfg.init_lora:
-        load_lora(transformer, cfg.init_lora)
+        C.load_lora(transformer, cfg.init_lora)
     params = trainable_parameters(transformer)
     for p in params.values():
         p.data = p.data.float()
@@ -432,12 +405,3 @@ def build_generator(cfg, device, world=1):
                      autocast=torch.bfloat16 if bf16 else None, resolution=cfg.resolution,
                      decode_chunk=4 if cfg.low_mem else 16, device=device)
 
-
-def load_weights(gen, path):
-    """The trainable and EMA weights of checkpoint folder `path` into `gen`."""
-    from safetensors.torch import load_file
-    trainable = load_file(os.path.join(path, "trainable.safetensors"))
-    with torch.no_grad():
-        for n, p in gen.params.items():
-            p.copy_(trainable[n])
-    gen.ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))

@@ -4,29 +4,23 @@ the adversarial PickScore model, fixed rewards and the registry that combines th
 
 What this file owns
 - `DinoFeatures`: a frozen timm ViT (DINOv2-B/14 at 518² by default) turning [0,1] images into
-  float32 CLS and patch tokens. Shared by the discriminator and by the `dino_sim` reward.
+  float32 CLS and patch tokens. Shared by the discriminator, the `dino_sim` reward and the evaluation.
 - `DinoDiscriminator`: a float32 head h = Linear(D,512) -> GELU -> Linear(512,1) on those tokens, its
   hinge loss, its reward r = 0.7·h(c) + 0.3·mean_k h(p_k), and its own Adam optimizer.
 - `CLIPScorer` / `PickScoreAdversary`: CLIP-style scoring with preprocessing done in torch; the
   adversary trains the last k vision layers with a Bradley–Terry loss (reference beats generation).
-- `REWARDS` / `register` / `build_reward`: fixed rewards `fn(images, prompts, metadata) -> (r, info)`
-  built by name and combined as a weighted sum.
+- `Adversary`: what both adversaries answer, so the loop never asks which one it drives:
+      rewards, d_batch, info = adv.judge(images, real_images, prompts, pool, generator)  # no step yet
+      d_steps, train_g = adv.schedule(cfg, epoch, info)      # info averaged over ranks: all agree
+      info = adv.update(d_batch, d_steps)                    # collectives: the same count on every rank
+      adv.head_state() / adv.load_head_state(state)          # checkpoints; adv.name, .needs, .lr, .weight
+- `REWARDS` / `register` / `build_reward`: fixed rewards `fn(images, prompts, metadata) -> (r, info)`,
+  combined as a weighted sum. A factory *names* what it needs: `device`, `references` (a ReferenceSet) and
+  `phi` (DinoFeatures) come from the run, which loads them only when a chosen reward (or the adversary:
+  `needs`) names them; a parameter named like a config key gets its value; any other is a setting:
+  `--reward="{'ocr_sim': {'weight': 1.0, 'lam': 0.3}}"` (README "Extend": that reward, wrapping dino_sim).
 
-What it leaves out
-- The adversarial rewards ("dino_adv", "pickscore_adv") are *stateful* and their schedule (D and G
-  alternation) belongs to the loop, so train.py drives them directly (features -> score -> d_step);
-  `build_reward` only builds the fixed ones (train.py drops the names in `ADVERSARIAL` before calling it).
-- No OCR engine is a dependency. Adding the paper's text-rendering reward λ·R_ocr + (1-λ)·sim(gen, ref)
-  is one decorated function (`my_ocr_accuracy` being whatever engine you install):
-
-      @register("ocr_sim")
-      def ocr_sim(lam=0.5, **ctx):
-          sim = REWARDS["dino_sim"](**ctx)
-          def fn(images, prompts, metadata):
-              ocr = torch.tensor([my_ocr_accuracy(im, m["text"]) for im, m in zip(images, metadata)])
-              s, _ = sim(images, prompts, metadata)
-              return lam * ocr.to(s) + (1 - lam) * s, {}
-          return fn
+Leaves out: when the loop calls what and the epoch's random draws (train.py), held-out metrics (eval.py).
 
 Where we depart from the published code, and why
 - The published discriminator L2-normalises tokens when scoring but not when training the head, so the
@@ -40,6 +34,9 @@ Where we depart from the published code, and why
   generation is compared with its own prompt's references only (mean cosine).
 - PickScore is not divided by 26 as in Flow-GRPO: group-normalised advantages do not care about scale.
 """
+import inspect
+import math
+
 import timm
 import torch
 import torch.distributed as dist
@@ -47,9 +44,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 
+import tinyworld
+from model import char_tokenizer
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-ADVERSARIAL = ("dino_adv", "pickscore_adv")  # driven by train.py, not by build_reward
+CONTEXT = ("device", "references", "phi")  # what the run builds for a reward factory that names it
 
 
 def _all_reduce_grads_(params):
@@ -68,6 +68,27 @@ def _all_reduce_grads_(params):
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
         offset += p.numel()
+
+
+class Adversary:
+    """The interface of the module docstring. judge: real_images[i] is a reference of prompts[i], pool (B, P)
+    the prompts' pooled text embeddings, generator the adversary's random draws of the epoch; info: loss and
+    accuracy before any step. `name`: its key in cfg.reward; `lr`: kept when a checkpoint's optimizer state
+    is loaded (a changed lr on --resume is applied); `weight`: in the reward sum (build_adversary)."""
+    name, needs, weight = "", (), 1.0
+
+    def update(self, d_batch, steps):
+        """`steps` steps on this epoch's inputs (each all-reduces its gradients: every rank must take the
+        same number). Returns the last step's loss to log."""
+        info = {}
+        for _ in range(steps):
+            info = dict(d_loss=self.d_step(**d_batch)["d_loss"])
+        return info
+
+    def _load_opt(self, state):
+        self.opt.load_state_dict(state)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
 
 
 # -----------------------------------------------------------------------------
@@ -109,24 +130,21 @@ class DinoFeatures(nn.Module):
         return tokens[:, 0], tokens[:, self.n_prefix:]  # (B, D), (B, N, D)
 
 
-class DinoDiscriminator(nn.Module):
+class DinoDiscriminator(Adversary, nn.Module):
     """The adversarial reward: a small head on frozen DINO tokens, trained with a hinge loss to tell
     reference images (real) from current generations (fake); its score of a generation is the reward.
 
-    φ is the expensive part, so compute features once per image per epoch and reuse them:
-        real, fake = disc.features(ref_images), disc.features(gen_images)   # φ runs once per image
-        rewards = disc.score(*fake)                                         # (B,)
-        info = disc.d_step(real, fake)                                      # as many times as scheduled
+    φ is the expensive part: `judge` computes features once per image per epoch, `score` and `d_step` reuse
+    them (disc.score(*disc.features(images)) -> rewards (B,); disc.d_step(real_feats, fake_feats)).
 
-    Checkpoints: use `head_state()` / `load_head_state()` (head + Adam state). `state_dict()` is plain
-    nn.Module's and would also save the frozen backbone. Do not `disc.to(torch.bfloat16)`: cast
-    `disc.backbone` only; d_step refuses a non-float32 head. Under torch.distributed every rank must
-    build the head identically: it is initialised from `seed` (train.py passes cfg.seed), independent of the
-    global RNG.
-    """
+    Checkpoints: `head_state()` / `load_head_state()` (head + Adam; `state_dict()` would hold the frozen
+    backbone too). Do not `disc.to(torch.bfloat16)`: cast `disc.backbone` only (d_step refuses a bf16 head).
+    The head is initialised from `seed`, not the global RNG: the same on every rank. `group_size`: see
+    `wrong_prompt` (a conditional head only)."""
+    name, needs = "dino_adv", ("references", "phi")
 
     def __init__(self, phi: DinoFeatures, hidden=512, n_patches=64, patch_loss_weight=0.3,
-                 cls_reward_weight=0.7, lr=1e-4, betas=(0.5, 0.999), seed=0, cond_dim=0):
+                 cls_reward_weight=0.7, lr=1e-4, betas=(0.5, 0.999), seed=0, cond_dim=0, group_size=1):
         super().__init__()
         self.phi = phi  # may be shared with the dino_sim reward
         D = getattr(phi.backbone, "num_features", None) or phi.backbone.embed_dim
@@ -135,14 +153,20 @@ class DinoDiscriminator(nn.Module):
             self.head = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1)).float()
             # Beyond the paper (cond_dim > 0): a projection discriminator. The CLS logit gains a term
             # <W·e, GELU(h_1(c))>, e = the prompt's pooled text embedding (unit norm), so "right image, wrong
-            # prompt" can be told from "right image, right prompt". Starts at zero: the paper's head at
-            # step 0.
+            # prompt" can be told from "right image, right prompt". W starts at zero: the paper's head.
             self.proj = nn.Linear(cond_dim, hidden, bias=False).float() if cond_dim else None
             if self.proj is not None:
                 nn.init.zeros_(self.proj.weight)
         self.n_patches, self.patch_loss_weight, self.cls_reward_weight = (n_patches, patch_loss_weight,
                                                                           cls_reward_weight)
+        self.lr, self.group_size = lr, group_size
         self.opt = torch.optim.Adam(self.trainable_parameters(), lr=lr, betas=betas)
+
+    @classmethod
+    def from_config(cls, cfg, device, phi, cond_dim=0):
+        """`cond_dim`: the pooled text embedding's width, used when cfg.d_conditional."""
+        return cls(phi, lr=cfg.d_lr, seed=cfg.seed, cond_dim=cond_dim if cfg.d_conditional else 0,
+                   group_size=cfg.group_size).to(device)
 
     def trainable_parameters(self):
         return [*self.head.parameters(), *(self.proj.parameters() if self.proj is not None else ())]
@@ -217,6 +241,34 @@ class DinoDiscriminator(nn.Module):
         self.opt.step()
         return info
 
+    def wrong_prompt(self, real_cls, pool, prompts):
+        """The conditional head's extra fakes: (CLS (M, D), text embedding (M, P)) of references under the
+        prompt `group_size` images on, the next group's (a different prompt, mostly: pairs that share
+        their prompt are dropped)."""
+        other = torch.arange(len(prompts)).roll(-self.group_size)
+        keep = torch.tensor([prompts[i] != prompts[j] for i, j in enumerate(other.tolist())])
+        return real_cls[other[keep]], pool[keep.to(pool.device)]
+
+    def judge(self, images, real_images, prompts, pool, generator):
+        fake, real = self.features(images), self.features(real_images)          # φ: once per image
+        wrong = None
+        if self.proj is not None:  # each image with its prompt's text embedding
+            fake, real = (*fake, pool), (*real, pool)
+            wrong = self.wrong_prompt(real[0], pool, prompts)
+        r = self.score(*fake, generator=generator)
+        with torch.no_grad():
+            _, info = self.d_loss_from_features(real, fake, generator=generator, wrong=wrong)
+        return r, dict(real_feats=real, fake_feats=fake, generator=generator, wrong=wrong), info
+
+    def schedule(self, cfg, epoch, info):
+        """The paper's alternation (cfg.schedule), after d_warmup epochs in which the head learns first."""
+        if epoch < cfg.d_warmup:                          # G waits
+            return cfg.d_steps, False
+        if cfg.schedule == "paper":                       # D-only epochs, G every d_times-th
+            g = (epoch + 1) % cfg.d_times == 0
+            return (0 if g else cfg.d_steps), g
+        return (cfg.d_steps if cfg.schedule == "shared" else 0), True   # shared: both; frozen: G alone
+
     def head_state(self):
         state = {"head": self.head.state_dict(), "opt": self.opt.state_dict()}
         if self.proj is not None:
@@ -227,7 +279,7 @@ class DinoDiscriminator(nn.Module):
         self.head.load_state_dict(state["head"])
         if self.proj is not None:
             self.proj.load_state_dict(state["proj"])
-        self.opt.load_state_dict(state["opt"])
+        self._load_opt(state["opt"])
 
 
 def make_backbone(name, image_size=518, weights="", timm_kwargs=None):
@@ -264,36 +316,10 @@ def make_features(cfg, device):
     return phi
 
 
-def build_adversary(cfg, device, cond_dim=0):
-    """(kind, model) for the adversarial reward named in cfg.reward, or (None, None). `cond_dim`: the
-    pooled text embedding's width, for cfg.d_conditional."""
-    kind = next((k for k in cfg.reward if k in ADVERSARIAL), None)
-    if kind == "dino_adv":
-        return kind, DinoDiscriminator(make_features(cfg, device), lr=cfg.d_lr, seed=cfg.seed,
-                                       cond_dim=cond_dim if cfg.d_conditional else 0).to(device)
-    if kind == "pickscore_adv":
-        model, tok = load_clip(cfg.pickscore_model, cfg.pickscore_processor)
-        return kind, PickScoreAdversary(model, tok, cfg.pickscore_train_last_k, cfg.pickscore_lr).to(device)
-    return None, None
-
-
-def build_fixed_reward(cfg, device, references, phi=None):
-    """The weighted sum of the fixed (not adversarial) rewards in cfg.reward, or None. `phi`: a DinoFeatures
-    to share with dino_sim (the discriminator's), else one is built from the config."""
-    fixed = {k: w for k, w in cfg.reward.items() if k not in ADVERSARIAL}
-    if not fixed:
-        return None
-    if "dino_sim" in fixed and phi is None:
-        phi = make_features(cfg, device)
-    return build_reward(fixed, device=device, references=references, backbone=phi, clip_model=cfg.clip_model,
-                        pickscore_model=cfg.pickscore_model, pickscore_processor=cfg.pickscore_processor)
-
-
 def load_clip(model, processor):
     """(CLIPModel, tokenizer) by config: hub ids / folders, or "random:tiny" (tests and smoke runs)."""
     if model != "random:tiny":
         return model, processor  # CLIPScorer loads ids itself
-    from model import char_tokenizer
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tok = char_tokenizer(77)
@@ -368,21 +394,19 @@ class CLIPScorer(nn.Module):
         return (self.embed_images(images) * self.embed_text(prompts)).sum(-1)  # (B,)
 
 
-class PickScoreAdversary(CLIPScorer):
+class PickScoreAdversary(Adversary, CLIPScorer):
     """PickScore (= logit_scale.exp() · cos(text, image), ≈ 22 for SD3.5-M images) used as a discriminator:
     only the last `train_last_k` vision encoder layers train, in float32 (train_last_k=0 gives the frozen
     `pickscore` reward). The final layer norm and the visual projection stay frozen: they map into the
-    embedding space shared with the (frozen) text tower. Each epoch in train.py:
-        # ref[i] is one of prompts[i]'s references
-        r_gen, r_ref = adv.reward(gen, prompts), adv.reward(ref, prompts)
-        if adv.should_train_d(all_reduce_mean(r_gen), all_reduce_mean(r_ref)):
-            adv.d_step(ref, gen, prompts)  # G skips
-        else: update the generator with advantages from r_gen
+    embedding space shared with the (frozen) text tower. Its schedule is the published trigger: when the
+    generations out-score the references (means over all ranks) it steps and the generator waits.
     Checkpoints: head_state() / load_head_state() hold the trainable tensors and Adam state only."""
+    name, needs = "pickscore_adv", ("references",)
 
     def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                  train_last_k=1, lr=5e-6, betas=(0.5, 0.999)):
         super().__init__(model, processor)
+        self.lr = lr
         vm = self.model.vision_model
         parts = vm.encoder.layers[len(vm.encoder.layers) - train_last_k:] if train_last_k > 0 else []
         self.trainable = [p for m in parts for p in m.parameters()]
@@ -403,6 +427,21 @@ class PickScoreAdversary(CLIPScorer):
         already all-reduced over ranks, so every rank takes the same branch (d_step is a collective)."""
         return gen_mean > ref_mean
 
+    @classmethod
+    def from_config(cls, cfg, device, phi=None, cond_dim=0):
+        model, tokenizer = load_clip(cfg.pickscore_model, cfg.pickscore_processor)
+        return cls(model, tokenizer, cfg.pickscore_train_last_k, cfg.pickscore_lr).to(device)
+
+    def judge(self, images, real_images, prompts, pool, generator):
+        r, ref_r = self.reward(images, prompts), self.reward(real_images, prompts)
+        info = dict(d_real=ref_r.mean().item(), d_fake=r.mean().item(),
+                    d_acc=(ref_r > r).float().mean().item())
+        return r, dict(ref_images=real_images, gen_images=images, prompts=prompts), info
+
+    def schedule(self, cfg, epoch, info):
+        d = self.should_train_d(info["d_fake"], info["d_real"])
+        return int(d), not d
+
     def d_step(self, ref_images, gen_images, prompts):
         """Bradley–Terry on each pair (ref_i, gen_i) of prompt_i: two-way cross entropy over their scores with
         the reference as winner. Gradients averaged over ranks, then Adam."""
@@ -422,12 +461,12 @@ class PickScoreAdversary(CLIPScorer):
         with torch.no_grad():
             for p, q in zip(self.trainable, state["trainable"]):
                 p.copy_(q)
-        self.opt.load_state_dict(state["opt"])
+        self._load_opt(state["opt"])
 
 
 # -----------------------------------------------------------------------------
 # Fixed rewards and the registry
-# A factory takes keyword context (device, references, backbone, ...), ignores the rest (**_), and returns
+# A factory names what it needs as parameters (CONTEXT, config keys, its own settings) and returns
 # fn(images (B,3,H,W) in [0,1], prompts, metadata) -> (rewards float32 (B,), info {str: float}).
 
 REWARDS = {}
@@ -441,7 +480,7 @@ def register(name):
 
 
 @register("brightness")
-def brightness(**_):
+def brightness():
     """Mean pixel value: a trivial real reward for tests and reward-hacking demos."""
     def fn(images, prompts, metadata):
         return images.float().mean(dim=(1, 2, 3)), {}  # (B,)
@@ -449,11 +488,11 @@ def brightness(**_):
 
 
 @register("dino_sim")
-def dino_sim(references, backbone, **_):
+def dino_sim(references, phi):
     """Paired similarity: mean cosine of the DINO CLS of a generation with each of *its own prompt's*
-    references. `backbone`: a DinoFeatures (e.g. disc.phi, to share φ). Reference features are fixed, so
-    they are computed once per prompt and cached."""
-    phi, cache = backbone, {}
+    references. `phi`: a DinoFeatures (the discriminator's, when there is one). Reference features are
+    fixed, so they are computed once per prompt and cached."""
+    cache = {}
 
     def fn(images, prompts, metadata):
         for p in set(prompts) - cache.keys():
@@ -471,12 +510,10 @@ def paired_cosine(cls, prompts, ref_cls):
 
 
 @register("toy_geneval")
-def toy_geneval(**_):
+def toy_geneval():
     """Shapes world only (tinyworld.py): 1 if the exact analyser finds what the prompt asks for (colour,
     shape, position, one object), else 0 — a GenEval-style rule reward. An oracle for the toy world: it
     measures what the held-out toy GenEval measures, so it shows how far the generator side can go."""
-    import tinyworld  # noqa: PLC0415 (the world is only needed when this reward is asked for)
-
     def fn(images, prompts, metadata):
         return torch.tensor([float(tinyworld.analyse(im, p)["correct"])
                              for im, p in zip(images.float().cpu(), prompts, strict=True)]), {}
@@ -485,7 +522,7 @@ def toy_geneval(**_):
 
 @register("pickscore")
 def pickscore(device="cpu", pickscore_model="yuvalkirstain/PickScore_v1",
-              pickscore_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **_):
+              pickscore_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
     """Frozen PickScore (raw scale, ≈ 20; Flow-GRPO divides by 26, which advantages do not notice)."""
     scorer = PickScoreAdversary(*load_clip(pickscore_model, pickscore_processor), train_last_k=0).to(device)
 
@@ -495,7 +532,7 @@ def pickscore(device="cpu", pickscore_model="yuvalkirstain/PickScore_v1",
 
 
 @register("clip_score")
-def clip_score(device="cpu", clip_model="openai/clip-vit-large-patch14", clip_processor=None, **_):
+def clip_score(device="cpu", clip_model="openai/clip-vit-large-patch14", clip_processor=None):
     """Raw cosine of CLIP image and text embeddings, in [-1, 1] like dino_sim. CLIPScore's ×100 (or ×2.5)
     scale is a weight in build_reward, e.g. {"clip_score": 100.0}."""
     scorer = CLIPScorer(*load_clip(clip_model, clip_processor or clip_model)).to(device)
@@ -506,15 +543,54 @@ def clip_score(device="cpu", clip_model="openai/clip-vit-large-patch14", clip_pr
     return fn
 
 
-def build_reward(weights, **ctx):
-    """Weighted sum of registered rewards, e.g.
-    build_reward({"dino_sim": 1.0, "brightness": 0.1}, references=refs).
-    info holds each component's batch mean as `reward/<name>` plus its own info as `<name>/<key>`."""
-    unknown = [n for n in weights if n not in REWARDS]
+# -----------------------------------------------------------------------------
+# cfg.reward: {name: weight} or {name: {"weight": w, **settings}}, adversaries included
+
+ADVERSARIES = {a.name: a for a in (DinoDiscriminator, PickScoreAdversary)}
+
+
+def _split(value):
+    """cfg.reward's value for one reward, w or {"weight": w, **settings} -> (w, settings)."""
+    if not isinstance(value, dict):
+        return value, {}
+    return value.get("weight"), {k: v for k, v in value.items() if k != "weight"}
+
+
+def check_reward(spec):
+    """None if cfg.reward is well formed, else one line naming the reward and what is wrong with it."""
+    for name, value in spec.items():
+        if name not in REWARDS and name not in ADVERSARIES:
+            return f"unknown reward {name!r}; known: {sorted(REWARDS) + list(ADVERSARIES)}"
+        weight, settings = _split(value)
+        if type(weight) not in (int, float) or not math.isfinite(weight):
+            return f"reward weight of {name!r} must be a number, got {weight!r} ({{'weight': w, ...}} or w)"
+        own = [] if name in ADVERSARIES else [p for p in inspect.signature(REWARDS[name]).parameters
+                                              if p not in CONTEXT]
+        if bad := sorted(set(settings) - set(own)):
+            return f"reward {name!r} has no setting {bad[0]!r} (its settings: {', '.join(own) or 'none'})"
+    return None
+
+
+def needs(spec):
+    """What the chosen rewards need the run to build: a subset of {"references", "phi"}."""
+    named = [ADVERSARIES[n].needs if n in ADVERSARIES else inspect.signature(REWARDS[n]).parameters
+             for n in spec]
+    return {k for k in ("references", "phi") if any(k in ks for ks in named)}
+
+
+def build_reward(spec, **ctx):
+    """Weighted sum of registered rewards, e.g. build_reward({"dino_sim": 1.0, "brightness": 0.1},
+    references=refs, phi=phi). Each factory gets the keys of `ctx` it names, and its settings from the
+    spec. info holds each component's batch mean as `reward/<name>` plus its own info as `<name>/<key>`."""
+    unknown = [n for n in spec if n not in REWARDS]
     if unknown:
-        raise KeyError(f"unknown rewards {unknown}; registered: {sorted(REWARDS)}; {ADVERSARIAL} belong to "
-                       "train.py")
-    fns = {name: REWARDS[name](**ctx) for name in weights}
+        raise KeyError(f"unknown rewards {unknown}; registered: {sorted(REWARDS)}; {list(ADVERSARIES)} are "
+                       "adversaries (build_adversary)")
+    weights, fns = {}, {}
+    for name, value in spec.items():
+        named = inspect.signature(REWARDS[name]).parameters
+        weights[name], settings = _split(value)
+        fns[name] = REWARDS[name](**{**{k: v for k, v in ctx.items() if k in named}, **settings})
 
     def fn(images, prompts, metadata):
         total = torch.zeros(len(images), device=images.device)  # (B,)
@@ -526,3 +602,27 @@ def build_reward(weights, **ctx):
             info.update({f"{name}/{k}": v for k, v in sub.items()})
         return total, info
     return fn
+
+
+def build_fixed_reward(cfg, device, references=None, phi=None):
+    """The weighted sum of the fixed (not adversarial) rewards in cfg.reward, or None. Their factories may
+    name `device`, `references`, `phi` (built from the config when not given) and any config key."""
+    fixed = {k: v for k, v in cfg.reward.items() if k not in ADVERSARIES}
+    if not fixed:
+        return None
+    if "phi" in needs(fixed) and phi is None:
+        phi = make_features(cfg, device)
+    return build_reward(fixed, **{**vars(cfg), "device": device, "references": references, "phi": phi})
+
+
+def build_adversary(cfg, device, cond_dim=0, phi=None):
+    """The adversary named in cfg.reward (at most one), or None. `cond_dim`: the pooled text embedding's
+    width, for cfg.d_conditional; `phi`: the DINO features to share (built from the config if needed)."""
+    name = next((k for k in cfg.reward if k in ADVERSARIES), None)
+    if name is None:
+        return None
+    if "phi" in ADVERSARIES[name].needs and phi is None:
+        phi = make_features(cfg, device)
+    adversary = ADVERSARIES[name].from_config(cfg, device, phi, cond_dim)
+    adversary.weight = _split(cfg.reward[name])[0]
+    return adversary

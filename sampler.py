@@ -95,8 +95,8 @@ def make_velocity_fn(transformer, prompt_embeds, pooled, neg_embeds=None, neg_po
     With guidance_scale > 1 the batch is doubled — [uncond; cond] in one forward — and
     v = v_u + g·(v_c - v_u). neg_* are the embeddings of "" (batch 1, or B), broadcast to the batch. SD3
     takes the timestep as σ·1000."""
-    cfg = guidance_scale > 1.0
-    if cfg:
+    guided = guidance_scale > 1.0  # classifier-free guidance
+    if guided:
         emb = torch.cat([neg_embeds.expand_as(prompt_embeds), prompt_embeds])      # (2B, T, D)
         pool = torch.cat([neg_pooled.expand_as(pooled), pooled])                   # (2B, P)
     else:
@@ -105,12 +105,12 @@ def make_velocity_fn(transformer, prompt_embeds, pooled, neg_embeds=None, neg_po
     def velocity(x, sigma):
         b = x.shape[0]
         t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(b) * 1000
-        x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if cfg else (x, t)
+        x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if guided else (x, t)
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = transformer(hidden_states=x_in.to(emb.dtype), timestep=t_in, encoder_hidden_states=emb,
                               pooled_projections=pool, return_dict=False)[0]
         out = out.float()
-        if not cfg:
+        if not guided:
             return out
         v_u, v_c = out.chunk(2)
         return v_u + guidance_scale * (v_c - v_u)

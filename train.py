@@ -8,16 +8,20 @@ train.py — Adv-GRPO training of SD3 / SD3.5, top to bottom.
 
 Each epoch (the loop in `train`, one line a step):
   1. sample    a group of images per prompt; only a short SDE "window" of the ODE rollout is stochastic
-  2. score     with the fixed rewards and the *current* discriminator (a head on frozen DINOv2 features)
+  2. score     with the fixed rewards and the *current* adversary (the paper's: a head on frozen DINOv2
+               features) against references
   3. advantages  rewards gathered over all ranks, normalised within each prompt's group
-  4. schedule  who trains this epoch: the discriminator (D), the generator (G), or both
-  5. D update  hinge loss, references = real, generations = fake, on the features computed in 2
+  4. schedule  who trains this epoch: the adversary (D), the generator (G), or both
+  5. D update  the adversary's steps (DINO: hinge loss, references = real, generations = fake) on the
+               inputs computed in 2
   6. G update  clipped GRPO on the log-probs of the window's transitions (LoRA)
-  7. log, checkpoint
+  7. log
+  8. checkpoint
 
-Owns: DDP set-up, the loop, the GRPO loss and advantages, the D/G schedule, checkpoints. The config is in
-configurator.py, the maths of a denoising step in sampler.py, the generator in model.py, rewards in
-reward.py, prompts and references in data.py, evaluation in eval.py.
+Owns: DDP set-up, the loop, the GRPO loss and advantages, the random streams, when to save. The config is
+in configurator.py, the maths of a denoising step in sampler.py, the generator in model.py, rewards and
+the adversaries (their scoring, steps and schedules) in reward.py, prompts and references in data.py,
+held-out evaluation in eval.py, what a checkpoint holds in checkpoint.py.
 
 Departs from the published Flow-GRPO / Adv-GRPO scripts: no accelerate (plain DDP: you can see when
 gradients synchronise), no anomaly detection (3x slower), the old log-probs recomputed by the training
@@ -28,6 +32,7 @@ is exact, and the training window may start at random (`window_start = "random"`
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -37,6 +42,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 import checkpoint as C
 import data
@@ -45,6 +51,10 @@ import model as M
 import reward as R
 import sampler as S
 from configurator import Config, parse_args, validate
+
+# Named random streams: seed_of(cfg.seed, epoch, rank, S) for the adversary's draws (DINO: its patch tokens),
+# the references drawn and the micro-batch order; the random window is seeded by (seed, epoch, WINDOW) alone.
+PATCHES, REFS, ORDER, WINDOW = 1, 2, 3, 7  # the values are the streams: changing one changes every result
 
 # -----------------------------------------------------------------------------------------------
 # GRPO maths: small pure functions (unit-tested)
@@ -91,27 +101,16 @@ def window_for_epoch(cfg, epoch):
     # The published code reseeds Python's RNG with the rank before each draw, so every epoch of a rank
     # trains the same window; here it is drawn per epoch, the same on every rank.
     hi = min(cfg.num_steps // 2, cfg.num_steps - cfg.window_size)
-    return int(np.random.default_rng([cfg.seed, epoch, 7]).integers(0, hi + 1))
+    return int(np.random.default_rng([cfg.seed, epoch, WINDOW]).integers(0, hi + 1))
 
 
-def schedule(cfg, epoch, stats):
-    """(discriminator steps, train the generator?) for this epoch. `stats` must agree on every rank:
-    finite (every reward and log-prob of the epoch), and for the PickScore adversary d_fake / d_real
-    (mean scores of generations and references, all-reduced)."""
-    if not stats["finite"]:
+def schedule(cfg, epoch, adversary, info, finite):
+    """(adversary steps, train the generator?) for this epoch: nobody after a non-finite epoch, the
+    generator alone without an adversary, else the adversary's own schedule (DINO: cfg.schedule;
+    PickScore: its trigger). `info` and `finite` agree on every rank."""
+    if not finite:
         return 0, False
-    if "dino_adv" in cfg.reward:
-        if epoch < cfg.d_warmup:                          # the head learns first; G waits
-            return cfg.d_steps, False
-        if cfg.schedule == "paper":                       # D-only epochs, G every d_times-th
-            g = (epoch + 1) % cfg.d_times == 0
-            return (0 if g else cfg.d_steps), g
-        return (cfg.d_steps if cfg.schedule == "shared" else 0), True   # shared: both; frozen: G alone
-    # D steps (and G skips) when generations out-score refs
-    if "pickscore_adv" in cfg.reward:
-        d = R.PickScoreAdversary.should_train_d(stats["d_fake"], stats["d_real"])
-        return int(d), not d
-    return 0, True
+    return (0, True) if adversary is None else adversary.schedule(cfg, epoch, info)
 
 
 def seed_of(*keys):
@@ -153,6 +152,12 @@ def all_mean(values: dict, device):
     return dict(zip(values, (t / dist.get_world_size()).tolist()))
 
 
+def all_finite(*tensors, device):
+    """Whether every value of `tensors` is finite on every rank (one all-reduce: all ranks agree)."""
+    ok = float(all(bool(torch.isfinite(t).all()) for t in tensors))
+    return all_mean({"ok": ok}, device)["ok"] == 1.0
+
+
 def no_sync(model):
     """DDP's no_sync (no gradient all-reduce in this backward) when there is more than one rank."""
     return model.no_sync() if isinstance(getattr(model, "_orig_mod", model),
@@ -179,7 +184,6 @@ def sample_epoch(cfg, epoch, gen, prompts, global_indices, window_start, progres
     """Roll out every image of this rank (prompts[i] is image global_indices[i]). Returns per-image tensors:
     images (n, 3, H, W); x, x_next (n, K, C, h, w) the window's transitions; log_probs (n, K) the sampler's;
     emb, pool the prompt embeddings; step_idx (K,)."""
-    from tqdm.auto import tqdm
     out, bs = [], cfg.sample_batch_size
     for b in tqdm(range(0, len(prompts), bs), desc=f"epoch {epoch} sampling", leave=False,
                   disable=not progress):
@@ -198,12 +202,13 @@ def sample_epoch(cfg, epoch, gen, prompts, global_indices, window_start, progres
 
 
 # -----------------------------------------------------------------------------------------------
-# 2. Scoring, and 5. the discriminator's update on the same features
+# 2. Scoring (the adversary's update, step 5, is its own: reward.Adversary.update)
 
 def score_epoch(cfg, epoch, rank, batch, prompts, fixed_reward, adversary, references):
-    """Rewards (n,) of this rank's images: the fixed rewards plus the *current* discriminator's score (no
-    D step here). Also returns the discriminator's inputs for its update (φ runs once per image per
-    epoch) and info to log (the D's loss and accuracy before any step of this epoch)."""
+    """Rewards (n,) of this rank's images: the fixed rewards plus the *current* adversary's score against
+    one reference per image (no step here). Also returns the adversary's inputs for its steps (φ runs once
+    per image per epoch) and info to log (the adversary's loss and accuracy before any step of this epoch,
+    averaged over ranks: the schedule may read it)."""
     images, texts = batch["images"], [p["prompt"] for p in prompts]
     device = images.device
     rewards, info = torch.zeros(len(prompts), device=device), {}
@@ -212,43 +217,14 @@ def score_epoch(cfg, epoch, rank, batch, prompts, fixed_reward, adversary, refer
         rewards = rewards + r.to(device)
     if adversary is None:
         return rewards, None, info
-    # A non-finite generation must not reach the discriminator (it would poison the head for good).
-    if all_mean({"ok": float(torch.isfinite(images).all())}, device)["ok"] < 1:
+    # A non-finite generation must not reach the adversary (it would poison it for good).
+    if not all_finite(images, device=device):
         return torch.full_like(rewards, float("nan")), None, info
-    g = torch.Generator(device).manual_seed(seed_of(cfg.seed, epoch, rank, 1))        # patch draws
-    real_images = references.sample(texts, 1,
-                                    torch.Generator().manual_seed(seed_of(cfg.seed, epoch, rank, 2)))
-    real_images = real_images.to(device)                                               # (n, 3, H, W)
-    if isinstance(adversary, R.DinoDiscriminator):
-        fake, real = adversary.features(images), adversary.features(real_images)       # φ: once per image
-        wrong = None
-        # each image with its prompt's text embedding; reals paired with the next group's
-        if cfg.d_conditional:
-            fake, real = (*fake, batch["pool"]), (*real, batch["pool"])
-            # a different prompt, mostly
-            other = torch.arange(len(texts)).roll(-cfg.group_size)
-            keep = torch.tensor([texts[i] != texts[j] for i, j in enumerate(other.tolist())])
-            wrong = (real[0][other[keep]], batch["pool"][keep.to(device)])
-        r = adversary.score(*fake, generator=g)
-        with torch.no_grad():
-            _, d_info = adversary.d_loss_from_features(real, fake, generator=g, wrong=wrong)
-        d_batch = dict(real_feats=real, fake_feats=fake, generator=g, wrong=wrong)
-    else:  # the PickScore adversary scores images directly; its trigger compares means over all ranks
-        r, ref_r = adversary.reward(images, texts), adversary.reward(real_images, texts)
-        means = all_mean(dict(gen=r.mean().item(), ref=ref_r.mean().item()), device)
-        d_info = dict(d_real=means["ref"], d_fake=means["gen"], d_acc=(ref_r > r).float().mean().item())
-        d_batch = dict(ref_images=real_images, gen_images=images, prompts=texts)
-    weight = cfg.reward["dino_adv" if isinstance(adversary, R.DinoDiscriminator) else "pickscore_adv"]
-    return rewards + weight * r.float().to(device), d_batch, {**info, **d_info}
-
-
-def update_discriminator(adversary, d_batch, steps):
-    """`steps` discriminator steps on this epoch's inputs (each all-reduces its gradients: every rank must
-    take the same number). Returns the last step's loss to log."""
-    info = {}
-    for _ in range(steps):
-        info = dict(d_loss=adversary.d_step(**d_batch)["d_loss"])
-    return info
+    draws = torch.Generator(device).manual_seed(seed_of(cfg.seed, epoch, rank, PATCHES))
+    refs = torch.Generator().manual_seed(seed_of(cfg.seed, epoch, rank, REFS))
+    real_images = references.sample(texts, 1, refs).to(device)                        # (n, 3, H, W)
+    r, d_batch, d_info = adversary.judge(images, real_images, texts, batch["pool"], draws)
+    return rewards + adversary.weight * r.float().to(device), d_batch, {**info, **all_mean(d_info, device)}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -269,7 +245,7 @@ def step_log_prob(cfg, gen, model, batch, mb, j):
 def training_passes(cfg, epoch, rank, n, device):
     """The forward/backward passes of one epoch's update, in order: (micro-batch of image indices, trained
     step j), micro-batches of train_batch_size drawn from a per-(seed, epoch, rank) permutation."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_of(cfg.seed, epoch, rank, 3)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_of(cfg.seed, epoch, rank, ORDER)))
     micro = [order[i:i + cfg.train_batch_size].to(device) for i in range(0, n, cfg.train_batch_size)]
     return [(mb, j) for mb in micro for j in range(cfg.window_size)]
 
@@ -287,7 +263,6 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
     For each micro-batch of images and each trained step j, recompute the log-prob of the stored
     transition x_j → x_{j+1} under the current weights (same CFG as sampling), accumulate gradients
     (DDP all-reduces only on the last micro-step before an optimizer step), clip, step, EMA."""
-    from tqdm.auto import tqdm
     model, params, opt = gen.train_model, gen.params, gen.opt
     passes = training_passes(cfg, epoch, rank, len(advantages), gen.device)
     accum = len(passes) // cfg.updates_per_epoch
@@ -321,15 +296,14 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
         if sync:
             # The norm is computed on all-reduced gradients, so every rank takes the same decision.
             gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-            if torch.isfinite(gnorm):
+            ok = bool(torch.isfinite(gnorm))
+            if ok:
                 opt.step()
                 counters["g_steps"] += 1
                 gen.ema.update(params, counters["g_steps"])
-                counters["bad_updates"] = 0
-            else:
-                bad += 1
-                note_bad_update(cfg, counters, rank == 0,
-                                f"epoch {epoch}: non-finite gradient norm, step skipped")
+            bad += not ok
+            count_update(cfg, counters, ok, rank == 0,
+                         f"epoch {epoch}: non-finite gradient norm, step skipped")
             opt.zero_grad(set_to_none=True)
     model.eval()
     out = {k: float((np.max if k == "sampler_logp_gap" else np.mean)([s[k] for s in stats]))
@@ -338,8 +312,12 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
     return out
 
 
-def note_bad_update(cfg, counters, master, msg):
-    """Skip a non-finite update, say so, and stop after max_bad_updates in a row (no checkpoint)."""
+def count_update(cfg, counters, ok, master, msg):
+    """The one count of non-finite updates in a row (epochs skipped, optimizer steps skipped): a finite one
+    resets it; a non-finite one is said, and max_bad_updates in a row stop the run (no checkpoint)."""
+    if ok:
+        counters["bad_updates"] = 0
+        return
     counters["bad_updates"] += 1
     if master:
         print(f"WARNING {msg} ({counters['bad_updates']} in a row)", flush=True)
@@ -349,57 +327,7 @@ def note_bad_update(cfg, counters, master, msg):
 
 
 # -----------------------------------------------------------------------------------------------
-# 8. Checkpoints (checkpoint.py writes and verifies them); the LoRA in diffusers' format
-
-def export_lora(gen, path):
-    """The EMA LoRA in diffusers' format: `StableDiffusion3Pipeline.from_pretrained(base)
-    .load_lora_weights(path)` then samples what our eval samples (a test checks it)."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-    tr = gen.transformer
-    with gen.ema.applied(gen.params):
-        layers = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(tr).items()}
-    # the metadata carries lora_alpha: without it diffusers assumes alpha = rank (a 2x wrong scale here)
-    StableDiffusion3Pipeline.save_lora_weights(
-        path, transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
-
-
-# -----------------------------------------------------------------------------------------------
 # 7. Logging
-
-def external_logger(cfg):
-    """log(stats, grid=None) for wandb / tensorboard, when asked for: the scalars of `stats`, and the held-out
-    sample grid (a PNG path) when an evaluation made one. A clear stop when the package is not installed."""
-    if not cfg.log_to:
-        return lambda stats, grid=None: None
-    try:
-        if cfg.log_to == "wandb":
-            import wandb
-            run = wandb.init(project="nanoAdvGRPO", name=os.path.basename(cfg.out_dir.rstrip("/")),
-                             config=dataclasses.asdict(cfg), resume="allow")
-
-            def log(stats, grid=None):
-                run.log({**stats, **({"samples": wandb.Image(grid)} if grid else {})}, step=stats["epoch"])
-            return log
-        if cfg.log_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-
-            def log(stats, grid=None):
-                for k, v in stats.items():
-                    if isinstance(v, (int, float)) and k != "epoch":
-                        writer.add_scalar(k, v, stats["epoch"])
-                if grid:
-                    from PIL import Image
-                    writer.add_image("samples", np.asarray(Image.open(grid).convert("RGB")), stats["epoch"],
-                                     dataformats="HWC")
-                writer.flush()  # an epoch is minutes long: flush, so a killed run loses nothing
-            return log
-    except ImportError as e:
-        raise SystemExit(f"log_to={cfg.log_to!r} needs its package: pip install {cfg.log_to} ({e})") from None
-    raise SystemExit(f"config error: log_to must be '', 'wandb' or 'tensorboard', got {cfg.log_to!r}")
-
 
 def announce(cfg, world, prompts, gen, resume_from, start):
     """What rank 0 says before the first epoch. The whole config goes to out_dir/config.json; stdout gets
@@ -419,17 +347,33 @@ def announce(cfg, world, prompts, gen, resume_from, start):
           flush=True)
 
 
-def monitor(history, since_eval, version):
+def monitor(history, since_eval, version, row):
     """The reward-hacking monitor, at each evaluation: pair the newest one with the mean training reward
     since the previous one (one epoch's reward is too noisy), counting only epochs scored by the reward
     function the generator now sees (`version`: discriminator steps so far; constant for fixed rewards),
-    and check the pattern (eval.hacking_warning). Empties since_eval; returns the warning or None."""
+    and check the pattern (eval.hacking_warning): a warning is printed and marks the logged `row`.
+    Empties since_eval."""
     same = [r for r, v in since_eval if v == version]
     since_eval.clear()
-    if not same:
-        return None
-    history[-1] = (float(np.mean(same)), history[-1][1], version)
-    return E.hacking_warning(history)
+    if same:
+        history[-1] = (float(np.mean(same)), history[-1][1], version)
+        if warning := E.hacking_warning(history):
+            print(f"WARNING {warning}", flush=True)
+            row["hacking_warning"] = 1
+
+
+def final_evaluation(cfg, evaluate, history, since_eval, counters, log):
+    """After the last epoch: the trained model's held-out evaluation, logged as epoch = cfg.epochs and
+    watched by the monitor like the others, then eval.report (curves.png, summary.json). `log`: rank 0's
+    metrics file, None on the other ranks (which only take part in the evaluation's barrier)."""
+    if not cfg.eval_every:
+        return
+    final = dict(epoch=cfg.epochs, **evaluate(cfg.epochs, history))
+    if log is not None:
+        monitor(history, since_eval, since_eval[-1][1] if since_eval else None, final)
+        log.write(json.dumps(final) + "\n")
+        log.flush()
+        E.report(cfg.out_dir, counters["g_steps"])
 
 
 def epoch_line(s):
@@ -465,6 +409,8 @@ def check_inputs(cfg, world, master=True):
     """Everything the user gave us, checked before the (slow) model load, so a mistake costs seconds.
     Returns (training prompts, held-out prompts, references or None, checkpoint to resume from or None)."""
     validate(cfg, world)
+    if bad := R.check_reward(cfg.reward):
+        raise SystemExit(f"config error: {bad}")
     try:
         prompts = data.load_prompts(cfg.train_prompts)
     except ValueError as e:
@@ -477,13 +423,8 @@ def check_inputs(cfg, world, master=True):
         raise SystemExit(f"held-out prompts (test_prompts; eval_every=0 turns the evaluation off): "
                          f"{e}") from None
     test_prompts = test_prompts[:cfg.eval_max_prompts or None]
-    unknown = [k for k in cfg.reward if k not in R.REWARDS and k not in R.ADVERSARIAL]
-    if unknown:
-        raise SystemExit(f"config error: unknown reward {unknown[0]!r}; "
-                         f"known: {sorted(R.REWARDS) + list(R.ADVERSARIAL)}")
-    needs_refs = any(k in cfg.reward for k in (*R.ADVERSARIAL, "dino_sim"))
-    try:
-        references = data.load_references(cfg, prompts) if needs_refs else None
+    try:  # only when a chosen reward (or the adversary) names them
+        references = data.load_references(cfg, prompts) if "references" in R.needs(cfg.reward) else None
     except ValueError as e:
         raise SystemExit(f"reference images: {e}") from None
     if master:
@@ -506,10 +447,9 @@ def train(cfg):
     prompts, test_prompts, references, resume_from = check_inputs(cfg, world, master)
     torch.manual_seed(cfg.seed)
     gen = M.build_generator(cfg, device, world)
-    adversary = R.build_adversary(cfg, device, gen.transformer.config.pooled_projection_dim)[1]
-    phi = getattr(adversary, "phi", None)  # the DINO φ: shared by dino_sim and the held-out metrics
-    if phi is None and "dino_sim" in cfg.reward:  # a fixed dino_sim run: its φ measures the held-out set too
-        phi = R.make_features(cfg, device)
+    # the DINO φ, built once when a reward names it: shared by the rewards, the discriminator, the evaluation
+    phi = R.make_features(cfg, device) if "phi" in R.needs(cfg.reward) else None
+    adversary = R.build_adversary(cfg, device, gen.transformer.config.pooled_projection_dim, phi)
     if cfg.low_mem:  # every prompt this run will see, encoded now; then the text encoders (T5: ~9 GiB) go
         gen.encode(["", *(p["prompt"] for p in prompts), *test_prompts])
         gen.encode.drop_text_encoders()
@@ -518,9 +458,11 @@ def train(cfg):
     fixed_reward = R.build_fixed_reward(cfg, device, references, phi)
     counters = dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0)
     start = C.load(resume_from, gen, adversary, counters, cfg) if resume_from else 0
+    log, extra_log = None, None
     if master:
         announce(cfg, world, prompts, gen, resume_from, start)
-        log, extra_log = C.open_metrics(cfg.out_dir, start), external_logger(cfg)
+        log, extra_log = C.open_metrics(cfg.out_dir, start), C.external_logger(cfg)
+    evaluate = functools.partial(E.evaluate, cfg, gen, phi, references, test_prompts, rank=rank)
     # SIGTERM (preemption): finish the epoch, save, exit 0. The flag is all-reduced so ranks agree.
     stop = torch.zeros(1, device=device)
     signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
@@ -529,8 +471,7 @@ def train(cfg):
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         # held-out evaluation of the weights as they enter this epoch (epoch 0 = the base model)
-        ev = E.evaluate(cfg, gen, phi, references, test_prompts, epoch, history, rank) \
-            if cfg.eval_every and epoch % cfg.eval_every == 0 else {}
+        ev = evaluate(epoch, history) if cfg.eval_every and epoch % cfg.eval_every == 0 else {}
         # 1. sample this rank's share (which prompts and images is a function of (seed, epoch, rank))
         group_of, mine = data.assign_samples(data.epoch_prompt_indices(len(prompts), cfg.prompts_per_epoch,
                                                                        epoch, cfg.seed),
@@ -538,37 +479,33 @@ def train(cfg):
         my_prompts, window = [prompts[g] for g in group_of[mine]], window_for_epoch(cfg, epoch)
         batch = sample_epoch(cfg, epoch, gen, [p["prompt"] for p in my_prompts], range(mine.start, mine.stop),
                              window, progress=master)
-        # 2. score: fixed rewards + the current discriminator (its step comes in 5, on these features)
+        # 2. score: fixed rewards + the current adversary (its step comes in 5, on the same inputs)
         rewards, d_batch, info = score_epoch(cfg, epoch, rank, batch, my_prompts, fixed_reward, adversary,
                                              references)
         # 3. advantages: rewards of all ranks, normalised within each prompt's group
         all_rewards = all_gather_cat(rewards)
-        ok = float(torch.isfinite(all_rewards).all() and torch.isfinite(batch["log_probs"]).all())
-        finite = all_mean({"ok": ok}, device)["ok"] == 1.0
+        finite = all_finite(all_rewards, batch["log_probs"], device=device)
         advantages = compute_advantages(all_rewards, [prompts[g]["prompt"] for g in group_of],
                                         cfg.global_std)[mine]
         # 4. who trains this epoch
-        d_steps, do_g = schedule(cfg, epoch, {**info, "finite": finite})
+        d_steps, do_g = schedule(cfg, epoch, adversary, info, finite)
         version = counters["d_steps"]  # which discriminator scored this epoch (the hacking monitor's key)
-        # 5. discriminator update
-        info.update(update_discriminator(adversary, d_batch, d_steps))
-        counters["d_steps"] += d_steps
-        # 6. generator update
-        if finite:
-            counters["bad_updates"] = 0
+        # 5. the adversary's update
+        if d_steps:
+            info.update(adversary.update(d_batch, d_steps))
+            counters["d_steps"] += d_steps
+        # 6. generator update (a non-finite epoch is skipped: count_update)
+        count_update(cfg, counters, finite, master, f"epoch {epoch}: non-finite rewards or log-probs, "
+                                                    "update skipped")
         if do_g:
             info.update(train_generator(cfg, epoch, gen, batch, advantages, counters, rank, progress=master))
             counters["g_epochs"] += 1
-        elif not finite:
-            note_bad_update(cfg, counters, master,
-                            f"epoch {epoch}: non-finite rewards or log-probs, update skipped")
         # 7. log (an evaluation is paired with this epoch's training reward for the reward-hacking monitor)
         stats = {**epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device), **ev, "window": window,
                  "eta_s": (time.time() - t_run) / (epoch + 1 - start) * (cfg.epochs - epoch - 1)}
         since_eval.append((float(all_rewards.mean()), version))
-        if ev and (warning := monitor(history, since_eval, version)):
-            print(f"WARNING {warning}", flush=True)
-            stats["hacking_warning"] = 1
+        if ev:
+            monitor(history, since_eval, version, stats)
         if master:
             print(epoch_line(stats), flush=True)
             log.write(json.dumps(stats) + "\n")
@@ -579,24 +516,15 @@ def train(cfg):
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if (epoch + 1) % cfg.save_every == 0 or epoch == cfg.epochs - 1 or stop.item():
             if master:  # named by epochs done: the weights entering epoch + 1
-                C.save(cfg, epoch + 1, gen, adversary, counters, export_lora if cfg.lora_rank > 0 else None)
+                C.save(cfg, epoch + 1, gen, adversary, counters)
             if dist.is_initialized():
                 dist.barrier()
         if stop.item():
             if master:
                 print(f"SIGTERM: saved epoch_{epoch + 1:06d} ({epoch + 1} epochs done), exiting", flush=True)
             break
-    else:
-        if cfg.eval_every and start < cfg.epochs:  # the trained model, logged as epoch = cfg.epochs
-            ev = E.evaluate(cfg, gen, phi, references, test_prompts, cfg.epochs, history, rank)
-            if master:
-                final = dict(epoch=cfg.epochs, **ev)
-                if warning := monitor(history, since_eval, version):  # the last evaluation is watched too
-                    print(f"WARNING {warning}", flush=True)
-                    final["hacking_warning"] = 1
-                log.write(json.dumps(final) + "\n")
-                log.flush()
-                E.report(cfg.out_dir, counters["g_steps"])
+    if start < cfg.epochs and not stop.item():
+        final_evaluation(cfg, evaluate, history, since_eval, counters, log)
     if dist.is_initialized():
         dist.destroy_process_group()
     return gen, adversary, counters

@@ -1,6 +1,6 @@
 # The random-weight tiny pipeline with the adversarial DINO reward on a random tiny ViT: the whole
 # Adv-GRPO path (references, features, D steps, schedules) in seconds on CPU. Not a demonstration.
-exec(open("config/tiny_random.py").read())
+base = "tiny_random.py"
 reward = {"dino_adv": 1.0}
 references = "assets/tiny_refs/index.json"
 dino_backbone = "random:tiny"

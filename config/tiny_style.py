@@ -3,9 +3,9 @@
 # The base model saw mostly light backgrounds (90 %); the references are dark. The adversarial reward (a
 # discriminator on the frozen tiny ViT that stands in for DINOv2) should move held-out generations
 # to the references' style (eval/background → eval/ref_background) without losing content
-# (eval/toy_geneval). See README "Results" for what this measured.
+# (eval/toy_geneval). See docs/RESULTS.md for what this measured.
 # The same world and code as config/tiny.py; what differs:
-exec(open("config/tiny.py").read())
+base = "tiny.py"
 pretrained = "assets/tinyworld/pipeline"                # 2,000 steps, 90 % light / 10 % dark renders
 references = "assets/tinyworld/refs_dark/index.json"
 group_size = 8

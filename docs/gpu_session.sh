@@ -6,7 +6,7 @@
 #      peaks at ~101 GiB, docs/PERF.md §3.2)
 #   2. bench.py --low_mem: the 24 GB option set (config/sd35m_24gb.py), peak memory per stage
 #   3. the CUDA-only tests: bench.py's memory bookkeeping; the first-recompute ratio (exactly 1) at SD3.5-M size
-#   4. train.py with the SD3.5-M DINO preset + the 24 GB preset, random weights, 2 epochs, then eval.py on its
+#   4. train.py with the SD3.5-M DINO preset + the 24 GB preset, random weights, 2 epochs, then sample.py on its
 #      checkpoint: the README's commands at full size (prompts and references from assets/, no hub weights)
 # Each step has a time limit so that one slow step cannot eat the others'.
 set -u
@@ -41,8 +41,8 @@ timeout 180 python3 -m torch.distributed.run --standalone --nproc_per_node=1 tra
     --prompts_per_epoch=2 --epochs=2 --schedule=shared --eval_every=1 --eval_max_prompts=2 --save_every=2 \
     --out_dir=/tmp/smoke 2>&1 | grep -v '^ \|^{\|^}' | tee -a "$LOG"
 cp /tmp/smoke/metrics.jsonl "$OUT/smoke_metrics.jsonl" 2>/dev/null
-step "eval.py on the checkpoint"
-timeout 120 python3 eval.py --ckpt /tmp/smoke/checkpoints/epoch_000001 --prompt "a red circle on the left" \
+step "sample.py on the checkpoint"
+timeout 120 python3 sample.py --ckpt /tmp/smoke/checkpoints/epoch_000001 --prompt "a red circle on the left" \
     --n_per_prompt 2 --out /tmp/smoke/eval 2>&1 | tail -4 | tee -a "$LOG"
 cp /tmp/smoke/eval/metrics.json "$OUT/eval_metrics.json" 2>/dev/null
 step done

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(script, argv, ok=True):
-    main = __import__(script.removesuffix(".py")).main  # train.py, eval.py, bench.py
+    main = __import__(script.removesuffix(".py")).main  # train.py, sample.py, prepare.py, bench.py
     out, err, code = io.StringIO(), io.StringIO(), 0
     threads, sigterm = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
     torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the subprocess tests

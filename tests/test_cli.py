@@ -1,4 +1,4 @@
-"""The first hour: --help, eval offline in seconds, eval like the run, one epoch number, readable logs,
+"""The first hour: --help, sample.py offline in seconds, eval like the run, one epoch number, readable logs,
 a LoRA to start from, the published data imported."""
 import json
 import os
@@ -10,15 +10,17 @@ import pytest
 import torch
 
 import configurator
+import checkpoint as C
 import data
 import model as M
+import prepare
 from inproc import run_main
 from test_train import ADV_PRESET, ROOT, tiny_cfg
 
 
 def _py(args, env_extra=None, drop=(), ok=True, timeout=240):
     same_env = not drop and set(env_extra or {}) <= {"HF_HUB_OFFLINE"}
-    if same_env and args[0] in ("train.py", "eval.py", "bench.py"):
+    if same_env and args[0] in ("train.py", "sample.py", "prepare.py", "bench.py"):
         return run_main(args[0], args[1:], ok)  # same environment: no new interpreter needed
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
@@ -28,14 +30,17 @@ def _py(args, env_extra=None, drop=(), ok=True, timeout=240):
     return p
 
 
-@pytest.mark.parametrize("script, schemas", [("train.py", "Config"), ("eval.py", "EvalArgs"),
-                                             ("bench.py", "Bench Config")])
+@pytest.mark.parametrize("script, schemas", [("train.py", "Config"), ("sample.py", "EvalArgs"),
+                                             ("bench.py", "Bench Config"),
+                                             ("prepare.py make_references", "MakeReferences")])
 def test_help_lists_every_key_with_its_default_and_comment(script, schemas):
     import bench
-    import eval as E
-    out = _py([script, "--help"]).stdout
+    import prepare
+    import sample
+    out = _py([*script.split(), "--help"]).stdout
     for name in schemas.split():
-        cls = {"Config": configurator.Config, "EvalArgs": E.EvalArgs, "Bench": bench.Bench}[name]
+        cls = {"Config": configurator.Config, "EvalArgs": sample.EvalArgs, "Bench": bench.Bench,
+               "MakeReferences": prepare.MakeReferences}[name]
         for key, text in configurator.comments(cls).items():
             if text is not None:
                 assert text, f"{name}.{key} has no comment"
@@ -70,10 +75,10 @@ def test_checkpoint_grid_and_summary_carry_one_epoch_number(run):
 
 def test_eval_skips_hub_models_in_seconds_offline_and_evaluates_like_the_run(run, tmp_path):
     """No HF_HUB_OFFLINE, no network, no cache: PickScore / CLIP are skipped with the reason, fast. By
-    default eval.py uses the run's own eval steps, CFG and prompts."""
+    default sample.py uses the run's own eval steps, CFG and prompts."""
     out, _ = run
     t = time.time()
-    p = _py(["eval.py", "--ckpt", str(out / "checkpoints" / "epoch_000002"), "--out", str(tmp_path)],
+    p = _py(["sample.py", "--ckpt", str(out / "checkpoints" / "epoch_000002"), "--out", str(tmp_path)],
             {"HF_HOME": str(tmp_path / "hf")}, drop=("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     assert time.time() - t < 30
     assert "skipped pickscore" in p.stdout and "hub is unreachable" in p.stdout
@@ -81,7 +86,7 @@ def test_eval_skips_hub_models_in_seconds_offline_and_evaluates_like_the_run(run
     cfg = json.load(open(out / "config.json"))
     assert (m["num_steps"], m["guidance_scale"]) == (cfg["eval_num_steps"], cfg["eval_guidance_scale"])
     assert m["prompts"] == [line.strip() for line in open(os.path.join(ROOT, "assets", "tiny_prompts.txt"))]
-    # the run's in-loop numbers of the same weights, same seed: eval.py reproduces them
+    # the run's in-loop numbers of the same weights, same seed: sample.py reproduces them
     last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
     assert abs(m["metrics"]["toy_geneval"] - last["eval/toy_geneval"]) < 1e-9
     assert abs(m["metrics"]["dino_sim"] - last["eval/dino_sim"]) < 1e-4
@@ -118,17 +123,17 @@ def test_the_sample_grid_goes_to_wandb_with_the_scalars(monkeypatch, tmp_path):
         init=lambda **kw: types.SimpleNamespace(log=lambda d, step: calls.append((d, step))),
         Image=lambda path: ("image", path))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    log = T.external_logger(tiny_cfg(log_to="wandb", out_dir=str(tmp_path)))
+    log = C.external_logger(tiny_cfg(log_to="wandb", out_dir=str(tmp_path)))
     log({"epoch": 4, "reward_mean": 0.5}, str(tmp_path / "grid.png"))
     assert calls == [({"epoch": 4, "reward_mean": 0.5, "samples": ("image", str(tmp_path / "grid.png"))}, 4)]
 
 
 def test_the_published_prompt_sets_and_reference_indexes_import(tmp_path):
     (tmp_path / "train.txt").write_text("a cat \n\n  a dog\n")
-    assert data.import_prompts(str(tmp_path / "train.txt"), str(tmp_path / "out" / "train.txt")) == (2, 1)
+    assert prepare.import_prompts(str(tmp_path / "train.txt"), str(tmp_path / "out" / "train.txt")) == (2, 1)
     assert [p["prompt"] for p in data.load_prompts(str(tmp_path / "out" / "train.txt"))] == ["a cat", "a dog"]
     (tmp_path / "m.jsonl").write_text(json.dumps({"prompt": "a cat", "tag": "single_object"}) + "\n")
-    data.import_prompts(str(tmp_path / "m.jsonl"), str(tmp_path / "out" / "m.jsonl"))
+    prepare.import_prompts(str(tmp_path / "m.jsonl"), str(tmp_path / "out" / "m.jsonl"))
     assert (data.load_prompts(str(tmp_path / "out" / "m.jsonl"))
             == [{"prompt": "a cat", "tag": "single_object"}])
     from PIL import Image
@@ -140,8 +145,8 @@ def test_the_published_prompt_sets_and_reference_indexes_import(tmp_path):
     (imgs / "prompt2img_node1.json").write_text(
         json.dumps({"a dog": ["node1_rank0_00000_0.png", "gone.png"]}))
     out = str(tmp_path / "data" / "refs" / "index.json")
-    n_prompts, n_files, missing = data.import_references(sorted(map(str, imgs.glob("prompt2img_node*.json"))),
-                                                         str(imgs), out)
+    n_prompts, n_files, missing = prepare.import_references(
+        sorted(map(str, imgs.glob("prompt2img_node*.json"))), str(imgs), out)
     assert (n_prompts, n_files) == (2, 3) and [os.path.basename(m) for m in missing] == ["gone.png"]
     refs = data.ReferenceSet.from_index(out, skip_bad=True)
     assert refs.prompts == ["a cat", "a dog"] and len(refs) == 2

@@ -1,5 +1,5 @@
-"""Tests for data.py: prompt files, epoch prompt choice, per-rank assignment, reference images.
-All inputs are tiny files written to tmp_path; CPU only, well under a second each."""
+"""Tests for data.py (prompt files, epoch prompt choice, per-rank assignment, reference images) and
+prepare.py (making references). All inputs are tiny files written to tmp_path; CPU only."""
 
 import json
 import os
@@ -12,6 +12,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import prepare  # noqa: E402
 from data import ReferenceSet, assign_samples, epoch_prompt_indices, load_prompts  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
@@ -284,8 +285,8 @@ def test_make_references_writes_the_published_index_format(tmp_path):
     import model as M
     M.random_pipeline("tiny").save_pretrained(tmp_path / "pipe")
     (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
-    index = data.make_references(str(tmp_path / "pipe"), str(tmp_path / "p.txt"), str(tmp_path / "refs"), n=3,
-                                 steps=2, size=32, batch_size=2, device="cpu")
+    index = prepare.make_references(str(tmp_path / "pipe"), str(tmp_path / "p.txt"), str(tmp_path / "refs"),
+                                    n=3, steps=2, size=32, batch_size=2, device="cpu")
     refs = data.ReferenceSet.from_index(index)
     assert refs.prompts == ["a red circle", "a blue square"] and len(refs) == 6
     assert refs.images_of("a blue square").shape == (3, 3, 32, 32)
@@ -298,9 +299,9 @@ def test_reference_guidance_follows_the_pipeline():
 
     from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
     qwen = NS(__call__=QwenImagePipeline.__call__, transformer=NS(config={"guidance_embeds": False}))
-    assert data.guidance_kwargs(qwen, 4.0, 2) == dict(true_cfg_scale=4.0, negative_prompt=[" ", " "])
+    assert prepare.guidance_kwargs(qwen, 4.0, 2) == dict(true_cfg_scale=4.0, negative_prompt=[" ", " "])
     flux_dev = NS(__call__=FluxPipeline.__call__, transformer=NS(config={"guidance_embeds": True}))
     # distilled: guidance is an input
-    assert data.guidance_kwargs(flux_dev, 3.5, 1) == dict(guidance_scale=3.5)
+    assert prepare.guidance_kwargs(flux_dev, 3.5, 1) == dict(guidance_scale=3.5)
     sd3 = NS(__call__=StableDiffusion3Pipeline.__call__, transformer=NS(config={}))
-    assert data.guidance_kwargs(sd3, 4.5, 3) == dict(guidance_scale=4.5)
+    assert prepare.guidance_kwargs(sd3, 4.5, 3) == dict(guidance_scale=4.5)

@@ -227,7 +227,7 @@ def test_dino_sim_is_paired_not_max_over_prompts():
     a = tinted(1, RED, 1)
     refs = Refs({"a": torch.cat([a, a]), "b": torch.cat([tinted(1, BLUE, 2), torch.zeros(1, 3, 32, 32)])})
     gens, prompts = torch.cat([a, a]), ["a", "b"]  # the second generation copies prompt a's reference
-    sim, _ = REWARDS["dino_sim"](references=refs, backbone=phi)(gens, prompts, [{}, {}])
+    sim, _ = REWARDS["dino_sim"](references=refs, phi=phi)(gens, prompts, [{}, {}])
     assert sim[0].item() == pytest.approx(1.0, abs=1e-5)
     g = F.normalize(phi(gens)[0], dim=-1)  # (2, D)
     own_b = F.normalize(phi(refs.images_of("b"))[0], dim=-1)  # (2, D)
@@ -241,16 +241,16 @@ def test_build_reward_is_weighted_sum_of_components():
     phi = DinoFeatures(tiny_vit(), image_size=IMG)
     refs = Refs({"a": tinted(2, RED, 1), "b": tinted(3, BLUE, 2)})
     images, prompts, meta = torch.cat([tinted(2, RED, 3), tinted(2, BLUE, 4)]), ["a", "a", "b", "b"], [{}] * 4
-    ctx = dict(references=refs, backbone=phi, device="cpu", resolution=512)  # unused keys are ignored
+    ctx = dict(references=refs, phi=phi, device="cpu", resolution=512)  # each factory takes what it names
     fn = build_reward({"brightness": 2.0, "dino_sim": -0.5}, **ctx)
     total, info = fn(images, prompts, meta)
-    bright, _ = REWARDS["brightness"](**ctx)(images, prompts, meta)
-    sim, _ = REWARDS["dino_sim"](**ctx)(images, prompts, meta)
+    bright, _ = REWARDS["brightness"]()(images, prompts, meta)
+    sim, _ = REWARDS["dino_sim"](refs, phi)(images, prompts, meta)
     assert total.shape == (4,) and torch.allclose(total, 2.0 * bright - 0.5 * sim, atol=1e-6)
     assert info["reward/brightness"] == pytest.approx(bright.mean().item())
     assert info["reward/dino_sim"] == pytest.approx(sim.mean().item())
     with pytest.raises(KeyError):
-        build_reward({"dino_adv": 1.0}, **ctx)  # adversarial rewards are driven by train.py
+        build_reward({"dino_adv": 1.0}, **ctx)  # adversaries: build_adversary
 
 
 def test_random_timm_backbone_tells_images_apart():
@@ -320,3 +320,69 @@ def test_toy_geneval_reward_is_the_analysers_verdict():
     fn = build_reward({"toy_geneval": 1.0})
     assert fn(images, prompts, [{}] * 2)[0].tolist() == [1.0, 1.0]
     assert fn(images, swapped, [{}] * 2)[0].tolist() == [0.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- one adversary interface
+
+@pytest.mark.parametrize("kind", ["dino", "pickscore"])
+def test_both_adversaries_answer_the_same_calls(kind):
+    """judge → (rewards, the inputs of its steps, info), schedule, update, head_state / load_head_state
+    (which keeps the adversary's own lr: a changed lr on --resume is applied), name, needs, lr."""
+    from types import SimpleNamespace
+    make = {"dino": lambda lr: DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), lr=lr),
+            "pickscore": lambda lr: PickScoreAdversary(tiny_clip(), tiny_tokenizer(), lr=lr)}[kind]
+    adv = make(1e-3)
+    gen, ref = tinted(4, BLUE, 1), tinted(4, RED, 2)
+    r, d_batch, info = adv.judge(gen, ref, PROMPTS, torch.zeros(4, 8), torch.Generator().manual_seed(0))
+    assert r.shape == (4,) and {"d_real", "d_fake", "d_acc"} <= set(info)
+    cfg = SimpleNamespace(d_warmup=0, schedule="shared", d_steps=2, d_times=10)
+    d_steps, train_g = adv.schedule(cfg, 0, info)
+    assert d_steps in (0, 1, 2) and isinstance(train_g, bool)
+    assert set(adv.update(d_batch, 2)) == {"d_loss"} and adv.update(d_batch, 0) == {}
+    assert adv.name in ("dino_adv", "pickscore_adv") and "references" in adv.needs
+    other = make(5e-4)
+    other.load_head_state(copy.deepcopy(adv.head_state()))
+    assert [g["lr"] for g in other.opt.param_groups] == [5e-4]
+
+
+def test_the_pickscore_trigger_is_its_schedule():
+    adv = PickScoreAdversary(tiny_clip(), tiny_tokenizer())
+    assert adv.schedule(None, 7, dict(d_fake=21.5, d_real=21.0)) == (1, False)   # D steps, G waits
+    assert adv.schedule(None, 7, dict(d_fake=21.0, d_real=21.5)) == (0, True)
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ({"brightnes": 1.0}, "unknown reward 'brightnes'"),
+    ({"brightness": "x"}, "reward weight of 'brightness' must be a number"),
+    ({"dino_sim": {"lam": 0.3}}, "reward weight of 'dino_sim' must be a number"),
+    ({"dino_sim": {"weight": 1.0, "lam": 0.3}}, "'dino_sim' has no setting 'lam' (its settings: none)"),
+    ({"dino_sim": {"weight": 1.0, "phi": 3}}, "has no setting 'phi'"),       # the run provides φ
+    ({"clip_score": {"weight": 1.0, "clip_procesor": "x"}}, "no setting 'clip_procesor' (its settings: "
+                                                            "clip_model, clip_processor)"),
+    ({"dino_adv": {"weight": 1.0, "lr": 1.0}}, "reward 'dino_adv' has no setting 'lr'"),
+])
+def test_reward_settings_are_checked_in_one_line(spec, msg):
+    from reward import check_reward
+    assert msg in check_reward(spec) and "\n" not in check_reward(spec)
+    assert check_reward({"dino_adv": {"weight": 1.0}, "clip_score": {"weight": 100, "clip_processor": "x"},
+                         "brightness": 0.5}) is None
+
+
+def test_a_reward_gets_what_it_names_and_its_settings():
+    from reward import needs, register
+    seen = {}
+
+    @register("test_needs_reward")
+    def needy(references, device, resolution, lam=0.5):
+        seen.update(references=references, device=device, resolution=resolution, lam=lam)
+        return lambda images, prompts, metadata: (torch.full((len(images),), lam), {})
+    try:
+        assert needs({"test_needs_reward": 1.0, "brightness": 1.0}) == {"references"}
+        assert needs({"dino_sim": 1.0}) == needs({"dino_adv": 1.0}) == {"references", "phi"}
+        assert needs({"pickscore_adv": 1.0}) == {"references"} and needs({"brightness": 1.0}) == set()
+        fn = build_reward({"test_needs_reward": {"weight": 2.0, "lam": 0.25}}, references="R", device="cpu",
+                          resolution=32, phi="not named: not given")
+        assert fn(torch.zeros(3, 3, 4, 4), ["a"] * 3, [{}] * 3)[0].tolist() == [0.5] * 3
+        assert seen == dict(references="R", device="cpu", resolution=32, lam=0.25)
+    finally:
+        del REWARDS["test_needs_reward"]

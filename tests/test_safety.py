@@ -1,5 +1,6 @@
 """Nothing lost, no traceback: intact-checkpoint resume, run folders never mixed, non-finite tensors never
 saved, bad numbers refused before the model loads, inputs read as people mean them."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -72,7 +73,7 @@ def test_resume_refuses_when_no_checkpoint_is_intact_and_changed_keys(tmp_path):
     (ADV_PRESET, ["--eval_every=1", "--test_prompts=assets/tiny_prompts.txt", "--eval_num_steps=2"]),
 ], ids=["shapes_world", "in_loop_eval"])
 def test_resume_is_bitwise_in_the_shapes_world_and_with_in_loop_evaluation(tmp_path, preset, extra):
-    """A prompt's embedding no longer depends on which prompts it was encoded with, so the cache rebuilt
+    """A prompt's embedding does not depend on which prompts it was encoded with, so the cache rebuilt
     after a resume (other prompts, other order) gives the same numbers."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     _run([f"--out_dir={a}", "--epochs=3", *extra], preset=preset)
@@ -118,7 +119,7 @@ def built():
     import reward as R
     cfg = tiny_cfg(ADV_PRESET)
     gen = M.build_generator(cfg, torch.device("cpu"))
-    adv = R.build_adversary(cfg, torch.device("cpu"))[1]
+    adv = R.build_adversary(cfg, torch.device("cpu"))
     return cfg, gen, adv
 
 
@@ -199,7 +200,7 @@ def test_broken_presets_are_refused_naming_the_file(tmp_path, text, msg):
     assert str(p) in str(e.value)
 
 
-# --- eval.py ---------------------------------------------------------------------------------------
+# --- sample.py -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -227,7 +228,7 @@ def test_eval_refuses_bad_input_in_one_line(run_dir, tmp_path, case):
         os.remove(ckpt / C.MANIFEST)
     if case == "truncated":
         open(ckpt / "ema.safetensors", "r+b").truncate(10)
-    err = _run(args, ok=False, preset=None, script="eval.py").stderr
+    err = _run(args, ok=False, preset=None, script="sample.py").stderr
     expect = {"missing": "no such folder", "no_config": "not an intact checkpoint",
               "other_arch": "do not fit", "n_zero": "n_per_prompt", "no_prompts": "does not exist",
               "no_summary": "no summary.json", "truncated": "ema.safetensors has 10 bytes"}[case]
@@ -236,7 +237,7 @@ def test_eval_refuses_bad_input_in_one_line(run_dir, tmp_path, case):
 
 def test_eval_writes_outside_the_checkpoints_and_takes_a_run_folder(run_dir):
     p = _run(["--ckpt", str(run_dir), "--prompt", "a red circle on the left", "--n_per_prompt", "1"],
-             preset=None, script="eval.py")
+             preset=None, script="sample.py")
     assert "newest intact checkpoint" in p.stdout
     assert os.path.isfile(run_dir / "eval" / "epoch_000001" / "grid.png")
     assert os.listdir(run_dir / "checkpoints" / "epoch_000001").count("eval") == 0
@@ -276,3 +277,42 @@ def test_the_recipe_hint_appears_only_for_the_default_prompt_path(tmp_path):
     with pytest.raises(SystemExit) as e:
         T.check_inputs(T.parse_args([f"--train_prompts={tmp_path / 'mine.txt'}"]), 1)
     assert "mine.txt" in str(e.value) and "make demo" not in str(e.value)
+
+
+def test_a_preset_states_what_differs_from_its_base(tmp_path):
+    """`base = "file.py"` (relative to the preset's folder) is applied first; a mistake in either file is
+    refused naming that file; a circle of bases is refused."""
+    (tmp_path / "a.py").write_text("lr = 0.5\nseed = 3\n")
+    (tmp_path / "b.py").write_text('base = "a.py"\nseed = 4\n')
+    cfg = T.parse_args([str(tmp_path / "b.py")])
+    assert (cfg.lr, cfg.seed) == (0.5, 4)
+    (tmp_path / "a.py").write_text("lr = 0.5\nseedd = 3\n")
+    with pytest.raises(SystemExit, match=r"a\.py: unknown config key 'seedd'"):
+        T.parse_args([str(tmp_path / "b.py")])
+    (tmp_path / "c.py").write_text('base = "nothere.py"\n')
+    with pytest.raises(SystemExit, match="preset file not found: .*nothere.py"):
+        T.parse_args([str(tmp_path / "c.py")])
+    (tmp_path / "a.py").write_text('base = "b.py"\n')
+    with pytest.raises(SystemExit, match="in a circle"):
+        T.parse_args([str(tmp_path / "b.py")])
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:  # the demo's contrast: config/tiny.py and four keys
+        tiny, frozen = T.parse_args(["config/tiny.py"]), T.parse_args(["config/tiny_frozen.py"])
+    finally:
+        os.chdir(cwd)
+    assert frozen == dataclasses.replace(tiny, schedule="frozen", d_warmup=10, d_steps=10,
+                                         out_dir="out/tiny_frozen")
+    for name in os.listdir(os.path.join(ROOT, "config")):
+        assert "exec(" not in open(os.path.join(ROOT, "config", name)).read(), name
+
+
+def test_one_count_of_non_finite_updates_in_a_row():
+    cfg = tiny_cfg(max_bad_updates=2)
+    counters = dict(bad_updates=0)
+    T.count_update(cfg, counters, False, False, "skipped")
+    T.count_update(cfg, counters, True, False, "")               # a finite update resets the count
+    T.count_update(cfg, counters, False, False, "skipped")
+    assert counters["bad_updates"] == 1
+    with pytest.raises(SystemExit, match="2 non-finite updates in a row"):
+        T.count_update(cfg, counters, False, False, "skipped")

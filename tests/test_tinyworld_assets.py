@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import prepare
 import model as M
 import reward as R
 import tinyworld as tw
@@ -114,13 +115,13 @@ def test_two_epoch_tiny_world_run(tmp_path):
 
 @pytest.mark.slow  # 20 s; make_references is also tested on a random pipeline (tests/test_data.py)
 def test_references_made_from_the_tiny_pipeline_are_as_good_as_its_own_samples(tmp_path):
-    """data.make_references on the committed pipeline reads its sample_settings.json (1-token text, 32 px):
+    """prepare.make_references on the committed pipeline reads its sample_settings.json (1-token text, 32 px):
     with diffusers' default text length (256 zero tokens) the same command made blank backgrounds and
     smudges (toy GenEval ≈ 0) and exited 0."""
     import eval as E
     prompts = [p["prompt"] for p in data.load_prompts(os.path.join(ASSETS, "train.txt"))][::18]   # 12 prompts
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-    index = data.make_references(os.path.join(ASSETS, "pipeline"), str(tmp_path / "p.txt"),
+    index = prepare.make_references(os.path.join(ASSETS, "pipeline"), str(tmp_path / "p.txt"),
                                  str(tmp_path / "refs"), n=2, steps=10, guidance_scale=3.0, device="cpu")
     refs = data.ReferenceSet.from_index(index)
     made = tw.accuracy(torch.cat([refs.images_of(p) for p in prompts]),

@@ -1,5 +1,6 @@
 """GRPO maths, the real tiny transformer path, config parsing, checkpoints and DDP."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint as C
 import data
 import model as M
 import reward as R
@@ -207,7 +209,7 @@ def test_two_process_gloo_keeps_generator_and_discriminator_identical(tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     cfg = tiny_cfg(ADV_PRESET)
     init = M.build_generator(cfg, torch.device("cpu")).params
-    _, d_init = R.build_adversary(cfg, torch.device("cpu"))
+    d_init = R.build_adversary(cfg, torch.device("cpu"))
     assert any(not torch.equal(w0[k], init[k]) for k in init)                         # G trained
     assert any(not torch.equal(w0[f"D.{k}"], v) for k, v in d_init.head.state_dict().items())  # D trained
     assert w0["D.proj"].abs().max() > 0                                                 # its projection too
@@ -287,7 +289,7 @@ def test_d_warmup_then_frozen_discriminator(tmp_path):
 
 
 def test_external_logger_off_by_default_and_clear_when_missing(monkeypatch):
-    assert T.external_logger(tiny_cfg())({"epoch": 0}) is None
+    assert C.external_logger(tiny_cfg())({"epoch": 0}) is None
     import builtins
     real_import = builtins.__import__
 
@@ -297,9 +299,9 @@ def test_external_logger_off_by_default_and_clear_when_missing(monkeypatch):
         return real_import(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(SystemExit, match="pip install wandb"):
-        T.external_logger(tiny_cfg(log_to="wandb"))
+        C.external_logger(tiny_cfg(log_to="wandb"))
     with pytest.raises(SystemExit, match="log_to must be"):
-        T.external_logger(tiny_cfg(log_to="mlflow"))
+        C.external_logger(tiny_cfg(log_to="mlflow"))
 
 
 def test_low_mem_frees_text_encoders_and_trains_like_the_default(tmp_path):
@@ -354,7 +356,7 @@ def test_external_logger_calls_wandb_as_documented(monkeypatch, tmp_path):
     fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or run)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = tiny_cfg(log_to="wandb", out_dir=str(tmp_path / "run_a"))
-    log = T.external_logger(cfg)
+    log = C.external_logger(cfg)
     log({"epoch": 3, "reward_mean": 0.5})
     assert calls[0][0] == "init" and calls[0][1]["name"] == "run_a" and calls[0][1]["config"]["lr"] == cfg.lr
     assert calls[1] == ("log", {"epoch": 3, "reward_mean": 0.5}, 3)
@@ -365,7 +367,7 @@ def test_external_logger_writes_tensorboard_scalars(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = tiny_cfg(log_to="tensorboard", out_dir=str(tmp_path))
-    log = T.external_logger(cfg)
+    log = C.external_logger(cfg)
     log({"epoch": 0, "reward_mean": 0.25, "note": "text is skipped"})
     log({"epoch": 1, "reward_mean": 0.75, "g_steps": 2})
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -470,3 +472,33 @@ def test_tiny_pipeline_settings_fill_the_text_length_and_refuse_a_contradiction(
                       "--resolution=32", "--max_sequence_length=77"])
     with pytest.raises(SystemExit, match="trained with resolution = 32"):
         T.parse_args([f"--pretrained={os.path.join(ROOT, 'assets', 'tinyworld', 'pipeline')}"])
+
+
+def _readme_reward_example():
+    """The ```python block of README's "Extend" section, as a user would copy it."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return text[text.index("## Extend"):].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_reward_example_runs_as_written(tmp_path):
+    """The README's ocr_sim wraps dino_sim: it names references and φ, so the run loads them although no
+    adversary is chosen, and its setting lam comes from --reward. A stand-in OCR engine scores 1."""
+    ns = dict(register=R.register, REWARDS=R.REWARDS, torch=torch, my_ocr=lambda image, prompt: 1.0)
+    exec(_readme_reward_example(), ns)
+    try:
+        from inproc import run_main
+        run_main("train.py", [PRESET, "--reward={'ocr_sim': {'weight': 1.0, 'lam': 0.3}}",
+                              f"--references={os.path.join(ROOT, 'assets', 'tiny_refs', 'index.json')}",
+                              "--dino_backbone=random:tiny", "--dino_image_size=28", "--epochs=1",
+                              "--eval_every=1", "--eval_num_steps=2", f"--out_dir={tmp_path}"])
+        first = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][0]
+        assert "eval/dino_sim" in first              # the φ it named measures the held-out set too
+        cfg = tiny_cfg(ADV_PRESET, reward={"ocr_sim": {"weight": 1.0, "lam": 1.0}})
+        refs = data.load_references(cfg, data.load_prompts(cfg.train_prompts))
+        images, prompts = torch.rand(2, 3, 32, 32), ["a red circle on the left"] * 2
+        r, info = R.build_fixed_reward(cfg, torch.device("cpu"), refs)(images, prompts, [{}] * 2)
+        assert r.tolist() == [1.0, 1.0] and info["reward/ocr_sim"] == 1.0   # lam = 1: the OCR term alone
+        with pytest.raises(SystemExit, match="reward 'ocr_sim' has no setting 'lamb' .*its settings: lam"):
+            T.check_inputs(tiny_cfg(reward={"ocr_sim": {"weight": 1.0, "lamb": 0.3}}), 1)
+    finally:
+        R.REWARDS.pop("ocr_sim", None)
