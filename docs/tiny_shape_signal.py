@@ -71,7 +71,7 @@ def main(argv, n_prompts=72, n_per=8):
     correct = np.array([tw.analyse(im, p)[judge] for im, p in zip(images, P)])
     group = np.repeat(np.arange(n_prompts), n_per)
     refs = data.ReferenceSet.from_index(cfg.references, size=cfg.resolution)
-    head = R.build_adversary(cfg, torch.device("cpu"))[1]
+    head = R.build_adversary(cfg, torch.device("cpu"))
     fake = head.phi(images)
     real = [head.phi(refs.images_of(p)) for p in prompts]
     sim = R.paired_cosine(fake[0], P, {p: r[0] for p, r in zip(prompts, real)}).numpy()
