@@ -36,7 +36,7 @@ SAME_EXPERIMENT = ("pretrained", "t5", "max_sequence_length", "resolution", "lor
                    "train_prompts", "num_steps", "sde_kind", "group_size", "prompts_per_epoch", "reward",
                    "references", "reference_root", "schedule", "d_conditional", "dino_backbone",
                    "dino_weights", "dino_kwargs", "dino_image_size", "pickscore_model",
-                   "pickscore_train_last_k", "seed")
+                   "pickscore_train_last_k", "seed", "objective")
 RUN_FILES = ("metrics.jsonl", "checkpoints", "samples", "summary.json", "curves.png", "config.json",
              "tensorboard")  # what `overwrite` clears: only what a run writes
 
@@ -72,12 +72,13 @@ def save(cfg, epochs_done, gen, adversary, counters, export_lora=None):
     tmp = final + ".tmp"
     tensors = {n: p.detach().float().cpu().contiguous() for n, p in gen.params.items()}
     ema = {n: t.cpu().contiguous() for n, t in gen.ema.state_dict().items()}
+    old = {n: t.cpu().contiguous() for n, t in gen.old.state_dict().items()} if gen.old is not None else None
     state = dict(epoch=epochs_done, counters=dict(counters), config=dataclasses.asdict(cfg),
                  optimizer=gen.opt.state_dict(), rng_cpu=torch.get_rng_state())
     if adversary is not None:
         state["adversary"] = adversary.head_state()
     bad = nonfinite(dict(trainable=tensors, ema=ema, optimizer=state["optimizer"],
-                         adversary=state.get("adversary")))
+                         adversary=state.get("adversary"), old=old))
     if bad:
         raise SystemExit(f"refusing to save {final}: non-finite values in {', '.join(bad[:3])}"
                          f"{' …' if len(bad) > 3 else ''}; the checkpoints already on disk are kept")
@@ -86,6 +87,8 @@ def save(cfg, epochs_done, gen, adversary, counters, export_lora=None):
         os.makedirs(tmp)
         save_file(tensors, os.path.join(tmp, "trainable.safetensors"))
         save_file(ema, os.path.join(tmp, "ema.safetensors"))
+        if old is not None:  # objective = "nft": the old model (nft.OldPolicy), the third set of weights
+            save_file(old, os.path.join(tmp, "old.safetensors"))
         torch.save(state, os.path.join(tmp, "state.pt"))
         if export_lora is not None:
             export_lora(gen, os.path.join(tmp, "lora"))

@@ -380,6 +380,7 @@ class Generator:
     resolution: int
     decode_chunk: int           # images per VAE decode call
     device: torch.device
+    old: object = None          # DiffusionNFT's old model (nft.OldPolicy) when objective = "nft"
 
     def decode(self, latents):
         return S.decode_latents(self.pipe.vae, latents, self.decode_chunk)  # (B, 3, H, W) in [0, 1]
@@ -389,7 +390,8 @@ class Generator:
 
 
 def build_generator(cfg, device, world=1):
-    """Pipeline, trainable parameters, optimizer, EMA, prompt encoder, DDP / compiled wrappers."""
+    """Pipeline, trainable parameters, optimizer, EMA, prompt encoder, DDP / compiled wrappers (and nft's
+    old model)."""
     bf16 = cfg.mixed_precision == "bf16"
     # Frozen weights in bf16 (memory), trainable ones float32 (Adam needs the precision). The CPU honours
     # bf16 too (autocast works there), so the bf16 path users run on GPUs is testable without one.
@@ -423,6 +425,10 @@ def build_generator(cfg, device, world=1):
                                      torch.compile(train_model, dynamic=False))
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.999))
+    old = None
+    if cfg.objective == "nft":  # DiffusionNFT's old model θ_old: a shadow of the trainable tensors only
+        from nft import OldPolicy  # here, not at the top: nft.py imports this module
+        old = OldPolicy(params)
     return Generator(pipe=pipe, transformer=transformer, params=params, opt=opt,
                      ema=EMA(params, cfg.ema_decay, cfg.ema_every),
                      encode=PromptEncoder(pipe, device, cfg.max_sequence_length,
@@ -430,14 +436,30 @@ def build_generator(cfg, device, world=1):
                      sample_model=sample_model, train_model=train_model,
                      sigmas=S.flow_sigmas(pipe.scheduler, cfg.num_steps, device),
                      autocast=torch.bfloat16 if bf16 else None, resolution=cfg.resolution,
-                     decode_chunk=4 if cfg.low_mem else 16, device=device)
+                     decode_chunk=4 if cfg.low_mem else 16, device=device, old=old)
+
+
+def export_lora(gen, path):
+    """The EMA LoRA in diffusers' format: `StableDiffusion3Pipeline.from_pretrained(base)
+    .load_lora_weights(path)` then samples what our eval samples (a test checks it)."""
+    from peft.utils import get_peft_model_state_dict
+    tr = gen.transformer
+    with gen.ema.applied(gen.params):
+        layers = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(tr).items()}
+    # the metadata carries lora_alpha: without it diffusers assumes alpha = rank (a 2x wrong scale here)
+    StableDiffusion3Pipeline.save_lora_weights(
+        path, transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
 
 
 def load_weights(gen, path):
-    """The trainable and EMA weights of checkpoint folder `path` into `gen`."""
+    """The trainable and EMA weights (and nft's old model) of checkpoint folder `path` into `gen`."""
     from safetensors.torch import load_file
     trainable = load_file(os.path.join(path, "trainable.safetensors"))
     with torch.no_grad():
         for n, p in gen.params.items():
             p.copy_(trainable[n])
     gen.ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+    if gen.old is not None:  # a GRPO checkpoint continued as nft (allow_config_change): θ_old = θ
+        old = os.path.join(path, "old.safetensors")
+        gen.old.load_state_dict(load_file(old) if os.path.isfile(old) else gen.params)

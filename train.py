@@ -12,7 +12,7 @@ Each epoch (the loop in `train`, one line a step):
   3. advantages  rewards gathered over all ranks, normalised within each prompt's group
   4. schedule  who trains this epoch: the discriminator (D), the generator (G), or both
   5. D update  hinge loss, references = real, generations = fake, on the features computed in 2
-  6. G update  clipped GRPO on the log-probs of the window's transitions (LoRA)
+  6. G update  clipped GRPO on the log-probs of the window's transitions (LoRA); nft: DiffusionNFT (nft.py)
   7. log, checkpoint
 
 Owns: DDP set-up, the loop, the GRPO loss and advantages, the D/G schedule, checkpoints. The config is in
@@ -42,6 +42,7 @@ import checkpoint as C
 import data
 import eval as E
 import model as M
+import nft
 import reward as R
 import sampler as S
 from configurator import Config, parse_args, validate
@@ -177,21 +178,23 @@ def per_image_noise(cfg, epoch, indices, shape, window_size):
 @torch.no_grad()
 def sample_epoch(cfg, epoch, gen, prompts, global_indices, window_start, progress=True):
     """Roll out every image of this rank (prompts[i] is image global_indices[i]). Returns per-image tensors:
-    images (n, 3, H, W); x, x_next (n, K, C, h, w) the window's transitions; log_probs (n, K) the sampler's;
-    emb, pool the prompt embeddings; step_idx (K,)."""
+    images (n, 3, H, W); latents (n, C, h, w); x, x_next (n, K, C, h, w) the window's transitions (GRPO);
+    log_probs (n, K) the sampler's (K = 0 under nft); emb, pool the prompt embeddings; step_idx (K,)."""
     from tqdm.auto import tqdm
-    out, bs = [], cfg.sample_batch_size
+    out, bs, window_size = [], cfg.sample_batch_size, 0 if cfg.objective == "nft" else cfg.window_size
     for b in tqdm(range(0, len(prompts), bs), desc=f"epoch {epoch} sampling", leave=False,
                   disable=not progress):
         p, idx = prompts[b:b + bs], global_indices[b:b + bs]
         emb, pool = gen.encode(p)
-        noise, step_noise = per_image_noise(cfg, epoch, idx, gen.latent_shape(), cfg.window_size)
+        noise, step_noise = per_image_noise(cfg, epoch, idx, gen.latent_shape(), window_size)
         vel = S.make_velocity_fn(gen.sample_model, emb, pool, *gen.encode([""]), cfg.guidance_scale,
                                  gen.autocast)
-        r = S.rollout(vel, noise.to(gen.device), gen.sigmas, cfg.noise_level, cfg.sde_kind, window_start,
-                      cfg.window_size, step_noise=step_noise.to(gen.device), decode_fn=gen.decode)
-        out.append(dict(images=r["images"], x=r["x"], x_next=r["x_next"], log_probs=r["log_probs"], emb=emb,
-                        pool=pool))
+        with nft.sampling_policy(gen):  # nft: its old model, all steps ODE; GRPO: the current weights
+            r = S.rollout(vel, noise.to(gen.device), gen.sigmas, cfg.noise_level, cfg.sde_kind, window_start,
+                          window_size, step_noise=step_noise.to(gen.device), decode_fn=gen.decode)
+        out.append(dict(images=r["images"], latents=r["latents"], emb=emb, pool=pool,  # nft: log_probs (B, 0)
+                        log_probs=r.get("log_probs", torch.zeros(len(p), 0, device=gen.device)),
+                        **{k: r[k] for k in ("x", "x_next") if k in r}))
     batch = {k: torch.cat([o[k] for o in out]) for k in out[0]}
     batch["step_idx"] = r["step_idx"]
     return batch
@@ -346,23 +349,6 @@ def note_bad_update(cfg, counters, master, msg):
     if counters["bad_updates"] >= cfg.max_bad_updates:
         raise SystemExit(f"{cfg.max_bad_updates} non-finite updates in a row: stopping without writing a "
                          "checkpoint. Check the reward for NaN/inf, or lower lr.")
-
-
-# -----------------------------------------------------------------------------------------------
-# 8. Checkpoints (checkpoint.py writes and verifies them); the LoRA in diffusers' format
-
-def export_lora(gen, path):
-    """The EMA LoRA in diffusers' format: `StableDiffusion3Pipeline.from_pretrained(base)
-    .load_lora_weights(path)` then samples what our eval samples (a test checks it)."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-    tr = gen.transformer
-    with gen.ema.applied(gen.params):
-        layers = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(tr).items()}
-    # the metadata carries lora_alpha: without it diffusers assumes alpha = rank (a 2x wrong scale here)
-    StableDiffusion3Pipeline.save_lora_weights(
-        path, transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
 
 
 # -----------------------------------------------------------------------------------------------
@@ -553,11 +539,13 @@ def train(cfg):
         # 5. discriminator update
         info.update(update_discriminator(adversary, d_batch, d_steps))
         counters["d_steps"] += d_steps
-        # 6. generator update
+        # 6. generator update: clipped GRPO, or DiffusionNFT then the old model's soft update (nft.py)
         if finite:
             counters["bad_updates"] = 0
         if do_g:
-            info.update(train_generator(cfg, epoch, gen, batch, advantages, counters, rank, progress=master))
+            info.update(nft.train_generator(cfg, epoch, gen, batch, advantages, counters, rank, master,
+                                            note_bad_update) if cfg.objective == "nft" else
+                        train_generator(cfg, epoch, gen, batch, advantages, counters, rank, progress=master))
             counters["g_epochs"] += 1
         elif not finite:
             note_bad_update(cfg, counters, master,
@@ -579,7 +567,7 @@ def train(cfg):
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if (epoch + 1) % cfg.save_every == 0 or epoch == cfg.epochs - 1 or stop.item():
             if master:  # named by epochs done: the weights entering epoch + 1
-                C.save(cfg, epoch + 1, gen, adversary, counters, export_lora if cfg.lora_rank > 0 else None)
+                C.save(cfg, epoch + 1, gen, adversary, counters, M.export_lora if cfg.lora_rank > 0 else None)
             if dist.is_initialized():
                 dist.barrier()
         if stop.item():
