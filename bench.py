@@ -6,6 +6,7 @@ random weights (no download): SD3.5-M on one GPU, or the tiny architecture on a 
     python bench.py --compile --eager_baseline        # eager, then torch.compile'd, in one process
     python bench.py --low_mem                         # the 24 GB option set
     python bench.py --count_only --arch=sd3.5-medium  # FLOPs only, on shape-only models (any machine)
+    python bench.py --count_only --arch=sd3.5-medium --objective=nft --guidance_scale=1.0  # DiffusionNFT's
     python bench.py --resolution=1024 --out=b.json    # other --key=value are train.Config keys
 
 It runs train.py's own functions (model.build_generator, sample_epoch, score_epoch, update_discriminator,
@@ -42,9 +43,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import configurator
 import data
 import model as M
+import nft
 import reward as R
 import sampler as S
-import nft
 import train
 
 # -----------------------------------------------------------------------------------------------
@@ -260,8 +261,8 @@ def run(b, cfg, device, flops):
                 train.old_log_probs(cfg, gen, batch, passes[len(passes) // cfg.updates_per_epoch:])
         with st("g_step"):
             counters = dict(g_steps=0, bad_updates=0)
-            update = nft.train_generator if cfg.objective == "nft" else train.train_generator
-            skipped += update(cfg, e, gen, batch, advantages, counters, progress=False)["skipped_updates"]
+            skipped += train.train_generator(cfg, e, gen, batch, advantages, counters,
+                                             progress=False)["skipped_updates"]
         del batch
     return summarize(b, cfg, timers, flops, skipped, nonfinite)
 

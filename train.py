@@ -192,9 +192,8 @@ def sample_epoch(cfg, epoch, gen, prompts, global_indices, window_start, progres
         with nft.sampling_policy(gen):  # nft: its old model, all steps ODE; GRPO: the current weights
             r = S.rollout(vel, noise.to(gen.device), gen.sigmas, cfg.noise_level, cfg.sde_kind, window_start,
                           window_size, step_noise=step_noise.to(gen.device), decode_fn=gen.decode)
-        out.append(dict(images=r["images"], latents=r["latents"], emb=emb, pool=pool,  # nft: log_probs (B, 0)
-                        log_probs=r.get("log_probs", torch.zeros(len(p), 0, device=gen.device)),
-                        **{k: r[k] for k in ("x", "x_next") if k in r}))
+        out.append(dict(images=r["images"], latents=r["latents"], emb=emb, pool=pool,
+                        **{k: r[k] for k in ("x", "x_next", "log_probs") if k in r}))
     batch = {k: torch.cat([o[k] for o in out]) for k in out[0]}
     batch["step_idx"] = r["step_idx"]
     return batch
@@ -290,6 +289,9 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
     For each micro-batch of images and each trained step j, recompute the log-prob of the stored
     transition x_j → x_{j+1} under the current weights (same CFG as sampling), accumulate gradients
     (DDP all-reduces only on the last micro-step before an optimizer step), clip, step, EMA."""
+    if cfg.objective == "nft":  # DiffusionNFT instead: flow matching on the clean latents (nft.py)
+        return nft.train_generator(cfg, epoch, gen, batch, advantages, counters, rank, progress,
+                                   note_bad_update)
     from tqdm.auto import tqdm
     model, params, opt = gen.train_model, gen.params, gen.opt
     passes = training_passes(cfg, epoch, rank, len(advantages), gen.device)
@@ -543,9 +545,7 @@ def train(cfg):
         if finite:
             counters["bad_updates"] = 0
         if do_g:
-            info.update(nft.train_generator(cfg, epoch, gen, batch, advantages, counters, rank, master,
-                                            note_bad_update) if cfg.objective == "nft" else
-                        train_generator(cfg, epoch, gen, batch, advantages, counters, rank, progress=master))
+            info.update(train_generator(cfg, epoch, gen, batch, advantages, counters, rank, progress=master))
             counters["g_epochs"] += 1
         elif not finite:
             note_bad_update(cfg, counters, master,

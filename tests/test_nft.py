@@ -161,8 +161,8 @@ def _ddp_worker(rank, world, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
-    cfg = tiny_cfg(ADV_PRESET, out_dir=out_dir, epochs=2, schedule="shared", group_size=2, prompts_per_epoch=4,
-                   objective="nft")
+    cfg = tiny_cfg(ADV_PRESET, out_dir=out_dir, epochs=2, schedule="shared", group_size=2,
+                   prompts_per_epoch=4, objective="nft")
     gen, _, _ = T.train(cfg)
     state = {k: v.detach().clone() for k, v in gen.params.items()}
     state.update({f"old.{k}": v.clone() for k, v in gen.old.shadow.items()})
@@ -197,7 +197,8 @@ def test_tiny_world_nft_trains_and_evaluates(tmp_path):
 
 
 def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path):
-    """kill -9 between checkpoints, --resume: θ, EMA and the old model end bitwise where a straight run ends."""
+    """kill -9 between checkpoints, --resume: θ, EMA and the old model end bitwise where a straight run
+    ends."""
     import signal
     import subprocess
     import sys
