@@ -34,7 +34,8 @@ What the published code does on top, and we do too (defaults from its config/nft
     its OCR recipe's flat-then-steeper schedule is not offered); CFG off when sampling (guidance 1) and
     in the loss (the conditional velocity is trained); lr 3e-4, AdamW weight decay 1e-4, LoRA r32/α64;
     KL to the frozen base 1e-4·mean‖v_θ - v_ref‖² (our `beta_kl`; it costs a third forward per pass).
-  - evaluation uses the EMA of θ (as for GRPO here), not θ_old.
+  - evaluation uses the EMA of θ (decay 0.9 after every optimizer step: the preset's ema_every = 1), not
+    θ_old.
 
 Where we depart from the published code: the Euler ODE sampler instead of its 2nd-order DPM-Solver (any
 solver is allowed by the method); 10 sampling steps in the preset as published, but evaluation with our

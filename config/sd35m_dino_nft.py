@@ -14,6 +14,7 @@ nft_t_fraction = 0.99          # 9 of the 10 sampler times per image
 nft_adaptive = True
 beta_kl = 1e-4                 # published: 1e-4 · mean‖v_θ - v_ref‖² to the frozen base (a third forward)
 updates_per_epoch = 1          # published: one optimizer step per epoch (GenEval, PickScore recipes)
+ema_every = 1                  # published: the EMA (decay 0.9) after every optimizer step
 eval_guidance_scale = 1.0      # evaluated as it samples (published: CFG-free, 40 steps); compare runs at
                                # one CFG: eval.py re-evaluates a checkpoint at any eval_guidance_scale
 out_dir = "out/sd35m_dino_nft"
