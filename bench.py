@@ -6,6 +6,7 @@ random weights (no download): SD3.5-M on one GPU, or the tiny architecture on a 
     python bench.py --compile --eager_baseline        # eager, then torch.compile'd, in one process
     python bench.py --low_mem                         # the 24 GB option set
     python bench.py --count_only --arch=sd3.5-medium  # FLOPs only, on shape-only models (any machine)
+    python bench.py --count_only --arch=sd3.5-medium --objective=nft --guidance_scale=1.0  # DiffusionNFT's
     python bench.py --resolution=1024 --out=b.json    # other --key=value are train.Config keys
 
 It runs train.py's own functions (model.build_generator, sample_epoch, score_epoch, the adversary's update,
@@ -42,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import configurator
 import data
 import model as M
+import nft
 import reward as R
 import sampler as S
 import train
@@ -147,6 +149,9 @@ def count_flops(cfg):
         e, p = gen.encode([""] * tb)
         batch = dict(emb=e, pool=p, x=x, x_next=x, step_idx=list(range(cfg.window_size)))
         log_prob = lambda: train.step_log_prob(cfg, gen, gen.transformer, batch, torch.arange(tb), 0)[0]
+        if cfg.objective == "nft":  # its loss's forward: the conditional velocity (no CFG) at x_t
+            log_prob = lambda: nft.velocity(gen.transformer, gen, batch, torch.arange(tb), x[:, 0],
+                                            gen.sigmas[:1].expand(tb))
         with torch.no_grad():
             f = dict(sample_forward=count(lambda: vel(torch.empty(sb, *shape), gen.sigmas[0])),
                      train_forward=count(log_prob),
@@ -155,7 +160,7 @@ def count_flops(cfg):
                                                                            cfg.resolution))))
         gen.transformer.train()
         f["train_forward_backward"] = count(lambda: log_prob().sum().backward())
-    f.update(sample_rows=sb * cfg_rows, train_rows=tb * cfg_rows,
+    f.update(sample_rows=sb * cfg_rows, train_rows=tb * (1 if cfg.objective == "nft" else cfg_rows),
              forward_per_row=f["sample_forward"] / (sb * cfg_rows))
     return f
 
@@ -173,6 +178,12 @@ class ShapeOnlyEncoder:
 def flops_per_epoch(cfg, f):
     """Stage → FLOPs of one epoch (encode and the 2-layer D head are not counted: negligible)."""
     n = cfg.prompts_per_epoch * cfg.group_size
+    if cfg.objective == "nft":  # a pass: forwards of v_old (and v_ref if beta_kl > 0), v_θ forward + backward
+        passes = n // cfg.train_batch_size * nft.timesteps_per_image(cfg)
+        no_grad = (1 + (cfg.beta_kl > 0)) * f["train_forward"]
+        return dict(sample=n // cfg.sample_batch_size * cfg.num_steps * f["sample_forward"],
+                    decode=n * f["decode_per_image"], reward=2 * n * f["dino_per_image"], old_logp=0,
+                    g_step=passes * (no_grad + f["train_forward_backward"]))
     return dict(sample=n // cfg.sample_batch_size * cfg.num_steps * f["sample_forward"],
                 decode=n * f["decode_per_image"],
                 reward=2 * n * f["dino_per_image"],          # generations + one reference each
@@ -246,8 +257,9 @@ def run(b, cfg, device, flops):
         nonfinite += int(e >= b.warmup_epochs and d_batch is None)  # then φ and D did not run
         advantages = train.compute_advantages(rewards, [p["prompt"] for p in mine], global_std=cfg.global_std)
         with st("old_logp"):  # train_generator's recompute of the old log-probs, timed alone and subtracted
-            passes = train.training_passes(cfg, e, 0, n, device)
-            train.old_log_probs(cfg, gen, batch, passes[len(passes) // cfg.updates_per_epoch:])
+            if cfg.objective == "grpo":  # (nft has none: its v_old forwards are inside g_step)
+                passes = train.training_passes(cfg, e, 0, n, device)
+                train.old_log_probs(cfg, gen, batch, passes[len(passes) // cfg.updates_per_epoch:])
         with st("g_step"):
             counters = dict(g_steps=0, bad_updates=0)
             skipped += train.train_generator(cfg, e, gen, batch, advantages, counters,
@@ -299,8 +311,9 @@ def main(argv=None):
     n = cfg.prompts_per_epoch * cfg.group_size
     print(f"{b.arch} {cfg.resolution}² | per GPU {cfg.prompts_per_epoch} prompts × {cfg.group_size} = {n} "
           f"images | sampling {n // cfg.sample_batch_size} batches × {cfg.num_steps} steps, forwards of "
-          f"{f['sample_rows']} rows | training {n // cfg.train_batch_size} batches × {cfg.window_size} "
-          f"steps, fwd+bwd of {f['train_rows']} rows")
+          f"{f['sample_rows']} rows | training {n // cfg.train_batch_size} batches × "
+          + (f"{nft.timesteps_per_image(cfg)} times (nft)" if cfg.objective == "nft" else
+             f"{cfg.window_size} steps") + f", fwd+bwd of {f['train_rows']} rows")
     print(f"FLOPs: forward {f['forward_per_row'] / 1e12:.4g} T/row | training fwd+bwd = "
           f"{f['train_forward_backward'] / f['train_forward']:.2f} × forward | VAE decode "
           f"{f['decode_per_image'] / 1e12:.4g} T/image | DINO {f['dino_per_image'] / 1e12:.4g} T/image")

@@ -46,7 +46,7 @@ SAME_EXPERIMENT = ("pretrained", "t5", "max_sequence_length", "resolution", "lor
                    "train_prompts", "num_steps", "sde_kind", "group_size", "prompts_per_epoch", "reward",
                    "references", "reference_root", "schedule", "d_conditional", "dino_backbone",
                    "dino_weights", "dino_kwargs", "dino_image_size", "pickscore_model",
-                   "pickscore_train_last_k", "seed")
+                   "pickscore_train_last_k", "seed", "objective")
 RUN_FILES = ("metrics.jsonl", "checkpoints", "samples", "summary.json", "curves.png", "config.json",
              "tensorboard")  # what `overwrite` clears: only what a run writes
 
@@ -81,12 +81,14 @@ def save(cfg, epochs_done, gen, adversary, counters):
     tmp = final + ".tmp"
     tensors = {n: p.detach().float().cpu().contiguous() for n, p in gen.params.items()}
     ema = {n: t.cpu().contiguous() for n, t in gen.ema.state_dict().items()}
+    old = getattr(gen, "old", None)  # objective = "nft": DiffusionNFT's old model
+    old = {n: t.cpu().contiguous() for n, t in old.state_dict().items()} if old is not None else None
     state = dict(epoch=epochs_done, counters=dict(counters), config=dataclasses.asdict(cfg),
                  optimizer=gen.opt.state_dict(), rng_cpu=torch.get_rng_state())
     if adversary is not None:
         state["adversary"] = adversary.head_state()
     bad = nonfinite(dict(trainable=tensors, ema=ema, optimizer=state["optimizer"],
-                         adversary=state.get("adversary")))
+                         adversary=state.get("adversary"), old=old))
     if bad:
         raise SystemExit(f"refusing to save {final}: non-finite values in {', '.join(bad[:3])}"
                          f"{' …' if len(bad) > 3 else ''}; the checkpoints already on disk are kept")
@@ -95,6 +97,8 @@ def save(cfg, epochs_done, gen, adversary, counters):
         os.makedirs(tmp)
         save_file(tensors, os.path.join(tmp, "trainable.safetensors"))
         save_file(ema, os.path.join(tmp, "ema.safetensors"))
+        if old is not None:  # objective = "nft": the old model (nft.OldPolicy), the third set of weights
+            save_file(old, os.path.join(tmp, "old.safetensors"))
         torch.save(state, os.path.join(tmp, "state.pt"))
         if cfg.lora_rank > 0:
             export_lora(gen, os.path.join(tmp, "lora"))
@@ -219,12 +223,16 @@ def config_changes(saved: dict, cfg, allow=False):
 
 
 def load_weights(gen, path):
-    """The trainable and EMA weights of checkpoint folder `path` into the model.Generator `gen`."""
+    """The trainable and EMA weights (and nft's old model) of checkpoint folder `path` into the
+    model.Generator `gen`."""
     trainable = load_file(os.path.join(path, "trainable.safetensors"))
     with torch.no_grad():
         for n, p in gen.params.items():
             p.copy_(trainable[n])
     gen.ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+    if getattr(gen, "old", None) is not None:  # nft; a GRPO checkpoint continued as nft: θ_old = θ
+        old = os.path.join(path, "old.safetensors")
+        gen.old.load_state_dict(load_file(old) if os.path.isfile(old) else gen.params)
 
 
 def load(path, gen, adversary, counters, cfg):

@@ -53,7 +53,8 @@ class Config:
     test_prompts: str = "data/test.txt"         # held-out prompts of the in-loop evaluation
     # sampling
     num_steps: int = 10               # N sampling steps of a rollout
-    guidance_scale: float = 4.5       # CFG when sampling and when recomputing log-probs; 1 = off
+    guidance_scale: float = 4.5       # CFG when sampling and when recomputing log-probs; 1 = off (nft:
+                                      # sampling only)
     sde_kind: str = "cps"             # "cps" (Adv-GRPO) or "sde" (Flow-GRPO)
     noise_level: float | None = None  # a; None: by sde_kind (cps 0.8 as Adv-GRPO, sde 0.7 as Flow-GRPO)
     window_start: str = "0"           # first trained step: an integer (published: 0), or "random": drawn per
@@ -76,6 +77,19 @@ class Config:
     global_std: bool = True           # normalise advantages by the std of all rewards of the epoch
     ema_decay: float = 0.9            # the EMA's decay after its warm-up: min((1 + s)/(10 + s), ema_decay)
     ema_every: int = 8                # EMA update every N optimizer steps
+    # the generator's objective: the paper's GRPO, or DiffusionNFT (nft.py: its maths, defaults, departures)
+    objective: str = "grpo"           # "grpo" (the paper: clipped GRPO on the log-probs of the SDE window) or
+                                      # "nft" (DiffusionNFT: ODE samples from an old model, flow matching on
+                                      # them contrasting good and bad; no log-probs, window or clip_range;
+                                      # guidance_scale then applies to sampling only: its recipe is 1)
+    nft_beta: float = 1.0             # nft: β of v± = v_old ± β·(v_θ - v_old) (published 1; 0.1 for OCR)
+    nft_eta_max: float = 0.5          # nft: after each G update θ_old ← η·θ_old + (1-η)·θ, with η = min(
+                                      # nft_eta_rate · optimizer steps so far, nft_eta_max); in [0, 1)
+    nft_eta_rate: float = 0.001       # nft: η's growth per optimizer step (published: 0.5 after 500 steps)
+    nft_t_fraction: float = 0.99      # nft: each image trains on int(fraction · num_steps) of the sampler's
+                                      # times, drawn without repetition, each with fresh noise
+    nft_adaptive: bool = True         # nft: each branch's x0 error divided by its own mean |error|
+                                      # (published); False: the paper's r·‖v⁺ - v‖² + (1-r)·‖v⁻ - v‖²
     # reward: a weighted sum; "dino_adv" / "pickscore_adv" are learned adversarially, others fixed
     reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})  # {name: weight or {'weight': w,
                                                                      # setting: value}}, e.g. "{'dino_adv':
@@ -147,16 +161,16 @@ AT_LEAST_1 = ("num_steps", "prompts_per_epoch", "sample_batch_size", "train_batc
               "epochs", "save_every", "keep_last", "ema_every", "d_times", "d_steps", "max_bad_updates",
               "eval_num_steps", "eval_n_per_prompt", "dino_image_size", "resolution", "max_sequence_length",
               "lora_alpha")
-POSITIVE = ("lr", "d_lr", "pickscore_lr", "max_grad_norm", "clip_range", "adv_clip")
+POSITIVE = ("lr", "d_lr", "pickscore_lr", "max_grad_norm", "clip_range", "adv_clip", "nft_beta")
 NON_NEGATIVE = ("lora_rank", "weight_decay", "beta_kl", "d_warmup", "eval_every", "eval_max_prompts",
-                "pickscore_train_last_k")
-UNIT_INTERVAL = ("noise_level", "ema_decay")
+                "pickscore_train_last_k", "nft_eta_rate")
+UNIT_INTERVAL = ("noise_level", "ema_decay", "nft_t_fraction")
 
 
 def check_ranges(cfg):
     """One line naming the first key whose value is out of its range (or not finite); None if all are fine."""
     for key in (AT_LEAST_1 + POSITIVE + NON_NEGATIVE + UNIT_INTERVAL
-                + ("guidance_scale", "eval_guidance_scale")):
+                + ("guidance_scale", "eval_guidance_scale", "nft_eta_max")):
         v = getattr(cfg, key)
         if v is None:
             continue
@@ -165,8 +179,12 @@ def check_ranges(cfg):
         if key in AT_LEAST_1 and v < 1 or key in POSITIVE and v <= 0 or key in NON_NEGATIVE and v < 0:
             return (f"{key} must be "
                     f"{'≥ 1' if key in AT_LEAST_1 else '> 0' if key in POSITIVE else '≥ 0'}, got {v}")
+        if key == "nft_eta_max" and not 0 <= v < 1:  # η = 1 would freeze the old model for good
+            return f"nft_eta_max must be in [0, 1), got {v}"
         if key in UNIT_INTERVAL and not 0 <= v <= 1:
             return f"{key} must be in [0, 1], got {v}"
+        if key == "nft_t_fraction" and v == 0:
+            return "nft_t_fraction must be in (0, 1]: 0 trains on no time at all"
         if key.endswith("guidance_scale") and v < 1:
             return f"{key} must be ≥ 1 (1 = no classifier-free guidance), got {v}"
     f = resolution_multiple(cfg.pretrained)
@@ -178,13 +196,19 @@ def check_ranges(cfg):
     return None
 
 
+def timesteps_per_image(cfg):
+    """objective = "nft": how many of the N grid times each image is trained on, int(nft_t_fraction·N) ≥ 1."""
+    return max(1, int(cfg.nft_t_fraction * cfg.num_steps))
+
+
 def validate(cfg, world):
     """Ranges, batch arithmetic and choices that would otherwise fail deep inside (or train on garbage)."""
     bad = check_ranges(cfg)
     if bad:
         raise SystemExit(f"config error: {bad}")
     n_global = cfg.prompts_per_epoch * cfg.group_size
-    ws = cfg.window_start
+    ws, nft = cfg.window_start, cfg.objective == "nft"
+    per_image = timesteps_per_image(cfg) if nft else cfg.window_size  # training passes per image
     checks = [
         (n_global % world == 0, f"prompts_per_epoch × group_size = {n_global} images must split evenly over "
                                 f"{world} ranks"),
@@ -194,9 +218,15 @@ def validate(cfg, world):
         ((n_global // world) % cfg.train_batch_size == 0, f"images per rank ({n_global // world}) must be a "
                                                           f"multiple of train_batch_size "
                                                           f"({cfg.train_batch_size})"),
-        ((n_global // world // cfg.train_batch_size * cfg.window_size) % cfg.updates_per_epoch == 0,
+        ((n_global // world // cfg.train_batch_size * per_image) % cfg.updates_per_epoch == 0,
          f"backward passes per epoch ({n_global // world // cfg.train_batch_size} batches × "
-         f"{cfg.window_size} steps) must be a multiple of updates_per_epoch ({cfg.updates_per_epoch})"),
+         f"{per_image} {'times' if nft else 'steps'}) must be a multiple of updates_per_epoch "
+         f"({cfg.updates_per_epoch})"),
+        (cfg.objective in ("grpo", "nft"), f"objective must be 'grpo' or 'nft', got {cfg.objective!r}"),
+        (not nft or ws == "0", "window_start is GRPO's SDE window; objective = 'nft' samples the whole ODE "
+                               "(leave window_start at '0')"),
+        (not nft or cfg.sde_kind == "cps", "sde_kind is GRPO's stochastic step; objective = 'nft' samples "
+                                           "with the ODE (leave sde_kind at 'cps')"),
         (cfg.sde_kind in SDE_DEFAULTS, f"sde_kind must be one of {sorted(SDE_DEFAULTS)} for training "
                                        f"(\"ode\" has no noise, hence no log-probability to train on), "
                                        f"got {cfg.sde_kind!r}"),

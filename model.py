@@ -126,9 +126,7 @@ def random_pipeline(arch="tiny", t5=False, seed=0, device="cpu", dtype=torch.flo
         old = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            parts = dict(
-                transformer=SD3Transformer2DModel(**a["transformer"]),
-                vae=AutoencoderKL(**a["vae"]),
+            parts = dict(transformer=SD3Transformer2DModel(**a["transformer"]), vae=AutoencoderKL(**a["vae"]),
                 text_encoder=clip(a["clip_l"]), text_encoder_2=clip(a["clip_g"]),
                 text_encoder_3=(T5EncoderModel(T5Config(**a["t5"], pad_token_id=eos, eos_token_id=eos))
                                 if t5 else None),

@@ -309,8 +309,7 @@ def make_backbone(name, image_size=518, weights="", timm_kwargs=None):
 def make_features(cfg, device):
     """φ of the config on `device`; in bf16 when the run is (the heads on top stay float32)."""
     phi = DinoFeatures(make_backbone(cfg.dino_backbone, cfg.dino_image_size, cfg.dino_weights,
-                                     cfg.dino_kwargs),
-                       cfg.dino_image_size).to(device)
+                                     cfg.dino_kwargs), cfg.dino_image_size).to(device)
     if cfg.mixed_precision == "bf16":
         phi.backbone.to(torch.bfloat16)
     return phi
@@ -328,8 +327,7 @@ def load_clip(model, processor):
                              num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id),
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=2, image_size=32, patch_size=8),
-            projection_dim=16)
+                               num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
         return transformers.CLIPModel(cfg), tok
 
 

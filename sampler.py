@@ -136,7 +136,7 @@ def rollout(velocity_fn, noise, sigmas, noise_level=0.8, kind="cps", window_star
       images     (B, 3, H, W)      decode_fn(latents) in [0, 1], when decode_fn is given
       x, x_next  (B, K, C, h, w)   the window's latents before / after each trained step
       step_idx   (K,)              their indices into sigmas
-      log_probs  (B, K)            the old log-probs of the trained steps
+      log_probs  (B, K)            the old log-probs of the trained steps ((B, 0) without a window)
     Outside the window steps are plain Euler (ODE); with window_size = 0 the whole run is ODE.
     The window's noise is drawn from `generator`, or taken from `step_noise` (B, K, C, h, w) when given
     (train.py draws it per image so a sample does not depend on its batch-mates or the world size)."""
@@ -153,9 +153,10 @@ def rollout(velocity_fn, noise, sigmas, noise_level=0.8, kind="cps", window_star
         if i in trained:
             xs.append(x), xs_next.append(x_next), logps.append(lp)
         x = x_next
-    out = dict(latents=x, step_idx=torch.tensor(trained, dtype=torch.long))
+    out = dict(latents=x, step_idx=torch.tensor(trained, dtype=torch.long),
+               log_probs=torch.stack(logps, 1) if trained else x.new_zeros(x.shape[0], 0))  # (B, K)
     if trained:
-        out.update(x=torch.stack(xs, 1), x_next=torch.stack(xs_next, 1), log_probs=torch.stack(logps, 1))
+        out.update(x=torch.stack(xs, 1), x_next=torch.stack(xs_next, 1))
     if decode_fn is not None:
         out["images"] = decode_fn(x)
     return out

@@ -14,7 +14,7 @@ Each epoch (the loop in `train`, one line a step):
   4. schedule  who trains this epoch: the adversary (D), the generator (G), or both
   5. D update  the adversary's steps (DINO: hinge loss, references = real, generations = fake) on the
                inputs computed in 2
-  6. G update  clipped GRPO on the log-probs of the window's transitions (LoRA)
+  6. G update  clipped GRPO on the log-probs of the window's transitions (LoRA); nft: DiffusionNFT (nft.py)
   7. log
   8. checkpoint
 
@@ -48,6 +48,7 @@ import checkpoint as C
 import data
 import eval as E
 import model as M
+import nft
 import reward as R
 import sampler as S
 from configurator import Config, parse_args, validate
@@ -86,8 +87,7 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip):
     ratio = torch.exp(log_prob - old_log_prob)
     loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
     info = dict(clipfrac=((ratio - 1).abs() > clip_range).float().mean().item(),
-                approx_kl=0.5 * ((log_prob - old_log_prob) ** 2).mean().item(),
-                ratio=ratio.mean().item())
+                approx_kl=0.5 * ((log_prob - old_log_prob) ** 2).mean().item(), ratio=ratio.mean().item())
     return loss, info
 
 
@@ -182,20 +182,21 @@ def per_image_noise(cfg, epoch, indices, shape, window_size):
 @torch.no_grad()
 def sample_epoch(cfg, epoch, gen, prompts, global_indices, window_start, progress=True):
     """Roll out every image of this rank (prompts[i] is image global_indices[i]). Returns per-image tensors:
-    images (n, 3, H, W); x, x_next (n, K, C, h, w) the window's transitions; log_probs (n, K) the sampler's;
-    emb, pool the prompt embeddings; step_idx (K,)."""
-    out, bs = [], cfg.sample_batch_size
+    images (n, 3, H, W); latents (n, C, h, w); x, x_next (n, K, C, h, w) the window's transitions (GRPO);
+    log_probs (n, K) the sampler's (K = 0 under nft); emb, pool the prompt embeddings; step_idx (K,)."""
+    out, bs, window_size = [], cfg.sample_batch_size, 0 if cfg.objective == "nft" else cfg.window_size
     for b in tqdm(range(0, len(prompts), bs), desc=f"epoch {epoch} sampling", leave=False,
                   disable=not progress):
         p, idx = prompts[b:b + bs], global_indices[b:b + bs]
         emb, pool = gen.encode(p)
-        noise, step_noise = per_image_noise(cfg, epoch, idx, gen.latent_shape(), cfg.window_size)
+        noise, step_noise = per_image_noise(cfg, epoch, idx, gen.latent_shape(), window_size)
         vel = S.make_velocity_fn(gen.sample_model, emb, pool, *gen.encode([""]), cfg.guidance_scale,
                                  gen.autocast)
-        r = S.rollout(vel, noise.to(gen.device), gen.sigmas, cfg.noise_level, cfg.sde_kind, window_start,
-                      cfg.window_size, step_noise=step_noise.to(gen.device), decode_fn=gen.decode)
-        out.append(dict(images=r["images"], x=r["x"], x_next=r["x_next"], log_probs=r["log_probs"], emb=emb,
-                        pool=pool))
+        with nft.sampling_policy(gen):  # nft: its old model, all steps ODE; GRPO: the current weights
+            r = S.rollout(vel, noise.to(gen.device), gen.sigmas, cfg.noise_level, cfg.sde_kind, window_start,
+                          window_size, step_noise=step_noise.to(gen.device), decode_fn=gen.decode)
+        out.append(dict(images=r["images"], latents=r["latents"], emb=emb, pool=pool,
+                        **{k: r[k] for k in ("x", "x_next", "log_probs") if k in r}))
     batch = {k: torch.cat([o[k] for o in out]) for k in out[0]}
     batch["step_idx"] = r["step_idx"]
     return batch
@@ -263,6 +264,8 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
     For each micro-batch of images and each trained step j, recompute the log-prob of the stored
     transition x_j → x_{j+1} under the current weights (same CFG as sampling), accumulate gradients
     (DDP all-reduces only on the last micro-step before an optimizer step), clip, step, EMA."""
+    if cfg.objective == "nft":  # DiffusionNFT instead: flow matching on the clean latents (nft.py)
+        return nft.train_generator(cfg, epoch, gen, batch, advantages, counters, count_update, rank, progress)
     model, params, opt = gen.train_model, gen.params, gen.opt
     passes = training_passes(cfg, epoch, rank, len(advantages), gen.device)
     accum = len(passes) // cfg.updates_per_epoch
@@ -447,6 +450,7 @@ def train(cfg):
     prompts, test_prompts, references, resume_from = check_inputs(cfg, world, master)
     torch.manual_seed(cfg.seed)
     gen = M.build_generator(cfg, device, world)
+    gen.old = nft.OldPolicy(gen.params) if cfg.objective == "nft" else None  # DiffusionNFT's θ_old
     # the DINO φ, built once when a reward names it: shared by the rewards, the discriminator, the evaluation
     phi = R.make_features(cfg, device) if "phi" in R.needs(cfg.reward) else None
     adversary = R.build_adversary(cfg, device, gen.transformer.config.pooled_projection_dim, phi)

@@ -1,0 +1,228 @@
+"""
+nft.py — DiffusionNFT (Zheng et al., arXiv 2509.16117; code NVlabs/DiffusionNFT): the generator update of
+`objective = "nft"`, a forward-process optimizer beside GRPO. The samples, the rewards, the discriminator
+and its step are the GRPO path's, unchanged; only what the generator learns from the scores differs.
+
+GRPO needs the log-probs of a stochastic reverse step. DiffusionNFT needs only clean images x0 (any
+sampler: here the Euler ODE of all num_steps) and a score per image. It trains the velocity on the
+*forward* process, contrasting an implicit positive and an implicit negative policy built from the
+trained model v_θ and a slowly moving old model v_old:
+
+  optimality   r = ½ + ½·clip(A / adv_clip, -1, 1) ∈ [0, 1],  A = (R - mean_prompt R) / (std R + 1e-4)
+               (train.compute_advantages, the std over all rewards: global_std = True as published; the
+               code clips A to ±5 and divides by 5: the paper's Z is 5 std)
+  noising      x_t = (1 - t)·x0 + t·ε,  ε ~ N(0, I),  target v = ε - x0
+  implicit     v⁺ = (1 - β)·v_old + β·v_θ         (the policy that makes the positives more likely)
+               v⁻ = (1 + β)·v_old - β·v_θ         (its mirror image about v_old)
+  loss         L = r·‖v⁺ - v‖² + (1 - r)·‖v⁻ - v‖²  per image, v_old detached
+  old model    θ_old ← η·θ_old + (1 - η)·θ  after each generator update, η = min(eta_rate·s, eta_max),
+               s = optimizer steps so far; the images are sampled by the *old* model
+
+Checks the tests make: with r ≡ ½, L = ‖v_old - v‖² + β²‖v_θ - v_old‖², minimal (zero gradient) at
+v_θ = v_old: a reward without preference changes nothing. With r ≡ 1, L is flow matching of v⁺ on the
+samples. The gradient moves v_θ toward the targets of positives (r > ½) and away from those of negatives.
+
+What the published code does on top, and we do too (defaults from its config/nft.py and config/base.py):
+  - adaptive weighting: in x0 space, x̂0 = x_t - t·v⁺ (so x̂0 - x0 = t·(v - v⁺)), each branch's
+    per-image mean squared error divided by its own detached mean absolute error (float64, ≥ 1e-5):
+    ‖x̂0⁺ - x0‖² / mean|x̂0⁺ - x0|, likewise for v⁻. `nft_adaptive = False` gives the paper's plain L.
+  - the loss is scaled by adv_clip / β (5 / β); gradients are clipped to max_grad_norm (1.0) after it.
+  - timesteps: the sampler's own grid σ_0..σ_{N-1} (shifted, σ_0 = 1); each image is trained on a random
+    int(0.99·N) of them (`nft_t_fraction`), without repetition, each with fresh noise ε; all of an epoch's
+    passes accumulate into `updates_per_epoch` optimizer steps (published: 1 an epoch, 2 for OCR).
+  - β = 1 (`nft_beta`; 0.1 in its OCR and multi-reward recipes); η = min(0.001·s, 0.5) (its decay_type 1;
+    its OCR recipe's flat-then-steeper schedule is not offered); CFG off when sampling (guidance 1) and
+    in the loss (the conditional velocity is trained); lr 3e-4, AdamW weight decay 1e-4, LoRA r32/α64;
+    KL to the frozen base 1e-4·mean‖v_θ - v_ref‖² (our `beta_kl`; it costs a third forward per pass).
+  - evaluation uses the EMA of θ (decay 0.9 after every optimizer step: the preset's ema_every = 1), not
+    θ_old.
+
+Where we depart from the published code: the Euler ODE sampler instead of its 2nd-order DPM-Solver (any
+solver is allowed by the method); 10 sampling steps in the preset as published, but evaluation with our
+eval_* keys; `guidance_scale` > 1 is allowed at sampling (the shapes world's weak base needs CFG 3 to draw
+the right shapes at all, config/tiny.py) — the loss still trains the conditional velocity, so the model is
+then pulled toward its own guided, well-scored samples: a CFG-distilling variant the paper does not test.
+The old model is a float32 shadow of the trainable tensors swapped in for its forwards (for a LoRA: the
+LoRA tensors only; full fine-tuning pays a full copy), instead of a second peft adapter: one code path for
+LoRA and full fine-tuning, compile and DDP see the same modules. The per-group std option (global_std =
+False) is ours to choose, as for GRPO.
+"""
+
+import contextlib
+
+import numpy as np
+import torch
+
+import model as M
+from configurator import timesteps_per_image
+import sampler as S
+
+
+# -----------------------------------------------------------------------------------------------
+# The maths: small pure functions (tests/test_nft.py)
+
+def optimality(advantages, adv_clip):
+    """r = ½ + ½·clip(A / adv_clip, -1, 1): the probability that an image is 'good', in [0, 1]."""
+    return 0.5 + 0.5 * (advantages / adv_clip).clamp(-1, 1)
+
+
+def implicit_velocities(v_theta, v_old, beta):
+    """(v⁺, v⁻) = ((1-β)·v_old + β·v_θ, (1+β)·v_old - β·v_θ): v_old is a constant (detached)."""
+    v_old = v_old.detach()
+    return (1 - beta) * v_old + beta * v_theta, (1 + beta) * v_old - beta * v_theta
+
+
+def forward_noise(x0, noise, t):
+    """x_t = (1 - t)·x0 + t·ε for per-image times t (B,): the rectified-flow forward process."""
+    t = t.reshape(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * noise                                               # (B, C, h, w)
+
+
+def nft_loss(v_theta, v_old, x0, noise, t, r, beta, adaptive=True):
+    """Per-image loss (B,): r·‖v⁺ - v‖² + (1-r)·‖v⁻ - v‖² (means over pixels), v = ε - x0.
+
+    adaptive: each branch in x0 space, ‖x̂0 - x0‖² / mean|x̂0 - x0| (detached), x̂0 = x_t - t·v±, as the
+    published code weights it (the weight makes every image and time contribute a comparable gradient)."""
+    v_pos, v_neg = implicit_velocities(v_theta, v_old, beta)
+    dims = tuple(range(1, x0.dim()))
+    if not adaptive:
+        v = noise - x0
+        return r * ((v_pos - v) ** 2).mean(dims) + (1 - r) * ((v_neg - v) ** 2).mean(dims)
+    x_t, tb = forward_noise(x0, noise, t), t.reshape(-1, *([1] * (x0.dim() - 1)))
+
+    def branch(v_branch):
+        err = x_t - tb * v_branch - x0                                              # x̂0 - x0 (B, C, h, w)
+        with torch.no_grad():
+            w = err.double().abs().mean(dims).clamp(min=1e-5).float()              # (B,)
+        return (err ** 2).mean(dims) / w
+
+    return r * branch(v_pos) + (1 - r) * branch(v_neg)
+
+
+def eta_at(step, rate, eta_max):
+    """The old model's decay after `step` optimizer steps: min(rate·step, eta_max) (0: θ_old = θ)."""
+    return min(rate * step, eta_max)
+
+
+class OldPolicy:
+    """θ_old: a float32 shadow of the trainable tensors (for a LoRA only the LoRA tensors). `applied`
+    swaps it into the model in place and back (exact: copies, no arithmetic), so sampling and the v_old
+    forward run the very modules θ runs (compiled, DDP-wrapped or not)."""
+
+    def __init__(self, params: dict):
+        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict, eta: float):
+        for n, p in params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1 - eta)          # θ_old = η·θ_old + (1-η)·θ
+
+    @torch.no_grad()
+    def _swap(self, params):
+        for n, p in params.items():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[n])
+            self.shadow[n].copy_(tmp)
+
+    @contextlib.contextmanager
+    def applied(self, params: dict):
+        self._swap(params)
+        try:
+            yield
+        finally:
+            self._swap(params)
+
+    def state_dict(self):
+        return dict(self.shadow)
+
+    def load_state_dict(self, sd):
+        for n in self.shadow:
+            self.shadow[n].copy_(sd[n])
+
+
+def sampling_policy(gen):
+    """What samples an epoch: the old model under nft, the current weights under GRPO (gen.old None)."""
+    return gen.old.applied(gen.params) if getattr(gen, "old", None) else contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------------------------
+# The update: one epoch's passes, as train.train_generator does for GRPO
+
+def training_passes(cfg, n, device, seed):
+    """[(micro-batch of image indices, time index per image (B,))] of one epoch: images in a permuted
+    order, each image on its own random subset of the grid's times; drawn from `seed` alone."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    times = torch.stack([torch.randperm(cfg.num_steps, generator=g) for _ in range(n)])     # (n, N)
+    micro = [order[i:i + cfg.train_batch_size] for i in range(0, n, cfg.train_batch_size)]
+    return [(mb.to(device), times[mb, j].to(device)) for mb in micro for j in range(timesteps_per_image(cfg))]
+
+
+def no_sync(model):
+    """DDP's no_sync (gradients accumulate locally) when `model` is DDP-wrapped, else nothing."""
+    inner = getattr(model, "_orig_mod", model)
+    return model.no_sync() if isinstance(inner, torch.nn.parallel.DistributedDataParallel) \
+        else contextlib.nullcontext()
+
+
+def velocity(model, gen, batch, mb, x_t, t):
+    """The conditional velocity (no CFG: DiffusionNFT trains it alone) of images `mb` at x_t, times t."""
+    return S.make_velocity_fn(model, batch["emb"][mb], batch["pool"][mb], autocast_dtype=gen.autocast)(x_t, t)
+
+
+def train_generator(cfg, epoch, gen, batch, advantages, counters, count_update, rank=0, progress=True):
+    """One epoch of DiffusionNFT on this rank's clean latents, `updates_per_epoch` optimizer steps, then
+    the old model's soft update. Every optimizer step is told to count_update(cfg, counters, ok, master,
+    msg) (train.count_update: a non-finite one is skipped, max_bad_updates in a row stop the run).
+    Returns info to log."""
+    from tqdm.auto import tqdm
+    model, params, opt = gen.train_model, gen.params, gen.opt
+    seed = int(np.random.SeedSequence([cfg.seed, epoch, rank, 4]).generate_state(2, np.uint64)[0] >> 1)
+    passes = training_passes(cfg, len(advantages), gen.device, seed)
+    noise_gen = torch.Generator().manual_seed(seed + 1)                 # ε of each pass, on the CPU
+    accum, sigmas = len(passes) // cfg.updates_per_epoch, gen.sigmas
+    r = optimality(advantages.float(), cfg.adv_clip)                                     # (n,)
+    scale = cfg.adv_clip / cfg.nft_beta                                   # the published loss scale
+    stats, bad = [], 0
+    model.train()
+    for k, (mb, ti) in enumerate(tqdm(passes, desc=f"epoch {epoch} training", leave=False,
+                                      disable=not progress)):
+        x0 = batch["latents"][mb].float()                                               # (B, C, h, w)
+        eps = torch.randn(x0.shape, generator=noise_gen).to(x0.device)
+        t = sigmas[ti]                                                                   # (B,)
+        x_t = forward_noise(x0, eps, t)
+        with torch.no_grad(), gen.old.applied(params):
+            v_old = velocity(gen.sample_model, gen, batch, mb, x_t, t)
+        sync = (k + 1) % accum == 0
+        with contextlib.nullcontext() if sync else no_sync(model):
+            v_theta = velocity(model, gen, batch, mb, x_t, t)
+            per_image = nft_loss(v_theta, v_old, x0, eps, t, r[mb], cfg.nft_beta, cfg.nft_adaptive)
+            loss = scale * per_image.mean()
+            info = dict(nft_r=r[mb].mean().item(), old_deviation=((v_theta - v_old) ** 2).mean().item())
+            if cfg.beta_kl > 0:
+                with torch.no_grad(), M.adapters_disabled(gen.transformer):
+                    v_ref = velocity(gen.transformer, gen, batch, mb, x_t, t)
+                kl = ((v_theta - v_ref) ** 2).mean()
+                loss = loss + cfg.beta_kl * kl
+                info["kl"] = kl.item()
+            (loss / accum).backward()
+        info["loss"] = loss.item()
+        stats.append(info)
+        if sync:
+            # the norm is computed on all-reduced gradients, so every rank takes the same decision
+            gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            ok = bool(torch.isfinite(gnorm))
+            if ok:
+                opt.step()
+                counters["g_steps"] += 1
+                gen.ema.update(params, counters["g_steps"])
+            bad += not ok
+            count_update(cfg, counters, ok, rank == 0,
+                         f"epoch {epoch}: non-finite gradient norm, step skipped")
+            opt.zero_grad(set_to_none=True)
+    model.eval()
+    eta = eta_at(counters["g_steps"], cfg.nft_eta_rate, cfg.nft_eta_max)
+    gen.old.update(params, eta)                                           # θ_old ← η·θ_old + (1-η)·θ
+    out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
+    out.update(skipped_updates=bad, nft_eta=eta)
+    return out
