@@ -170,13 +170,12 @@ def velocity(model, gen, batch, mb, x_t, t):
     return S.make_velocity_fn(model, batch["emb"][mb], batch["pool"][mb], autocast_dtype=gen.autocast)(x_t, t)
 
 
-def train_generator(cfg, epoch, gen, batch, advantages, counters, count_update, rank=0, progress=True):
+def train_generator(cfg, epoch, gen, batch, advantages, counters, optimizer_step, rank=0, progress=True):
     """One epoch of DiffusionNFT on this rank's clean latents, `updates_per_epoch` optimizer steps, then
-    the old model's soft update. Every optimizer step is told to count_update(cfg, counters, ok, master,
-    msg) (train.count_update: a non-finite one is skipped, max_bad_updates in a row stop the run).
-    Returns info to log."""
+    the old model's soft update. Each optimizer step is train.optimizer_step (passed in: clip, step, EMA,
+    a non-finite one skipped and counted), the same as GRPO's. Returns info to log."""
     from tqdm.auto import tqdm
-    model, params, opt = gen.train_model, gen.params, gen.opt
+    model, params = gen.train_model, gen.params
     seed = int(np.random.SeedSequence([cfg.seed, epoch, rank, 4]).generate_state(2, np.uint64)[0] >> 1)
     passes = training_passes(cfg, len(advantages), gen.device, seed)
     noise_gen = torch.Generator().manual_seed(seed + 1)                 # ε of each pass, on the CPU
@@ -209,17 +208,7 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, count_update, 
         info["loss"] = loss.item()
         stats.append(info)
         if sync:
-            # the norm is computed on all-reduced gradients, so every rank takes the same decision
-            gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-            ok = bool(torch.isfinite(gnorm))
-            if ok:
-                opt.step()
-                counters["g_steps"] += 1
-                gen.ema.update(params, counters["g_steps"])
-            bad += not ok
-            count_update(cfg, counters, ok, rank == 0,
-                         f"epoch {epoch}: non-finite gradient norm, step skipped")
-            opt.zero_grad(set_to_none=True)
+            bad += not optimizer_step(cfg, epoch, gen, counters, rank)
     model.eval()
     eta = eta_at(counters["g_steps"], cfg.nft_eta_rate, cfg.nft_eta_max)
     gen.old.update(params, eta)                                           # θ_old ← η·θ_old + (1-η)·θ

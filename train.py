@@ -265,8 +265,8 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
     transition x_j → x_{j+1} under the current weights (same CFG as sampling), accumulate gradients
     (DDP all-reduces only on the last micro-step before an optimizer step), clip, step, EMA."""
     if cfg.objective == "nft":  # DiffusionNFT instead: flow matching on the clean latents (nft.py)
-        return nft.train_generator(cfg, epoch, gen, batch, advantages, counters, count_update, rank, progress)
-    model, params, opt = gen.train_model, gen.params, gen.opt
+        return nft.train_generator(cfg, epoch, gen, batch, advantages, counters, optimizer_step, rank, progress)
+    model = gen.train_model
     passes = training_passes(cfg, epoch, rank, len(advantages), gen.device)
     accum = len(passes) // cfg.updates_per_epoch
     stats, bad = [], 0
@@ -297,22 +297,26 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
         info["loss"] = loss.item()
         stats.append(info)
         if sync:
-            # The norm is computed on all-reduced gradients, so every rank takes the same decision.
-            gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-            ok = bool(torch.isfinite(gnorm))
-            if ok:
-                opt.step()
-                counters["g_steps"] += 1
-                gen.ema.update(params, counters["g_steps"])
-            bad += not ok
-            count_update(cfg, counters, ok, rank == 0,
-                         f"epoch {epoch}: non-finite gradient norm, step skipped")
-            opt.zero_grad(set_to_none=True)
+            bad += not optimizer_step(cfg, epoch, gen, counters, rank)
     model.eval()
     out = {k: float((np.max if k == "sampler_logp_gap" else np.mean)([s[k] for s in stats]))
            for k in stats[0]}
     out["skipped_updates"] = bad
     return out
+
+
+def optimizer_step(cfg, epoch, gen, counters, rank=0):
+    """One generator step on the accumulated gradients: clip (the norm of all-reduced gradients, so every
+    rank decides alike), step, EMA; a non-finite norm skips the step (count_update). True if taken."""
+    gnorm = torch.nn.utils.clip_grad_norm_(list(gen.params.values()), cfg.max_grad_norm)
+    ok = bool(torch.isfinite(gnorm))
+    if ok:
+        gen.opt.step()
+        counters["g_steps"] += 1
+        gen.ema.update(gen.params, counters["g_steps"])
+    count_update(cfg, counters, ok, rank == 0, f"epoch {epoch}: non-finite gradient norm, step skipped")
+    gen.opt.zero_grad(set_to_none=True)
+    return ok
 
 
 def count_update(cfg, counters, ok, master, msg):

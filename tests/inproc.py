@@ -33,3 +33,15 @@ def run_main(script, argv, ok=True):
     p = types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
     assert (code == 0) == ok, p.stdout[-2000:] + p.stderr[-3000:]
     return p
+
+
+def two_gloo_ranks(worker, out_dir):
+    """Run worker(rank, 2, port, out_dir) in 2 processes joined by a gloo group on a free local port; the
+    workers save rank{0,1}.pt in out_dir, returned loaded."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, str(out_dir)), nprocs=2, join=True)
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt")) for r in range(2)]

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 import model as M
 import nft
 import train as T
-from inproc import run_main
+from inproc import run_main, two_gloo_ranks
 from test_train import ADV_PRESET, PRESET, tiny_cfg
 
 SHAPE = (3, 4, 5, 5)  # (B, C, h, w)
@@ -105,7 +105,7 @@ def test_one_update_trains_the_lora_and_the_old_model_is_the_eta_mix():
     assert batch["latents"].shape == (8, *gen.latent_shape()) and batch["log_probs"].shape == (8, 0)
     adv = torch.tensor([3.0, -3.0, 1.0, -1.0] * 2)
     counters = dict(g_steps=0, bad_updates=0)
-    info = nft.train_generator(cfg, 0, gen, batch, adv, counters, T.count_update, progress=False)
+    info = nft.train_generator(cfg, 0, gen, batch, adv, counters, T.optimizer_step, progress=False)
     assert counters["g_steps"] == 1 and info["nft_eta"] == pytest.approx(0.2) and info["skipped_updates"] == 0
     after = {k: p.detach().clone() for k, p in gen.params.items()}
     assert any(not torch.equal(before[k], after[k]) for k in after)            # θ moved
@@ -171,13 +171,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 
 def test_two_process_gloo_keeps_theta_and_the_old_model_identical(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    w0, w1 = two_gloo_ranks(_ddp_worker, tmp_path)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     init = M.build_generator(tiny_cfg(ADV_PRESET), torch.device("cpu")).params
     assert any(not torch.equal(w0[k], init[k]) for k in init)                       # θ trained

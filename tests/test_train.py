@@ -14,6 +14,7 @@ import data
 import model as M
 import reward as R
 import train as T
+from inproc import two_gloo_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(ROOT, "config", "tiny_random.py")
@@ -199,13 +200,7 @@ def _ddp_worker(rank, world, port, out_dir):
 def test_two_process_gloo_keeps_generator_and_discriminator_identical(tmp_path):
     """Each rank generates different images and sees different references, yet after 3 epochs of
     G + D steps both ranks hold bit-identical LoRA and discriminator-head weights."""
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    w0, w1 = two_gloo_ranks(_ddp_worker, tmp_path)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     cfg = tiny_cfg(ADV_PRESET)
     init = M.build_generator(cfg, torch.device("cpu")).params
