@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 	touch $@
 
 # The shapes-world demo: Adv-GRPO and the same discriminator frozen after its warm-up (a fixed learned
-# reward), from the same early base, side by side on two cores (the frozen run logs to its folder), then
+# reward), from the same flawed base, side by side on two cores (the frozen run logs to its folder), then
 # one before → after table of both.
 demo: .venv/.installed
 	mkdir -p out/demo

@@ -1,11 +1,13 @@
 # The shapes world (tinyworld.py): Adv-GRPO on a laptop CPU through the same code path as SD3.5.
 #   python train.py config/tiny.py          (make demo runs it beside config/tiny_frozen.py)
-# The quality setting, the paper's main claim: an early, imperfect base (600 flow-matching steps: colours
-# and positions right, shapes blobby or fragmented, held-out toy GenEval ≈ 0.5) and references from a
-# "stronger model" (the renderer itself, same light style). The adversarial reward — a discriminator on
-# the frozen tiny ViT that stands in for DINOv2 — should pull the generations toward the references:
-# FD-DINO down, held-out toy GenEval up (no training reward sees it). See README "Results".
-pretrained = "assets/tinyworld/pipeline_early"
+# The quality setting, the paper's main claim: a flawed base (the main base fine-tuned on renders of which
+# 60 % carry 1-2 stray specks: held-out toy GenEval 0.28, the specks read as extra objects) and references
+# from a "stronger model" (the clean renderer, same light style). The adversarial reward — a discriminator
+# on the frozen tiny ViT that stands in for DINOv2 — pulls the generations toward the references: FD-DINO
+# down, held-out toy GenEval up (no training reward sees it). docs/RESULTS.md has the numbers;
+# --pretrained=assets/tinyworld/pipeline_early is the control whose errors (squares drawn as circles) a
+# prompt-blind discriminator cannot see.
+pretrained = "assets/tinyworld/pipeline_flawed"
 t5 = False
 # max_sequence_length (1: one zero token in T5's slot) comes from the pipeline folder's sample_settings.json
 resolution = 32
