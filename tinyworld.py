@@ -17,12 +17,12 @@ Leaves out
   identity and layout; size is there to make the world less trivially memorised.
 - The one-off builder of the committed assets (models, prompts, references): assets/tinyworld/build.py.
 
-Departs from GenEval (and from an earlier prototype of this world)
+Departs from GenEval
 - GenEval detects objects with a Mask2Former and judges colour with CLIP; here every image is a flat
   background plus flat shapes, so exact pixel rules replace both and the score has no model error.
-- The prototype judged shape by bounding-box corners. At 32 px a small triangle is ~6 px wide and the
-  bounding box quantises to whole pixels, so we use angular moments of the anti-aliased mask instead:
-  a triangle has a 3-fold harmonic, a square a 4-fold one, a circle neither (see `_shape_of`).
+- Shape is judged by angular moments of the anti-aliased mask, not by bounding-box corners: at 32 px a
+  small triangle is ~6 px wide and its bounding box quantises to whole pixels. A triangle has a 3-fold
+  harmonic, a square a 4-fold one, a circle neither (see `_shape_of`).
 """
 
 import itertools
