@@ -18,6 +18,7 @@ import ast
 import difflib
 import inspect
 import io
+import json
 import math
 import os
 import sys
@@ -384,7 +385,54 @@ def run_preset(path, _seen=()):
 
 
 def parse_args(argv):
-    """train.py's config: presets and overrides, then the defaults that depend on other keys."""
+    """train.py's config: presets and overrides (on --resume: the run's saved config and the overrides),
+    then the defaults that depend on other keys."""
     (cfg,) = parse(argv, Config, usage="usage: python train.py [preset.py ...] [--key=value ...]\n")
-    return resolve_defaults(cfg)
+    return resolve_defaults(resume_config(cfg, argv) if cfg.resume else cfg)
+
+
+# --resume: the run's own config.json is where it starts; the --key=value arguments are the only changes
+# (checkpoint.config_changes prints and checks them), and the presets on the command line only name the
+# run folder. These keys are this command's, never the saved run's; those re-derived when the key they
+# follow is given:
+THIS_COMMAND = ("out_dir", "resume", "overwrite", "allow_config_change")
+DERIVED = {"sde_kind": ("noise_level", "clip_range"), "pretrained": ("max_sequence_length",)}
+
+
+def resume_config(cfg, argv):
+    """The config of `--resume`: out_dir/config.json (if it is gone, the newest checkpoint's) with the keys
+    given as --key=value in `argv` on top. `cfg` (as parsed) when the folder holds no readable config:
+    train.py then says what is missing."""
+    root = os.path.join(cfg.out_dir, "checkpoints")
+    newest = sorted((n for n in os.listdir(root) if n.startswith("epoch_") and n[6:].isdigit()),
+                    reverse=True) if os.path.isdir(root) else []
+    for path in [os.path.join(cfg.out_dir, "config.json"), *(os.path.join(root, n, "config.json")
+                                                             for n in newest)]:
+        try:
+            saved = json.load(open(path))
+        except (OSError, ValueError):
+            continue
+        if isinstance(saved, dict):
+            break
+    else:
+        return cfg
+    hints = typing.get_type_hints(Config)
+    given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    out = Config()
+    for key, value in saved.items():
+        if key in hints:  # keys this version does not know are refused by checkpoint.config_changes
+            setattr(out, key, _coerce(hints[key], key, value, path))
+    for key in given.union(THIS_COMMAND):
+        setattr(out, key, getattr(cfg, key))
+    for key, derived in DERIVED.items():
+        for d in derived:
+            if key in given and d not in given:
+                setattr(out, d, None)
+    presets = {k for a in argv if a.endswith(".py") and not a.startswith("--") for k in run_preset(a)}
+    aside = [f"{k}={getattr(cfg, k)!r}" for k in hints if k in presets and k not in given
+             and k not in THIS_COMMAND and getattr(cfg, k) != getattr(out, k)]
+    if aside and os.environ.get("RANK", "0") == "0":
+        print(f"--resume: the run continues from {path}; its presets' {', '.join(aside)} are not applied "
+              "(give --key=value to change a key)", flush=True)
+    return out
 

@@ -184,7 +184,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = M.build_generator(cfg, device)
     try:
-        C.load_weights(gen, ckpt)
+        ckpt = C.load_weights(gen, ckpt)  # another one if a live run pruned it meanwhile
     except (KeyError, RuntimeError) as e:
         raise SystemExit(f"{ckpt}: its weights do not fit the model its config.json describes "
                          f"({type(e).__name__}: {str(e)[:160]})") from None

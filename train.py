@@ -33,7 +33,6 @@ is exact, and the training window may start at random (`window_start = "random"`
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import signal
 import sys
@@ -339,8 +338,7 @@ def count_update(cfg, counters, ok, master, msg):
 def announce(cfg, world, prompts, gen, resume_from, start):
     """What rank 0 says before the first epoch. The whole config goes to out_dir/config.json; stdout gets
     the keys that differ from the defaults (the paper's recipe) and the batch arithmetic."""
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    C.write_config(cfg)  # what --resume starts from
     default = dataclasses.asdict(parse_args([]))
     changed = [f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items() if v != default[k]]
     print(f"config ({cfg.out_dir}/config.json); differs from the paper's recipe in: "
@@ -378,8 +376,7 @@ def final_evaluation(cfg, evaluate, history, since_eval, counters, log):
     final = dict(epoch=cfg.epochs, **evaluate(cfg.epochs, history))
     if log is not None:
         monitor(history, since_eval, since_eval[-1][1] if since_eval else None, final)
-        log.write(json.dumps(final) + "\n")
-        log.flush()
+        log.write(final)
         E.report(cfg.out_dir, counters["g_steps"])
 
 
@@ -436,15 +433,8 @@ def check_inputs(cfg, world, master=True):
         raise SystemExit(f"reference images: {e}") from None
     if master:
         C.claim_out_dir(cfg)  # one run per folder; a used one is resumed or explicitly overwritten
-    resume_from = None
-    if cfg.resume:
-        resume_from = C.latest(cfg.out_dir, warn=print if master else lambda msg: None)
-        if resume_from is None:
-            raise SystemExit(f"--resume: no intact checkpoint in {cfg.out_dir}/checkpoints")
-        changes = C.config_changes(json.load(open(os.path.join(resume_from, "config.json"))), cfg,
-                                   cfg.allow_config_change)
-        if changes and master:
-            print("\n".join([f"--resume: changed since {resume_from}:", *changes]), flush=True)
+    # --resume: the newest intact checkpoint, the keys changed since it checked; a finished run exits 0
+    resume_from = C.resume_point(cfg, master) if cfg.resume else None
     return prompts, test_prompts, references, resume_from
 
 
@@ -467,9 +457,10 @@ def train(cfg):
     counters = dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0)
     start = C.load(resume_from, gen, adversary, counters, cfg) if resume_from else 0
     log, extra_log = None, None
-    if master:
+    if master:  # the external logger may refuse (log_to): before config.json and metrics.jsonl are written
+        extra_log = C.external_logger(cfg)
         announce(cfg, world, prompts, gen, resume_from, start)
-        log, extra_log = C.open_metrics(cfg.out_dir, start), C.external_logger(cfg)
+        log = C.open_metrics(cfg.out_dir, start)
     evaluate = functools.partial(E.evaluate, cfg, gen, phi, references, test_prompts, rank=rank)
     # SIGTERM (preemption): finish the epoch, save, exit 0. The flag is all-reduced so ranks agree.
     stop = torch.zeros(1, device=device)
@@ -516,8 +507,7 @@ def train(cfg):
             monitor(history, since_eval, version, stats)
         if master:
             print(epoch_line(stats), flush=True)
-            log.write(json.dumps(stats) + "\n")
-            log.flush()
+            log.write(stats)
             extra_log(stats, os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png") if ev else None)
         # 8. checkpoint
         if dist.is_initialized():
@@ -531,7 +521,7 @@ def train(cfg):
             if master:
                 print(f"SIGTERM: saved epoch_{epoch + 1:06d} ({epoch + 1} epochs done), exiting", flush=True)
             break
-    if start < cfg.epochs and not stop.item():
+    if not stop.item():  # after a SIGTERM in the last epoch (or a kill in here) --resume comes back here
         final_evaluation(cfg, evaluate, history, since_eval, counters, log)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -154,7 +154,8 @@ def test_resume_is_exact_and_checkpoints_hold_the_old_model(tmp_path):
     old, now = _weights(a, 3, "old.safetensors"), _weights(a, 3, "trainable.safetensors")
     assert old.keys() == now.keys() and any(not torch.equal(old[k], now[k]) for k in old)
     # another objective on --resume is another experiment
-    p = run_main("train.py", [ADV_PRESET, f"--out_dir={b}", "--epochs=4", "--resume"], ok=False)
+    p = run_main("train.py", [ADV_PRESET, f"--out_dir={b}", "--epochs=4", "--resume", "--objective=grpo"],
+                 ok=False)
     assert "objective" in p.stderr
 
 
