@@ -289,6 +289,12 @@ def read(path, device="cpu", state=True):
                    if not isinstance(s, dict) or not isinstance(s.get(k), kind)]:
             raise Damaged(f"state.pt lacks {bad[0]!r} (or it is not a {STATE[bad[0]].__name__})")
         w["state"] = s
+        try:
+            w["config"] = json.load(open(os.path.join(path, "config.json")))
+        except (OSError, ValueError) as e:
+            raise Damaged(f"config.json cannot be read ({e})") from None
+        if not isinstance(w["config"], dict):
+            raise Damaged("config.json is not a run's config (a JSON object)")
     for name, tree in w.items():
         if bad := nonfinite(tree):
             raise Damaged(f"{'state.pt' if name == 'state' else name + '.safetensors'} holds NaN or inf "
@@ -364,16 +370,14 @@ def resume_point(cfg, master=True):
     path = latest(cfg.out_dir, warn=say)
     if path is None:
         raise SystemExit(f"--resume: no intact checkpoint in {cfg.out_dir}/checkpoints")
-    saved = json.load(open(os.path.join(path, "config.json")))
-    if not isinstance(saved, dict):
-        raise SystemExit(f"--resume: {path}/config.json is not a run's config (a JSON object)")
-    changes = config_changes(saved, cfg, cfg.allow_config_change)
+    changes = config_changes(json.load(open(os.path.join(path, "config.json"))), cfg, cfg.allow_config_change)
     if changes:
         say("\n".join([f"--resume: changed since {path}:", *changes]))
     done = int(NAME.match(os.path.basename(path)).group(1))
     if done > cfg.epochs or done == cfg.epochs and finished(cfg):
-        say(f"--resume: {cfg.out_dir} is finished ({done} epochs done, epochs = {cfg.epochs}, final report "
-            f"written): nothing to do; give --epochs={done + 1} or more to train it further")
+        say(f"--resume: {cfg.out_dir} is finished ({done} epochs done, epochs = {cfg.epochs}"
+            f"{', final report written' if done == cfg.epochs else ''}): nothing to do; give "
+            f"--epochs={done + 1} or more to train it further")
         raise SystemExit(0)
     return path
 

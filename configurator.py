@@ -412,7 +412,7 @@ def resume_config(cfg, argv):
             saved = json.load(open(path))
         except (OSError, ValueError):
             continue
-        if isinstance(saved, dict):
+        if isinstance(saved, dict) and {"out_dir", "save_every", "keep_last"} <= set(saved):  # a run's
             break
     else:
         return cfg
