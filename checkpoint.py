@@ -222,7 +222,8 @@ def _manifest(path):
             isinstance(w, dict) and isinstance(w.get("bytes"), int) and isinstance(w.get("sha256"), str)
             for w in manifest.values()):
         return None, f"{MANIFEST} is not a map of file name → {{bytes, sha256}}"
-    if missing := [n for n in SAVED[:2] + ("state.pt", "config.json") if n not in manifest]:
+    if missing := [n for n in ("trainable.safetensors", "ema.safetensors", "state.pt", "config.json")
+                   if n not in manifest]:  # what every save writes
         return None, f"{MANIFEST} does not list {missing[0]}"
     if outside := [n for n in manifest if os.path.isabs(n) or os.path.normpath(n).startswith("..")]:
         return None, f"{MANIFEST} names a file outside the checkpoint ({outside[0]})"
