@@ -104,6 +104,10 @@ class Config:
     d_times: int = 10                 # paper schedule: G trains on epochs where (epoch+1) % d_times == 0
     d_steps: int = 1                  # D steps per D epoch, on the same samples
     d_lr: float = 1e-4                # Adam (0.5, 0.999) learning rate of the DINO discriminator head
+    d_hidden: int = 512               # width of the DINO head h = Linear(D, width) → GELU → Linear(width, 1)
+    d_patches: int = 64               # patch tokens drawn per image for the DINO head (all when fewer)
+    d_patch_loss: float = 0.3         # λ_p: weight of the patch tokens' hinge loss beside the CLS token's
+    d_cls_weight: float = 0.7         # DINO reward r = w·h(CLS) + (1 - w)·mean h(patch tokens); in [0, 1]
     d_conditional: bool = False       # beyond the paper: the D head also sees the prompt (projection term on
                                       # the pooled text embedding); references of other prompts count as fakes
     dino_backbone: str = "vit_base_patch14_dinov2.lvd142m"  # timm name, or "random:tiny" (tests)
@@ -119,7 +123,7 @@ class Config:
                                                        # (hub id, folder, random:tiny)
     # run
     epochs: int = 1000                # sampling rounds (each: D and/or G work, per the schedule)
-    seed: int = 0                     # every random stream derives from (seed, epoch, rank, image)
+    seed: int = 0                     # every random stream derives from (seed, epoch, image), not the rank
     out_dir: str = "out/sd35m_dino"   # metrics, samples, checkpoints (one run per folder)
     save_every: int = 20              # epochs between checkpoints
     keep_last: int = 3                # checkpoints kept on disk
@@ -160,11 +164,11 @@ def resolve_defaults(cfg):
 AT_LEAST_1 = ("num_steps", "prompts_per_epoch", "sample_batch_size", "train_batch_size", "updates_per_epoch",
               "epochs", "save_every", "keep_last", "ema_every", "d_times", "d_steps", "max_bad_updates",
               "eval_num_steps", "eval_n_per_prompt", "dino_image_size", "resolution", "max_sequence_length",
-              "lora_alpha")
+              "lora_alpha", "d_hidden", "d_patches")
 POSITIVE = ("lr", "d_lr", "pickscore_lr", "max_grad_norm", "clip_range", "adv_clip", "nft_beta")
 NON_NEGATIVE = ("lora_rank", "weight_decay", "beta_kl", "d_warmup", "eval_every", "eval_max_prompts",
-                "pickscore_train_last_k", "nft_eta_rate")
-UNIT_INTERVAL = ("noise_level", "ema_decay", "nft_t_fraction")
+                "pickscore_train_last_k", "nft_eta_rate", "d_patch_loss")
+UNIT_INTERVAL = ("noise_level", "ema_decay", "nft_t_fraction", "d_cls_weight")
 
 
 def check_ranges(cfg):
@@ -201,13 +205,10 @@ def timesteps_per_image(cfg):
     return max(1, int(cfg.nft_t_fraction * cfg.num_steps))
 
 
-def validate(cfg, world):
-    """Ranges, batch arithmetic and choices that would otherwise fail deep inside (or train on garbage)."""
-    bad = check_ranges(cfg)
-    if bad:
-        raise SystemExit(f"config error: {bad}")
-    n_global = cfg.prompts_per_epoch * cfg.group_size
-    ws, nft = cfg.window_start, cfg.objective == "nft"
+def split_error(cfg, world):
+    """Why the epoch's images cannot be split over `world` ranks into sample and train batches and
+    updates_per_epoch optimizer steps, or None."""
+    n_global, nft = cfg.prompts_per_epoch * cfg.group_size, cfg.objective == "nft"
     per_image = timesteps_per_image(cfg) if nft else cfg.window_size  # training passes per image
     checks = [
         (n_global % world == 0, f"prompts_per_epoch × group_size = {n_global} images must split evenly over "
@@ -222,6 +223,29 @@ def validate(cfg, world):
          f"backward passes per epoch ({n_global // world // cfg.train_batch_size} batches × "
          f"{per_image} {'times' if nft else 'steps'}) must be a multiple of updates_per_epoch "
          f"({cfg.updates_per_epoch})"),
+    ]
+    return next((msg for ok, msg in checks if not ok), None)
+
+
+def step_chunks(cfg):
+    """Into how many chunks of micro-batches the optimizer steps of an epoch split its images (the other
+    factor, updates_per_epoch / it, splits each image's trained steps): the largest divisor of
+    updates_per_epoch that divides the micro-batches per rank under *every* world size the config allows,
+    so that the steps hold the same images on one rank and on many (train.training_passes)."""
+    n_global, m = cfg.prompts_per_epoch * cfg.group_size, 0
+    for world in range(1, n_global + 1):
+        if split_error(cfg, world) is None:
+            m = math.gcd(m, n_global // world // cfg.train_batch_size)
+    return math.gcd(cfg.updates_per_epoch, m)
+
+
+def validate(cfg, world):
+    """Ranges, batch arithmetic and choices that would otherwise fail deep inside (or train on garbage)."""
+    bad = check_ranges(cfg) or split_error(cfg, world)
+    if bad:
+        raise SystemExit(f"config error: {bad}")
+    ws, nft = cfg.window_start, cfg.objective == "nft"
+    checks = [
         (cfg.objective in ("grpo", "nft"), f"objective must be 'grpo' or 'nft', got {cfg.objective!r}"),
         (not nft or ws == "0", "window_start is GRPO's SDE window; objective = 'nft' samples the whole ODE "
                                "(leave window_start at '0')"),
