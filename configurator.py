@@ -18,14 +18,16 @@ import ast
 import difflib
 import inspect
 import io
+import json
 import math
 import os
+import re
 import sys
 import tokenize
 import typing
 from dataclasses import dataclass, field
 
-from model import SETTINGS_FILE, pipeline_settings, resolution_multiple
+from model import ARCHS, SETTINGS_FILE, pipeline_settings
 
 
 @dataclass
@@ -191,13 +193,71 @@ def check_ranges(cfg):
             return "nft_t_fraction must be in (0, 1]: 0 trains on no time at all"
         if key.endswith("guidance_scale") and v < 1:
             return f"{key} must be ≥ 1 (1 = no classifier-free guidance), got {v}"
-    f = resolution_multiple(cfg.pretrained)
+        if key in ("lr", "d_lr", "pickscore_lr") and v > 1:  # Adam moves every weight by about lr a step
+            return f"{key} must be ≤ 1 (Adam moves every weight by about lr per step), got {v}"
+        if key == "clip_range" and v >= 1:
+            return f"clip_range (ε) must be < 1: the ratio is clipped to [1 - ε, 1 + ε], got {v}"
+        if key == "weight_decay" and v > 1:
+            return f"weight_decay must be ≤ 1 (AdamW shrinks weights by lr·weight_decay a step), got {v}"
+    if not 0 <= cfg.seed < 2 ** 63:
+        return f"seed must be in 0 .. 2**63 - 1, got {cfg.seed}"
+    if cfg.pretrained.startswith("random:") and cfg.pretrained[7:] not in ARCHS:
+        return (f"pretrained: unknown random architecture {cfg.pretrained[7:]!r}; known: "
+                f"random:{', random:'.join(ARCHS)}")
+    f, top = resolution_limits(cfg.pretrained)
     if f and cfg.resolution % f:
         return (f"resolution {cfg.resolution} must be a multiple of {f} "
                 f"(VAE factor × patch size of {cfg.pretrained})")
+    if cfg.resolution > top:
+        return (f"resolution {cfg.resolution} is more than the position embedding of {cfg.pretrained} covers "
+                f"(at most {top} px)")
+    p = backbone_patch(cfg)
+    if cfg.dino_image_size < p or cfg.dino_image_size % p:
+        return (f"dino_image_size {cfg.dino_image_size} must be a multiple of the feature backbone's patch "
+                f"size ({p} for {cfg.dino_backbone})")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         return f"out_dir {cfg.out_dir} is a file, not a folder"
     return None
+
+
+MAX_SD3_RESOLUTION = 384 * 16  # the widest SD3 position embedding (SD3.5-M: 384 patches of 16 px)
+
+
+def resolution_limits(name):
+    """(multiple, largest): image sizes must be a multiple of VAE factor × patch size, and within what the
+    transformer's position embedding covers; read from the configs alone (no weights) of "random:<arch>",
+    a local pipeline folder or the hub cache; (None, MAX_SD3_RESOLUTION) when none is at hand."""
+    if name.startswith("random:"):
+        a = ARCHS.get(name[7:])
+        vae, tr = (a["vae"], a["transformer"]) if a else (None, None)
+    else:
+        try:
+            vae, tr = (json.load(open(os.path.join(name, p, "config.json") if os.path.isdir(name) else
+                                      hub_file(name, f"{p}/config.json"))) for p in ("vae", "transformer"))
+        except (OSError, ValueError, TypeError):
+            vae = tr = None
+    if not vae:
+        return None, MAX_SD3_RESOLUTION
+    f = 2 ** (len(vae["block_out_channels"]) - 1) * tr["patch_size"]
+    return f, f * tr.get("pos_embed_max_size", MAX_SD3_RESOLUTION // f)
+
+
+def hub_file(repo, filename):
+    """The local path of a hub repository's file if the hub cache holds it, else None."""
+    import huggingface_hub
+    try:
+        path = huggingface_hub.try_to_load_from_cache(repo, filename)
+    except ValueError:  # not a valid repository id
+        return None
+    return path if isinstance(path, str) else None
+
+
+def backbone_patch(cfg):
+    """The patch size of the DINO feature backbone (its images are cut into patches of that many pixels)."""
+    if cfg.dino_backbone == "random:tiny":
+        return 7
+    m = re.search(r"patch(\d+)", cfg.dino_backbone)
+    return int(cfg.dino_kwargs.get("patch_size", m.group(1) if m else 1))
 
 
 def timesteps_per_image(cfg):
@@ -265,6 +325,8 @@ def validate(cfg, world):
         (cfg.mixed_precision in ("bf16", "no"), "mixed_precision must be 'bf16' or 'no'"),
         (cfg.group_size >= 2, "group_size must be ≥ 2: a group of one has no advantage"),
         (cfg.schedule in ("paper", "shared", "frozen"), "schedule must be 'paper', 'shared' or 'frozen'"),
+        (bool(cfg.reward), "reward is empty: every image would score 0 and nothing would be learnt "
+                           "(e.g. --reward=\"{'dino_adv': 1.0}\")"),
         (sum(k in ("dino_adv", "pickscore_adv") for k in cfg.reward) <= 1, "at most one adversarial reward"),
         (not cfg.d_conditional or "dino_adv" in cfg.reward, "d_conditional needs the dino_adv reward"),
         (cfg.beta_kl == 0 or cfg.lora_rank > 0,
@@ -273,6 +335,37 @@ def validate(cfg, world):
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"config error: {msg}")
+
+
+def config_warnings(cfg):
+    """What is legal but surely not meant, said before the first epoch: lines to print."""
+    out = []
+    if "dino_adv" in cfg.reward:  # its schedule is known in advance (pickscore_adv's follows the scores)
+        if not any(e >= cfg.d_warmup and (cfg.schedule != "paper" or (e + 1) % cfg.d_times == 0)
+                   for e in range(cfg.epochs)):
+            why = (f"epochs = {cfg.epochs} ≤ d_warmup = {cfg.d_warmup}" if cfg.epochs <= cfg.d_warmup else
+                   f"schedule 'paper' trains it where (epoch + 1) % d_times = 0 (d_times = {cfg.d_times})")
+            out.append(f"the generator will never be trained (0 G steps): {why}; only the discriminator "
+                       "learns")
+    return out
+
+
+def missing_weights(cfg):
+    """The model weights this run cannot find, said before anything loads: a local folder or file that does
+    not exist, or (HF_HUB_OFFLINE=1) a hub id that the hub cache does not hold. Lines ([]: none missing)."""
+    out = []
+    name = cfg.pretrained
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off")
+    if not name.startswith("random:") and not os.path.isdir(name):
+        if name.startswith((".", "/", "~")) or name.count("/") != 1:
+            out.append(f"model weights (pretrained): no folder {name}")
+        elif offline and hub_file(name, "model_index.json") is None:
+            out.append(f"model weights (pretrained): {name} is not in the hub cache and HF_HUB_OFFLINE=1: "
+                       f"`hf auth login`, accept its licence on the hub, `hf download {name}`, or pass "
+                       "--pretrained=/path/to/folder")
+    if cfg.dino_weights and not os.path.isfile(cfg.dino_weights):
+        out.append(f"feature backbone weights (dino_weights): no file {cfg.dino_weights}")
+    return out
 
 
 # -----------------------------------------------------------------------------------------------
@@ -381,6 +474,9 @@ def run_preset(path, _seen=()):
         source = open(path).read()
     except FileNotFoundError:
         raise SystemExit(f"preset file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, not text
+        raise SystemExit(f"preset {path} cannot be read as a Python file: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
     try:
         tree = ast.parse(source, path)
     except SyntaxError as e:

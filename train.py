@@ -51,7 +51,7 @@ import model as M
 import nft
 import reward as R
 import sampler as S
-from configurator import Config, parse_args, step_chunks, validate
+from configurator import Config, config_warnings, missing_weights, parse_args, step_chunks, validate
 
 # Named random streams: seed_of(cfg.seed, epoch, image, S) for the adversary's draws (DINO: its patch tokens)
 # and the reference drawn per image, (seed, epoch, block, ORDER) for the micro-batch order (training_passes);
@@ -421,22 +421,26 @@ def check_inputs(cfg, world, master=True):
     validate(cfg, world)
     if bad := R.check_reward(cfg.reward):
         raise SystemExit(f"config error: {bad}")
+    missing, prompts, test_prompts, references = missing_weights(cfg), [], [], None  # all said at once
     try:
         prompts = data.load_prompts(cfg.train_prompts)
     except ValueError as e:
-        hint = ("\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and "
-                "weights: see README. To try the method on a laptop: `make demo`.)")
-        raise SystemExit(f"{e}{hint if cfg.train_prompts == Config.train_prompts else ''}") from None
+        missing.insert(0, str(e))
     try:
         test_prompts = [p["prompt"] for p in data.load_prompts(cfg.test_prompts)] if cfg.eval_every else []
     except ValueError as e:
-        raise SystemExit(f"held-out prompts (test_prompts; eval_every=0 turns the evaluation off): "
-                         f"{e}") from None
+        missing.append(f"held-out prompts (test_prompts; eval_every=0 turns the evaluation off): {e}")
     test_prompts = test_prompts[:cfg.eval_max_prompts or None]
     try:  # only when a chosen reward (or the adversary) names them
         references = data.load_references(cfg, prompts) if "references" in R.needs(cfg.reward) else None
     except ValueError as e:
-        raise SystemExit(f"reference images: {e}") from None
+        missing.append(f"reference images: {e}")
+    if missing:
+        hint = ("\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and "
+                "weights: see README. To try the method on a laptop: `make demo`.)")
+        raise SystemExit("\n".join(missing) + (hint if cfg.train_prompts == Config.train_prompts else ""))
+    for line in config_warnings(cfg) if master else ():
+        print(f"WARNING {line}", flush=True)
     if master:
         C.claim_out_dir(cfg)  # one run per folder; a used one is resumed or explicitly overwritten
     resume_from = None

@@ -44,7 +44,7 @@ def _two_ranks(tmp_path, **kw):
 
 
 def _steps(cfg, world):
-    """The optimizer steps of epoch 0 under `world` ranks: per step, the set of (global image, trained step)."""
+    """Epoch 0's optimizer steps under `world` ranks: per step, the set of (global image, trained step)."""
     n = cfg.prompts_per_epoch * cfg.group_size // world
     steps = [set() for _ in range(cfg.updates_per_epoch)]
     for rank in range(world):
@@ -57,8 +57,8 @@ def _steps(cfg, world):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(updates_per_epoch=4), dict(updates_per_epoch=1),
-                                dict(prompts_per_epoch=3, train_batch_size=1, sample_batch_size=1, window_size=3,
-                                     updates_per_epoch=3)])
+                                dict(prompts_per_epoch=3, train_batch_size=1, sample_batch_size=1,
+                                     window_size=3, updates_per_epoch=3)])
 def test_every_world_size_takes_the_same_optimizer_steps(kw):
     """Each rank takes its share of every step: the union over ranks is the one-process step, for every
     world size the config allows; every image's every trained step is in exactly one step."""
@@ -96,7 +96,8 @@ def test_the_adversary_draws_per_image(tmp_path):
 
     def score(rank, part):
         half = {k: v[part] for k, v in batch.items()}
-        r, d_batch, _ = T.score_epoch(cfg, 5, rank, half, [{"prompt": t} for t in texts[part]], None, disc, refs)
+        mine = [{"prompt": t} for t in texts[part]]
+        r, d_batch, _ = T.score_epoch(cfg, 5, rank, half, mine, None, disc, refs)
         return r, d_batch["real_feats"][0], disc.d_loss_from_features(
             d_batch["real_feats"], d_batch["fake_feats"], d_batch["generator"])[0]
 
