@@ -299,8 +299,9 @@ def step_chunks(cfg):
     return math.gcd(cfg.updates_per_epoch, m)
 
 
-def validate(cfg, world):
-    """Ranges, batch arithmetic and choices that would otherwise fail deep inside (or train on garbage)."""
+def validate(cfg, world, warn=None):
+    """Ranges, batch arithmetic and choices that would otherwise fail deep inside (or train on garbage) are
+    refused; what is legal but surely not meant (config_warnings) is said through `warn` (e.g. print)."""
     bad = check_ranges(cfg) or split_error(cfg, world)
     if bad:
         raise SystemExit(f"config error: {bad}")
@@ -335,6 +336,8 @@ def validate(cfg, world):
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"config error: {msg}")
+    for line in config_warnings(cfg) if warn else ():
+        warn(f"WARNING {line}", flush=True)
 
 
 def config_warnings(cfg):

@@ -59,8 +59,7 @@ def load_prompts(path: str) -> list[dict]:
         with open(path, encoding="utf-8-sig", newline="") as f:
             lines = re.split(r"\r\n|\r|\n", f.read())
     except UnicodeDecodeError as e:
-        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
-                         "UTF-8") from None
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if lines and lines[-1] == "":
         lines.pop()  # a final newline does not make an extra (empty) line
     prompts = []
@@ -217,8 +216,7 @@ class ReferenceSet:
                 raise ValueError(f"reference index {index_json}: bad JSON at line {e.lineno}, "
                                  f"column {e.colno}: {e.msg}") from None
             except UnicodeDecodeError as e:
-                raise ValueError(f"reference index {index_json} is not UTF-8 text (byte {e.start}: "
-                                 f"{e.reason}); save it as UTF-8") from None
+                raise ValueError(f"reference index {index_json} is not UTF-8 text ({e.reason})") from None
             except RecursionError:
                 raise ValueError(f"reference index {index_json}: nested too deeply to be an index "
                                  "{prompt: [image paths]}") from None

@@ -51,7 +51,7 @@ import model as M
 import nft
 import reward as R
 import sampler as S
-from configurator import Config, config_warnings, missing_weights, parse_args, step_chunks, validate
+from configurator import Config, missing_weights, parse_args, step_chunks, timesteps_per_image, validate
 
 # Named random streams: seed_of(cfg.seed, epoch, image, S) for the adversary's draws (DINO: its patch tokens)
 # and the reference drawn per image, (seed, epoch, block, ORDER) for the micro-batch order (training_passes);
@@ -250,7 +250,8 @@ def training_passes(cfg, epoch, rank, n, device):
     epoch's images form blocks of a = step_chunks(cfg) micro-batches, each permuted by (seed, epoch, block,
     ORDER); step (d, c) trains the d-th micro-batch of every block on the c-th of U / a chunks of the window:
     the same steps on any number of ranks, each rank taking its share of every step."""
-    a, K, tbs = step_chunks(cfg), cfg.window_size, cfg.train_batch_size
+    a, tbs = step_chunks(cfg), cfg.train_batch_size
+    K = timesteps_per_image(cfg) if cfg.objective == "nft" else cfg.window_size  # nft: j is the j-th time
     b, first = cfg.updates_per_epoch // a, rank * n // (a * tbs)  # this rank's first block
     perms = [q * a * tbs + torch.randperm(a * tbs, generator=torch.Generator().manual_seed(
         seed_of(cfg.seed, epoch, first + q, ORDER))) for q in range(n // (a * tbs))]
@@ -272,7 +273,8 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
     transition x_j → x_{j+1} under the current weights (same CFG as sampling), accumulate gradients
     (DDP all-reduces only on the last micro-step before an optimizer step), clip, step, EMA."""
     if cfg.objective == "nft":  # DiffusionNFT instead: flow matching on the clean latents (nft.py)
-        return nft.train_generator(cfg, epoch, gen, batch, advantages, counters, count_update, rank, progress)
+        return nft.train_generator(cfg, epoch, gen, batch, advantages, counters, count_update, rank, progress,
+                                   training_passes(cfg, epoch, rank, len(advantages), gen.device))
     model, params, opt = gen.train_model, gen.params, gen.opt
     passes = training_passes(cfg, epoch, rank, len(advantages), gen.device)
     accum = len(passes) // cfg.updates_per_epoch
@@ -418,7 +420,7 @@ def epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device):
 def check_inputs(cfg, world, master=True):
     """Everything the user gave us, checked before the (slow) model load, so a mistake costs seconds.
     Returns (training prompts, held-out prompts, references or None, checkpoint to resume from or None)."""
-    validate(cfg, world)
+    validate(cfg, world, warn=print if master else None)  # refuses in one line, or warns
     if bad := R.check_reward(cfg.reward):
         raise SystemExit(f"config error: {bad}")
     missing, prompts, test_prompts, references = missing_weights(cfg), [], [], None  # all said at once
@@ -439,8 +441,6 @@ def check_inputs(cfg, world, master=True):
         hint = ("\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and "
                 "weights: see README. To try the method on a laptop: `make demo`.)")
         raise SystemExit("\n".join(missing) + (hint if cfg.train_prompts == Config.train_prompts else ""))
-    for line in config_warnings(cfg) if master else ():
-        print(f"WARNING {line}", flush=True)
     if master:
         C.claim_out_dir(cfg)  # one run per folder; a used one is resumed or explicitly overwritten
     resume_from = None

@@ -8,9 +8,10 @@ import torch
 import torch.multiprocessing as mp
 
 import data
+import nft
 import reward as R
 import train as T
-from configurator import split_error, step_chunks
+from configurator import split_error, step_chunks, timesteps_per_image
 from test_train import ADV_PRESET, tiny_cfg
 
 # 8 images an epoch, 2 optimizer steps, D and G every epoch, 4 of the 16 patch tokens drawn per image
@@ -58,7 +59,7 @@ def _steps(cfg, world):
 
 @pytest.mark.parametrize("kw", [dict(), dict(updates_per_epoch=4), dict(updates_per_epoch=1),
                                 dict(prompts_per_epoch=3, train_batch_size=1, sample_batch_size=1,
-                                     window_size=3, updates_per_epoch=3)])
+                                     window_size=3, updates_per_epoch=3), dict(objective="nft")])
 def test_every_world_size_takes_the_same_optimizer_steps(kw):
     """Each rank takes its share of every step: the union over ranks is the one-process step, for every
     world size the config allows; every image's every trained step is in exactly one step."""
@@ -66,9 +67,8 @@ def test_every_world_size_takes_the_same_optimizer_steps(kw):
     n_global = cfg.prompts_per_epoch * cfg.group_size
     worlds = [w for w in range(1, n_global + 1) if split_error(cfg, w) is None]
     assert len(worlds) >= 2
-    one = _steps(cfg, 1)
-    assert sorted(p for s in one for p in s) == sorted((i, j) for i in range(n_global)
-                                                       for j in range(cfg.window_size))
+    one, K = _steps(cfg, 1), timesteps_per_image(cfg) if cfg.objective == "nft" else cfg.window_size
+    assert sorted(p for s in one for p in s) == sorted((i, j) for i in range(n_global) for j in range(K))
     assert all(_steps(cfg, w) == one for w in worlds[1:])
 
 
@@ -80,6 +80,25 @@ def test_the_paper_defaults_split_the_images_not_the_window():
     passes = T.training_passes(cfg, 0, 0, 96, torch.device("cpu"))
     first = {int(i) for mb, _ in passes[:len(passes) // 2] for i in mb}
     assert len(first) == 48 and all(len(first & set(range(g, g + 16))) == 8 for g in range(0, 96, 16))
+
+
+def test_nft_draws_its_times_and_noise_per_image():
+    """objective = "nft": an image's training times and the noise of its passes come from its own generator."""
+    cfg = tiny_cfg(ADV_PRESET, objective="nft")
+    cpu = torch.device("cpu")
+    whole = nft.training_passes(cfg, nft.image_generators(cfg, 3, 0, 8), cpu)
+    halves = [nft.training_passes(cfg, nft.image_generators(cfg, 3, r, 4), cpu) for r in (0, 1)]
+    def times(passes, first=0):  # {image: its times, pass by pass}
+        out = {}
+        for mb, ts in passes:
+            for i, t in zip(mb.tolist(), ts.tolist()):
+                out.setdefault(first + i, []).append(t)
+        return out
+    assert times(whole) == {**times(halves[0]), **times(halves[1], 4)}
+    assert all(len(set(t)) == len(t) == 3 for t in times(whole).values())  # 3 of the 4 times, no repeat
+    eps = [torch.randn(3, generator=g) for g in nft.image_generators(cfg, 3, 1, 4)]
+    assert all(torch.equal(e, torch.randn(3, generator=g))
+               for e, g in zip(eps, nft.image_generators(cfg, 3, 0, 8)[4:]))
 
 
 def test_the_adversary_draws_per_image(tmp_path):
@@ -109,15 +128,18 @@ def test_the_adversary_draws_per_image(tmp_path):
     assert not torch.allclose(whole[0], other)                                # another epoch, other draws
 
 
-@pytest.mark.slow  # ~35 s: two interpreters start (the per-image draws and steps above are in make test)
-def test_one_and_two_ranks_train_the_same_weights(tmp_path):
-    """The adversarial reward (patch draws, reference draws, D steps) and GRPO (micro-batch order): one
-    process and two gloo ranks end with the same LoRA and discriminator state, to float rounding."""
-    two = _two_ranks(tmp_path, **RUN)
+@pytest.mark.slow  # ~35 s each: two interpreters start (the per-image draws and steps above are in make test)
+@pytest.mark.parametrize("objective", ["grpo", "nft"])
+def test_one_and_two_ranks_train_the_same_weights(tmp_path, objective):
+    """The adversarial reward (patch draws, reference draws, D steps) and the generator's update (micro-batch
+    order; nft: its times and noise too): one process and two gloo ranks end with the same LoRA and
+    discriminator state, to float rounding."""
+    two = _two_ranks(tmp_path, **RUN, objective=objective)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = _state(*T.train(tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "one"), **RUN))[:2])
+        cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "one"), **RUN, objective=objective)
+        one = _state(*T.train(cfg)[:2])
     finally:
         torch.set_num_threads(threads)
     assert one.keys() == two.keys()
