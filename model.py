@@ -114,9 +114,8 @@ def random_pipeline(arch="tiny", t5=False, seed=0, device="cpu", dtype=torch.flo
     a = ARCHS[arch]
     if "billions" in a and torch.device(device).type != "meta":  # say it before the minute it takes
         b = a["billions"][0] + t5 * a["billions"][1]
-        print(f"building random:{arch}: {b:.1f} B parameters with random weights, "
-              f"{b * dtype.itemsize:.0f} GB of {torch.device(device).type} memory in {dtype}; about a minute",
-              flush=True)
+        print(f"building random:{arch}: {b:.1f} B random parameters, {b * dtype.itemsize:.0f} GB of "
+              f"{torch.device(device).type} memory in {dtype}; about a minute", flush=True)
     tok = char_tokenizer(a["clip_max_length"])
     eos, bos = tok.eos_token_id, tok.bos_token_id
 

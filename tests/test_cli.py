@@ -202,8 +202,8 @@ def test_random_sd35_medium_says_what_it_builds_before_building(monkeypatch, cap
     monkeypatch.setattr(M, "SD3Transformer2DModel", transformer)
     with pytest.raises(Built):
         M.random_pipeline("sd3.5-medium", t5=True, dtype=torch.bfloat16)
-    assert ("building random:sd3.5-medium: 7.9 B parameters with random weights, 16 GB of cpu memory in "
-            "torch.bfloat16; about a minute") in capsys.readouterr().out
+    assert ("building random:sd3.5-medium: 7.9 B random parameters, 16 GB of cpu memory in torch.bfloat16; "
+            "about a minute") in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown random architecture 'nope'; known: random:sd3.5-medium, "
                                          "random:tiny$"):
         M.load_pipeline("random:nope")
