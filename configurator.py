@@ -193,7 +193,7 @@ def check_ranges(cfg):
             return "nft_t_fraction must be in (0, 1]: 0 trains on no time at all"
         if key.endswith("guidance_scale") and v < 1:
             return f"{key} must be ≥ 1 (1 = no classifier-free guidance), got {v}"
-        if key in ("lr", "d_lr", "pickscore_lr") and v > 1:  # Adam moves every weight by about lr a step
+        if key in ("lr", "d_lr", "pickscore_lr") and v > 1:
             return f"{key} must be ≤ 1 (Adam moves every weight by about lr per step), got {v}"
         if key == "clip_range" and v >= 1:
             return f"clip_range (ε) must be < 1: the ratio is clipped to [1 - ε, 1 + ε], got {v}"
