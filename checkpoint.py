@@ -465,7 +465,10 @@ def claim_out_dir(cfg):
                              "--out_dir=out/my_run")
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"out_dir {out} is a file, not a folder")
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # below a file, under /proc, read-only, ...
+        raise SystemExit(f"out_dir {out} cannot be made: {e.strerror} ({e.filename})") from None
     if out not in _LOCKS:
         lock = open(os.path.join(out, ".lock"), "w")
         try:

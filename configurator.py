@@ -21,12 +21,13 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import tokenize
 import typing
 from dataclasses import dataclass, field
 
-from model import SETTINGS_FILE, pipeline_settings, resolution_multiple
+from model import ARCHS, SETTINGS_FILE, pipeline_settings
 
 
 @dataclass
@@ -105,6 +106,10 @@ class Config:
     d_times: int = 10                 # paper schedule: G trains on epochs where (epoch+1) % d_times == 0
     d_steps: int = 1                  # D steps per D epoch, on the same samples
     d_lr: float = 1e-4                # Adam (0.5, 0.999) learning rate of the DINO discriminator head
+    d_hidden: int = 512               # width of the DINO head h = Linear(D, width) → GELU → Linear(width, 1)
+    d_patches: int = 64               # patch tokens drawn per image for the DINO head (all when fewer)
+    d_patch_loss: float = 0.3         # λ_p: weight of the patch tokens' hinge loss beside the CLS token's
+    d_cls_weight: float = 0.7         # DINO reward r = w·h(CLS) + (1 - w)·mean h(patch tokens); in [0, 1]
     d_conditional: bool = False       # beyond the paper: the D head also sees the prompt (projection term on
                                       # the pooled text embedding); references of other prompts count as fakes
     dino_backbone: str = "vit_base_patch14_dinov2.lvd142m"  # timm name, or "random:tiny" (tests)
@@ -120,7 +125,7 @@ class Config:
                                                        # (hub id, folder, random:tiny)
     # run
     epochs: int = 1000                # sampling rounds (each: D and/or G work, per the schedule)
-    seed: int = 0                     # every random stream derives from (seed, epoch, rank, image)
+    seed: int = 0                     # every random stream derives from (seed, epoch, image), not the rank
     out_dir: str = "out/sd35m_dino"   # metrics, samples, checkpoints (one run per folder)
     save_every: int = 20              # epochs between checkpoints
     keep_last: int = 3                # checkpoints kept on disk
@@ -161,11 +166,11 @@ def resolve_defaults(cfg):
 AT_LEAST_1 = ("num_steps", "prompts_per_epoch", "sample_batch_size", "train_batch_size", "updates_per_epoch",
               "epochs", "save_every", "keep_last", "ema_every", "d_times", "d_steps", "max_bad_updates",
               "eval_num_steps", "eval_n_per_prompt", "dino_image_size", "resolution", "max_sequence_length",
-              "lora_alpha")
+              "lora_alpha", "d_hidden", "d_patches")
 POSITIVE = ("lr", "d_lr", "pickscore_lr", "max_grad_norm", "clip_range", "adv_clip", "nft_beta")
 NON_NEGATIVE = ("lora_rank", "weight_decay", "beta_kl", "d_warmup", "eval_every", "eval_max_prompts",
-                "pickscore_train_last_k", "nft_eta_rate")
-UNIT_INTERVAL = ("noise_level", "ema_decay", "nft_t_fraction")
+                "pickscore_train_last_k", "nft_eta_rate", "d_patch_loss")
+UNIT_INTERVAL = ("noise_level", "ema_decay", "nft_t_fraction", "d_cls_weight")
 
 
 def check_ranges(cfg):
@@ -188,13 +193,71 @@ def check_ranges(cfg):
             return "nft_t_fraction must be in (0, 1]: 0 trains on no time at all"
         if key.endswith("guidance_scale") and v < 1:
             return f"{key} must be ≥ 1 (1 = no classifier-free guidance), got {v}"
-    f = resolution_multiple(cfg.pretrained)
+        if key in ("lr", "d_lr", "pickscore_lr") and v > 1:
+            return f"{key} must be ≤ 1 (Adam moves every weight by about lr per step), got {v}"
+        if key == "clip_range" and v >= 1:
+            return f"clip_range (ε) must be < 1: the ratio is clipped to [1 - ε, 1 + ε], got {v}"
+        if key == "weight_decay" and v > 1:
+            return f"weight_decay must be ≤ 1 (AdamW shrinks weights by lr·weight_decay a step), got {v}"
+    if not 0 <= cfg.seed < 2 ** 63:
+        return f"seed must be in 0 .. 2**63 - 1, got {cfg.seed}"
+    if cfg.pretrained.startswith("random:") and cfg.pretrained[7:] not in ARCHS:
+        return (f"pretrained: unknown random architecture {cfg.pretrained[7:]!r}; known: "
+                f"random:{', random:'.join(ARCHS)}")
+    f, top = resolution_limits(cfg.pretrained)
     if f and cfg.resolution % f:
         return (f"resolution {cfg.resolution} must be a multiple of {f} "
                 f"(VAE factor × patch size of {cfg.pretrained})")
+    if cfg.resolution > top:
+        return (f"resolution {cfg.resolution} is more than the position embedding of {cfg.pretrained} covers "
+                f"(at most {top} px)")
+    p = backbone_patch(cfg)
+    if cfg.dino_image_size < p or cfg.dino_image_size % p:
+        return (f"dino_image_size {cfg.dino_image_size} must be a multiple of the feature backbone's patch "
+                f"size ({p} for {cfg.dino_backbone})")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         return f"out_dir {cfg.out_dir} is a file, not a folder"
     return None
+
+
+MAX_SD3_RESOLUTION = 384 * 16  # the widest SD3 position embedding (SD3.5-M: 384 patches of 16 px)
+
+
+def resolution_limits(name):
+    """(multiple, largest): image sizes must be a multiple of VAE factor × patch size, and within what the
+    transformer's position embedding covers; read from the configs alone (no weights) of "random:<arch>",
+    a local pipeline folder or the hub cache; (None, MAX_SD3_RESOLUTION) when none is at hand."""
+    if name.startswith("random:"):
+        a = ARCHS.get(name[7:])
+        vae, tr = (a["vae"], a["transformer"]) if a else (None, None)
+    else:
+        try:
+            vae, tr = (json.load(open(os.path.join(name, p, "config.json") if os.path.isdir(name) else
+                                      hub_file(name, f"{p}/config.json"))) for p in ("vae", "transformer"))
+        except (OSError, ValueError, TypeError):
+            vae = tr = None
+    if not vae:
+        return None, MAX_SD3_RESOLUTION
+    f = 2 ** (len(vae["block_out_channels"]) - 1) * tr["patch_size"]
+    return f, f * tr.get("pos_embed_max_size", MAX_SD3_RESOLUTION // f)
+
+
+def hub_file(repo, filename):
+    """The local path of a hub repository's file if the hub cache holds it, else None."""
+    import huggingface_hub
+    try:
+        path = huggingface_hub.try_to_load_from_cache(repo, filename)
+    except ValueError:  # not a valid repository id
+        return None
+    return path if isinstance(path, str) else None
+
+
+def backbone_patch(cfg):
+    """The patch size of the DINO feature backbone (its images are cut into patches of that many pixels)."""
+    if cfg.dino_backbone == "random:tiny":
+        return 7
+    m = re.search(r"patch(\d+)", cfg.dino_backbone)
+    return int(cfg.dino_kwargs.get("patch_size", m.group(1) if m else 1))
 
 
 def timesteps_per_image(cfg):
@@ -202,13 +265,10 @@ def timesteps_per_image(cfg):
     return max(1, int(cfg.nft_t_fraction * cfg.num_steps))
 
 
-def validate(cfg, world):
-    """Ranges, batch arithmetic and choices that would otherwise fail deep inside (or train on garbage)."""
-    bad = check_ranges(cfg)
-    if bad:
-        raise SystemExit(f"config error: {bad}")
-    n_global = cfg.prompts_per_epoch * cfg.group_size
-    ws, nft = cfg.window_start, cfg.objective == "nft"
+def split_error(cfg, world):
+    """Why the epoch's images cannot be split over `world` ranks into sample and train batches and
+    updates_per_epoch optimizer steps, or None."""
+    n_global, nft = cfg.prompts_per_epoch * cfg.group_size, cfg.objective == "nft"
     per_image = timesteps_per_image(cfg) if nft else cfg.window_size  # training passes per image
     checks = [
         (n_global % world == 0, f"prompts_per_epoch × group_size = {n_global} images must split evenly over "
@@ -223,6 +283,30 @@ def validate(cfg, world):
          f"backward passes per epoch ({n_global // world // cfg.train_batch_size} batches × "
          f"{per_image} {'times' if nft else 'steps'}) must be a multiple of updates_per_epoch "
          f"({cfg.updates_per_epoch})"),
+    ]
+    return next((msg for ok, msg in checks if not ok), None)
+
+
+def step_chunks(cfg):
+    """Into how many chunks of micro-batches the optimizer steps of an epoch split its images (the other
+    factor, updates_per_epoch / it, splits each image's trained steps): the largest divisor of
+    updates_per_epoch that divides the micro-batches per rank under *every* world size the config allows,
+    so that the steps hold the same images on one rank and on many (train.training_passes)."""
+    n_global, m = cfg.prompts_per_epoch * cfg.group_size, 0
+    for world in range(1, n_global + 1):
+        if split_error(cfg, world) is None:
+            m = math.gcd(m, n_global // world // cfg.train_batch_size)
+    return math.gcd(cfg.updates_per_epoch, m)
+
+
+def validate(cfg, world, warn=None):
+    """Ranges, batch arithmetic and choices that would otherwise fail deep inside (or train on garbage) are
+    refused; what is legal but surely not meant (config_warnings) is said through `warn` (e.g. print)."""
+    bad = check_ranges(cfg) or split_error(cfg, world)
+    if bad:
+        raise SystemExit(f"config error: {bad}")
+    ws, nft = cfg.window_start, cfg.objective == "nft"
+    checks = [
         (cfg.objective in ("grpo", "nft"), f"objective must be 'grpo' or 'nft', got {cfg.objective!r}"),
         (not nft or ws == "0", "window_start is GRPO's SDE window; objective = 'nft' samples the whole ODE "
                                "(leave window_start at '0')"),
@@ -242,6 +326,8 @@ def validate(cfg, world):
         (cfg.mixed_precision in ("bf16", "no"), "mixed_precision must be 'bf16' or 'no'"),
         (cfg.group_size >= 2, "group_size must be ≥ 2: a group of one has no advantage"),
         (cfg.schedule in ("paper", "shared", "frozen"), "schedule must be 'paper', 'shared' or 'frozen'"),
+        (bool(cfg.reward), "reward is empty: every image would score 0 and nothing would be learnt "
+                           "(e.g. --reward=\"{'dino_adv': 1.0}\")"),
         (sum(k in ("dino_adv", "pickscore_adv") for k in cfg.reward) <= 1, "at most one adversarial reward"),
         (not cfg.d_conditional or "dino_adv" in cfg.reward, "d_conditional needs the dino_adv reward"),
         (cfg.beta_kl == 0 or cfg.lora_rank > 0,
@@ -250,6 +336,39 @@ def validate(cfg, world):
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"config error: {msg}")
+    for line in config_warnings(cfg) if warn else ():
+        warn(f"WARNING {line}", flush=True)
+
+
+def config_warnings(cfg):
+    """What is legal but surely not meant, said before the first epoch: lines to print."""
+    out = []
+    if "dino_adv" in cfg.reward:  # its schedule is known in advance (pickscore_adv's follows the scores)
+        if not any(e >= cfg.d_warmup and (cfg.schedule != "paper" or (e + 1) % cfg.d_times == 0)
+                   for e in range(cfg.epochs)):
+            why = (f"epochs = {cfg.epochs} ≤ d_warmup = {cfg.d_warmup}" if cfg.epochs <= cfg.d_warmup else
+                   f"schedule 'paper' trains it where (epoch + 1) % d_times = 0 (d_times = {cfg.d_times})")
+            out.append(f"the generator will never be trained (0 G steps): {why}; only the discriminator "
+                       "learns")
+    return out
+
+
+def missing_weights(cfg):
+    """The model weights this run cannot find, said before anything loads: a local folder or file that does
+    not exist, or (HF_HUB_OFFLINE=1) a hub id that the hub cache does not hold. Lines ([]: none missing)."""
+    out = []
+    name = cfg.pretrained
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off")
+    if not name.startswith("random:") and not os.path.isdir(name):
+        if name.startswith((".", "/", "~")) or name.count("/") != 1:
+            out.append(f"model weights (pretrained): no folder {name}")
+        elif offline and hub_file(name, "model_index.json") is None:
+            out.append(f"model weights (pretrained): {name} is not in the hub cache and HF_HUB_OFFLINE=1: "
+                       f"`hf auth login`, accept its licence on the hub, `hf download {name}`, or pass "
+                       "--pretrained=/path/to/folder")
+    if cfg.dino_weights and not os.path.isfile(cfg.dino_weights):
+        out.append(f"feature backbone weights (dino_weights): no file {cfg.dino_weights}")
+    return out
 
 
 # -----------------------------------------------------------------------------------------------
@@ -358,6 +477,9 @@ def run_preset(path, _seen=()):
         source = open(path).read()
     except FileNotFoundError:
         raise SystemExit(f"preset file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, not text
+        raise SystemExit(f"preset {path} cannot be read as a Python file: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
     try:
         tree = ast.parse(source, path)
     except SyntaxError as e:

@@ -31,6 +31,7 @@ Departs from the published Flow-GRPO / Adv-GRPO code
 import json
 import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -52,15 +53,20 @@ def load_prompts(path: str) -> list[dict]:
     if ext not in (".txt", ".jsonl"):
         raise ValueError(f"prompt file {path}: unknown extension {ext!r}; use .txt (one prompt a line) "
                          "or .jsonl")
-    # utf-8-sig: a byte-order mark is not part of the first prompt. Split on "\n" only: str.splitlines would
-    # also split inside a prompt at a form feed, or inside a JSON string at U+2028 / U+0085.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = [line.removesuffix("\r") for line in f.read().split("\n")]
+    # utf-8-sig: a byte-order mark is not part of the first prompt. Split on \n, \r\n and a lone \r only:
+    # str.splitlines would also split inside a prompt at a form feed, or inside a JSON string at U+2028.
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            lines = re.split(r"\r\n|\r|\n", f.read())
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if lines and lines[-1] == "":
         lines.pop()  # a final newline does not make an extra (empty) line
     prompts = []
     for lineno, line in enumerate(lines, start=1):
         where = f"{path}:{lineno}"
+        if "\0" in line:
+            raise ValueError(f"{where}: a NUL byte inside the prompt (a binary or UTF-16 file?)")
         if not line.strip():
             # A blank line would silently become the empty prompt "" — the CFG unconditional input —
             # and its group would be trained towards "any image". Refuse rather than guess.
@@ -127,10 +133,11 @@ def _load_image(path: str, size: int | None) -> torch.Tensor:
         with Image.open(path) as im:
             im.load()  # open() reads only the header: decode inside this try so truncated data fails here
             im = ImageOps.exif_transpose(im)  # a camera's rotation flag: the picture as people see it
-            # 16/32-bit grayscale: convert("RGB") would clip to white, scale by value
-            if im.mode.startswith("I"):
+            # 16/32-bit or float grayscale: convert("RGB") would clip to white (floats in 0..1: black), scale
+            if im.mode.startswith("I") or im.mode == "F":
                 a = np.asarray(im, dtype=np.float64)
-                a = a / 257 if im.mode.startswith("I;16") or a.max() > 255 else a
+                a = (a * 255 if im.mode == "F" and a.max() <= 1 else
+                     a / 257 if im.mode.startswith("I;16") or a.max() > 255 else a)
                 im = Image.fromarray(a.round().clip(0, 255).astype(np.uint8), "L")
             if "A" in im.getbands() or "transparency" in im.info:
                 # convert("RGB") would just drop alpha and expose whatever colour the transparent pixels
@@ -208,6 +215,8 @@ class ReferenceSet:
             except json.JSONDecodeError as e:
                 raise ValueError(f"reference index {index_json}: bad JSON at line {e.lineno}, "
                                  f"column {e.colno}: {e.msg}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"reference index {index_json} is not UTF-8 text ({e.reason})") from None
             except RecursionError:
                 raise ValueError(f"reference index {index_json}: nested too deeply to be an index "
                                  "{prompt: [image paths]}") from None

@@ -54,7 +54,7 @@ ARCHS = {
                     projection_dim=1280, hidden_act="gelu", vocab_size=49408),
         t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
                 feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"),
-        clip_max_length=77, shift=3.0,
+        clip_max_length=77, shift=3.0, billions=(3.15, 4.76),  # parameters without T5, T5's (said at build)
     ),
     "tiny": dict(
         transformer=dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
@@ -110,8 +110,12 @@ def char_tokenizer(max_length, words=()):
 def random_pipeline(arch="tiny", t5=False, seed=0, device="cpu", dtype=torch.float32):
     """Build a StableDiffusion3Pipeline with random weights from a named architecture in ARCHS."""
     if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHS)}")
+        raise SystemExit(f"unknown random architecture {arch!r}; known: random:{', random:'.join(ARCHS)}")
     a = ARCHS[arch]
+    if "billions" in a and torch.device(device).type != "meta":  # say it before the minute it takes
+        b = a["billions"][0] + t5 * a["billions"][1]
+        print(f"building random:{arch}: {b:.1f} B random parameters, {b * dtype.itemsize:.0f} GB of "
+              f"{torch.device(device).type} memory in {dtype}; about a minute", flush=True)
     tok = char_tokenizer(a["clip_max_length"])
     eos, bos = tok.eos_token_id, tok.bos_token_id
 
@@ -162,9 +166,9 @@ def load_pipeline(name_or_path, t5=True, device="cpu", dtype=torch.float32):
         where = "folder" if os.path.isdir(name_or_path) else "hub id"
         raise SystemExit(
             f"could not load the SD3 pipeline from {where} {name_or_path!r}: {type(e).__name__}: {e}\n"
-            "SD3.5 needs the weights (huggingface-cli login + accept the licence, or a local copy: "
-            "--pretrained=/path/to/folder). To try the method without them: `make demo` "
-            "(the embedded tiny world) or --pretrained=random:tiny.") from None
+            "SD3.5 needs the weights (`hf auth login` + accept the licence on the hub, or a local copy: "
+            "--pretrained=/path/to/folder). To try the method without them: `make demo` (the embedded tiny "
+            "world), or a smoke run on random weights: --pretrained=random:tiny --resolution=32.") from None
     return pipe.to(device)
 
 
@@ -305,21 +309,6 @@ class PromptEncoder:
 def vae_factor(pipe):
     """The VAE's downsampling factor (8 for SD3)."""
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-
-
-def resolution_multiple(name_or_path):
-    """What image sizes must be a multiple of (VAE factor × patch size), read from the configs alone (no
-    weights): for "random:<arch>" and local pipeline folders; None for a hub id (checked after loading)."""
-    if name_or_path.startswith("random:"):
-        a = ARCHS.get(name_or_path.split(":", 1)[1])
-        vae, tr = (a["vae"], a["transformer"]) if a else (None, None)
-    else:
-        try:
-            vae = json.load(open(os.path.join(name_or_path, "vae", "config.json")))
-            tr = json.load(open(os.path.join(name_or_path, "transformer", "config.json")))
-        except (OSError, ValueError):
-            return None
-    return 2 ** (len(vae["block_out_channels"]) - 1) * tr["patch_size"] if vae else None
 
 
 def latent_shape(pipe, resolution):

@@ -148,14 +148,21 @@ def sampling_policy(gen):
 # -----------------------------------------------------------------------------------------------
 # The update: one epoch's passes, as train.train_generator does for GRPO
 
-def training_passes(cfg, n, device, seed):
-    """[(micro-batch of image indices, time index per image (B,))] of one epoch: images in a permuted
-    order, each image on its own random subset of the grid's times; drawn from `seed` alone."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g)
-    times = torch.stack([torch.randperm(cfg.num_steps, generator=g) for _ in range(n)])     # (n, N)
-    micro = [order[i:i + cfg.train_batch_size] for i in range(0, n, cfg.train_batch_size)]
-    return [(mb.to(device), times[mb, j].to(device)) for mb in micro for j in range(timesteps_per_image(cfg))]
+def image_generators(cfg, epoch, rank, n):
+    """A generator per image of this rank, seeded by (seed, epoch, the image's index in the epoch, 4): its
+    times, then the ε of each of its passes, in order; the same whatever the rank or micro-batch."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, rank * n + i, 4])
+                                              .generate_state(2, np.uint64)[0] >> 1)) for i in range(n)]
+
+
+def training_passes(cfg, gens, device, order=None):
+    """[(micro-batch of image indices, time index per image (B,))] of one epoch: `order` [(micro-batch, k)],
+    the k-th time of each image (train.training_passes: the same optimizer steps on any number of ranks;
+    None: the images in order), each image on its own random subset of the grid's times (from `gens`)."""
+    n, T = len(gens), timesteps_per_image(cfg)
+    times = torch.stack([torch.randperm(cfg.num_steps, generator=g) for g in gens])         # (n, N)
+    order = order or [(mb, k) for mb in torch.arange(n).split(cfg.train_batch_size) for k in range(T)]
+    return [(mb.to(device), times[mb.cpu(), k].to(device)) for mb, k in order]
 
 
 def no_sync(model):
@@ -170,15 +177,16 @@ def velocity(model, gen, batch, mb, x_t, t):
     return S.make_velocity_fn(model, batch["emb"][mb], batch["pool"][mb], autocast_dtype=gen.autocast)(x_t, t)
 
 
-def train_generator(cfg, epoch, gen, batch, advantages, counters, optimizer_step, rank=0, progress=True):
+def train_generator(cfg, epoch, gen, batch, advantages, counters, optimizer_step, rank=0, progress=True,
+                    order=None):
     """One epoch of DiffusionNFT on this rank's clean latents, `updates_per_epoch` optimizer steps, then
     the old model's soft update. Each optimizer step is train.optimizer_step (passed in: clip, step, EMA,
-    a non-finite one skipped and counted), the same as GRPO's. Returns info to log."""
+    a non-finite one skipped and counted), the same as GRPO's. `order`: see training_passes. Returns info
+    to log."""
     from tqdm.auto import tqdm
     model, params = gen.train_model, gen.params
-    seed = int(np.random.SeedSequence([cfg.seed, epoch, rank, 4]).generate_state(2, np.uint64)[0] >> 1)
-    passes = training_passes(cfg, len(advantages), gen.device, seed)
-    noise_gen = torch.Generator().manual_seed(seed + 1)                 # ε of each pass, on the CPU
+    gens = image_generators(cfg, epoch, rank, len(advantages))
+    passes = training_passes(cfg, gens, gen.device, order)
     accum, sigmas = len(passes) // cfg.updates_per_epoch, gen.sigmas
     r = optimality(advantages.float(), cfg.adv_clip)                                     # (n,)
     scale = cfg.adv_clip / cfg.nft_beta                                   # the published loss scale
@@ -187,7 +195,7 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, optimizer_step
     for k, (mb, ti) in enumerate(tqdm(passes, desc=f"epoch {epoch} training", leave=False,
                                       disable=not progress)):
         x0 = batch["latents"][mb].float()                                               # (B, C, h, w)
-        eps = torch.randn(x0.shape, generator=noise_gen).to(x0.device)
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=gens[i]) for i in mb.tolist()]).to(x0.device)
         t = sigmas[ti]                                                                   # (B,)
         x_t = forward_noise(x0, eps, t)
         with torch.no_grad(), gen.old.applied(params):

@@ -165,8 +165,8 @@ class DinoDiscriminator(Adversary, nn.Module):
     @classmethod
     def from_config(cls, cfg, device, phi, cond_dim=0):
         """`cond_dim`: the pooled text embedding's width, used when cfg.d_conditional."""
-        return cls(phi, lr=cfg.d_lr, seed=cfg.seed, cond_dim=cond_dim if cfg.d_conditional else 0,
-                   group_size=cfg.group_size).to(device)
+        return cls(phi, cfg.d_hidden, cfg.d_patches, cfg.d_patch_loss, cfg.d_cls_weight, cfg.d_lr,
+                   seed=cfg.seed, cond_dim=cond_dim * cfg.d_conditional, group_size=cfg.group_size).to(device)
 
     def trainable_parameters(self):
         return [*self.head.parameters(), *(self.proj.parameters() if self.proj is not None else ())]
@@ -190,10 +190,10 @@ class DinoDiscriminator(Adversary, nn.Module):
         n_patches patch tokens drawn at random per image (all of them if N <= n_patches). `cond` (B, P):
         the prompts' pooled text embeddings, used (and required) by a conditional head only."""
         B, N, D = patches.shape
-        if N > self.n_patches:
-            dev = generator.device if generator is not None else "cpu"
-            # (B, k)
-            idx = torch.rand(B, N, generator=generator, device=dev).argsort(dim=1)[:, :self.n_patches]
+        if N > self.n_patches:  # `generator`: one for the batch, or a list of one per image (its own draw)
+            gens = generator if isinstance(generator, list) else [generator] * B
+            idx = torch.stack([torch.rand(N, generator=g, device=g.device if g else "cpu") for g in gens]
+                              ).argsort(dim=1)[:, :self.n_patches]                                  # (B, k)
             patches = patches.gather(1, idx.to(patches.device)[..., None].expand(-1, -1, D))  # (B, k, D)
         return self._cls_logit(cls, cond), self.head(patches.float()).squeeze(-1)  # (B,), (B, k)
 
@@ -276,6 +276,9 @@ class DinoDiscriminator(Adversary, nn.Module):
         return state
 
     def load_head_state(self, state):
+        if (width := len(state["head"]["0.bias"])) != len(self.head[0].bias):  # not a size-mismatch traceback
+            raise SystemExit(f"the checkpoint's discriminator head is {width} wide, this run's d_hidden is "
+                             f"{len(self.head[0].bias)}: resume with --d_hidden={width}")
         self.head.load_state_dict(state["head"])
         if self.proj is not None:
             self.proj.load_state_dict(state["proj"])

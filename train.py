@@ -26,8 +26,8 @@ held-out evaluation in eval.py, what a checkpoint holds in checkpoint.py.
 Departs from the published Flow-GRPO / Adv-GRPO scripts: no accelerate (plain DDP: you can see when
 gradients synchronise), no anomaly detection (3x slower), the old log-probs recomputed by the training
 computation itself (see `train_generator`), the discriminator head in float32 and synchronised across
-ranks, every random stream derived from (seed, epoch, rank, image) so a run is reproducible and a resume
-is exact, and the training window may start at random (`window_start = "random"`, the paper's text).
+ranks, every random stream derived from (seed, epoch, image), not the rank (one rank or many train the same
+weights), and the training window may start at random (`window_start = "random"`, the paper's text).
 """
 
 import contextlib
@@ -50,10 +50,11 @@ import model as M
 import nft
 import reward as R
 import sampler as S
-from configurator import Config, parse_args, validate
+from configurator import Config, missing_weights, parse_args, step_chunks, timesteps_per_image, validate
 
-# Named random streams: seed_of(cfg.seed, epoch, rank, S) for the adversary's draws (DINO: its patch tokens),
-# the references drawn and the micro-batch order; the random window is seeded by (seed, epoch, WINDOW) alone.
+# Named random streams: seed_of(cfg.seed, epoch, image, S) for the adversary's draws (DINO: its patch tokens)
+# and the reference drawn per image, (seed, epoch, block, ORDER) for the micro-batch order (training_passes);
+# the random window is seeded by (seed, epoch, WINDOW) alone. Nothing depends on the rank.
 PATCHES, REFS, ORDER, WINDOW = 1, 2, 3, 7  # the values are the streams: changing one changes every result
 
 # -----------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def schedule(cfg, epoch, adversary, info, finite):
 
 
 def seed_of(*keys):
-    """A 63-bit seed from a tuple of ints: independent random streams per (seed, epoch, rank, purpose)."""
+    """A 63-bit seed from a tuple of ints: independent random streams per (seed, epoch, image, purpose)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
@@ -220,10 +221,11 @@ def score_epoch(cfg, epoch, rank, batch, prompts, fixed_reward, adversary, refer
     # A non-finite generation must not reach the adversary (it would poison it for good).
     if not all_finite(images, device=device):
         return torch.full_like(rewards, float("nan")), None, info
-    draws = torch.Generator(device).manual_seed(seed_of(cfg.seed, epoch, rank, PATCHES))
-    refs = torch.Generator().manual_seed(seed_of(cfg.seed, epoch, rank, REFS))
-    real_images = references.sample(texts, 1, refs).to(device)                        # (n, 3, H, W)
-    r, d_batch, d_info = adversary.judge(images, real_images, texts, batch["pool"], draws)
+    ids = range(rank * len(texts), (rank + 1) * len(texts))  # the images' indices in the epoch: per image
+    draws, refs = ([torch.Generator().manual_seed(seed_of(cfg.seed, epoch, i, k)) for i in ids]
+                   for k in (PATCHES, REFS))
+    real_images = torch.cat([references.sample([t], 1, g) for t, g in zip(texts, refs)])  # (n, 3, H, W)
+    r, d_batch, d_info = adversary.judge(images, real_images.to(device), texts, batch["pool"], draws)
     return rewards + adversary.weight * r.float().to(device), d_batch, {**info, **all_mean(d_info, device)}
 
 
@@ -243,11 +245,17 @@ def step_log_prob(cfg, gen, model, batch, mb, j):
 
 
 def training_passes(cfg, epoch, rank, n, device):
-    """The forward/backward passes of one epoch's update, in order: (micro-batch of image indices, trained
-    step j), micro-batches of train_batch_size drawn from a per-(seed, epoch, rank) permutation."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_of(cfg.seed, epoch, rank, ORDER)))
-    micro = [order[i:i + cfg.train_batch_size].to(device) for i in range(0, n, cfg.train_batch_size)]
-    return [(mb, j) for mb in micro for j in range(cfg.window_size)]
+    """This rank's passes of one epoch's update, in order: (micro-batch of image indices, trained step j). The
+    epoch's images form blocks of a = step_chunks(cfg) micro-batches, each permuted by (seed, epoch, block,
+    ORDER); step (d, c) trains the d-th micro-batch of every block on the c-th of U / a chunks of the window:
+    the same steps on any number of ranks, each rank taking its share of every step."""
+    a, tbs = step_chunks(cfg), cfg.train_batch_size
+    K = timesteps_per_image(cfg) if cfg.objective == "nft" else cfg.window_size  # nft: j is the j-th time
+    b, first = cfg.updates_per_epoch // a, rank * n // (a * tbs)  # this rank's first block
+    perms = [q * a * tbs + torch.randperm(a * tbs, generator=torch.Generator().manual_seed(
+        seed_of(cfg.seed, epoch, first + q, ORDER))) for q in range(n // (a * tbs))]
+    return [(p[d * tbs:(d + 1) * tbs].to(device), j) for d in range(a) for c in range(b) for p in perms
+            for j in range(c * K // b, (c + 1) * K // b)]
 
 
 def old_log_probs(cfg, gen, batch, passes):
@@ -264,7 +272,8 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
     transition x_j → x_{j+1} under the current weights (same CFG as sampling), accumulate gradients
     (DDP all-reduces only on the last micro-step before an optimizer step), clip, step, EMA."""
     if cfg.objective == "nft":  # DiffusionNFT instead: flow matching on the clean latents (nft.py)
-        return nft.train_generator(cfg, epoch, gen, batch, advantages, counters, optimizer_step, rank, progress)
+        return nft.train_generator(cfg, epoch, gen, batch, advantages, counters, optimizer_step, rank, progress,
+                                   training_passes(cfg, epoch, rank, len(advantages), gen.device))
     model = gen.train_model
     passes = training_passes(cfg, epoch, rank, len(advantages), gen.device)
     accum = len(passes) // cfg.updates_per_epoch
@@ -412,25 +421,27 @@ def epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device):
 def check_inputs(cfg, world, master=True):
     """Everything the user gave us, checked before the (slow) model load, so a mistake costs seconds.
     Returns (training prompts, held-out prompts, references or None, checkpoint to resume from or None)."""
-    validate(cfg, world)
+    validate(cfg, world, warn=print if master else None)  # refuses in one line, or warns
     if bad := R.check_reward(cfg.reward):
         raise SystemExit(f"config error: {bad}")
+    missing, prompts, test_prompts, references = missing_weights(cfg), [], [], None  # all said at once
     try:
         prompts = data.load_prompts(cfg.train_prompts)
     except ValueError as e:
-        hint = ("\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and "
-                "weights: see README. To try the method on a laptop: `make demo`.)")
-        raise SystemExit(f"{e}{hint if cfg.train_prompts == Config.train_prompts else ''}") from None
+        missing.insert(0, str(e))
     try:
         test_prompts = [p["prompt"] for p in data.load_prompts(cfg.test_prompts)] if cfg.eval_every else []
     except ValueError as e:
-        raise SystemExit(f"held-out prompts (test_prompts; eval_every=0 turns the evaluation off): "
-                         f"{e}") from None
+        missing.append(f"held-out prompts (test_prompts; eval_every=0 turns the evaluation off): {e}")
     test_prompts = test_prompts[:cfg.eval_max_prompts or None]
     try:  # only when a chosen reward (or the adversary) names them
         references = data.load_references(cfg, prompts) if "references" in R.needs(cfg.reward) else None
     except ValueError as e:
-        raise SystemExit(f"reference images: {e}") from None
+        missing.append(f"reference images: {e}")
+    if missing:
+        hint = ("\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and "
+                "weights: see README. To try the method on a laptop: `make demo`.)")
+        raise SystemExit("\n".join(missing) + (hint if cfg.train_prompts == Config.train_prompts else ""))
     if master:
         C.claim_out_dir(cfg)  # one run per folder; a used one is resumed or explicitly overwritten
     # --resume: the newest intact checkpoint, the keys changed since it checked; a finished run exits 0

@@ -160,3 +160,67 @@ def test_a_fixed_dino_sim_run_measures_the_held_out_set_with_its_dino(tmp_path):
         {"HF_HUB_OFFLINE": "1"})
     first = json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())
     assert {"eval/dino_sim", "eval/fd_dino"} <= set(first) and first["reward/dino_sim"] > 0
+
+
+# --- said at the start, not the end -----------------------------------------------------------------
+
+def test_a_schedule_that_never_trains_the_generator_is_said_before_the_first_epoch(tmp_path, capsys):
+    import train as T
+    T.check_inputs(tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "a"), epochs=2, d_warmup=5), 1)
+    assert ("WARNING the generator will never be trained (0 G steps): epochs = 2 ≤ d_warmup = 5"
+            in capsys.readouterr().out)
+    paper = dict(schedule="paper", d_times=10)
+    T.check_inputs(tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "b"), epochs=9, **paper), 1)
+    assert "0 G steps): schedule 'paper' trains it where (epoch + 1) % d_times = 0" in capsys.readouterr().out
+    T.check_inputs(tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "c"), epochs=10, **paper), 1)
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_every_missing_input_is_reported_at_once(tmp_path):
+    import train as T
+    cfg = tiny_cfg(ADV_PRESET, out_dir=str(tmp_path / "run"), eval_every=1, pretrained=str(tmp_path / "sd35"),
+                   train_prompts=str(tmp_path / "tr.txt"), test_prompts=str(tmp_path / "te.txt"),
+                   references=str(tmp_path / "refs.json"), dino_weights=str(tmp_path / "dino.safetensors"))
+    with pytest.raises(SystemExit) as e:
+        T.check_inputs(cfg, 1)
+    lines = str(e.value).splitlines()
+    for name in ("tr.txt", "te.txt", "refs.json", "sd35", "dino.safetensors"):
+        assert sum(name in line for line in lines) == 1, (name, lines)
+    assert len(lines) == 5 and not os.path.exists(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:  # offline, the recipe's hub id not in the cache: said before loading
+        T.check_inputs(T.parse_args([f"--out_dir={tmp_path / 'run'}", f"--train_prompts={ADV_PRESET}"]), 1)
+    assert ("stabilityai/stable-diffusion-3.5-medium is not in the hub cache and HF_HUB_OFFLINE=1: "
+            "`hf auth login`") in str(e.value)
+
+
+def test_random_sd35_medium_says_what_it_builds_before_building(monkeypatch, capsys):
+    class Built(Exception):
+        pass
+
+    def transformer(**kw):
+        raise Built
+    monkeypatch.setattr(M, "SD3Transformer2DModel", transformer)
+    with pytest.raises(Built):
+        M.random_pipeline("sd3.5-medium", t5=True, dtype=torch.bfloat16)
+    assert ("building random:sd3.5-medium: 7.9 B random parameters, 16 GB of cpu memory in torch.bfloat16; "
+            "about a minute") in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown random architecture 'nope'; known: random:sd3.5-medium, "
+                                         "random:tiny$"):
+        M.load_pipeline("random:nope")
+
+
+def test_the_missing_weights_hint_works_with_the_recipe_and_names_the_venvs_cli(tmp_path):
+    """The error for missing SD3.5 weights names the `hf` CLI this environment ships, and its random-weight
+    hint, added to the recipe it is printed for (the defaults), samples."""
+    import train as T
+    with pytest.raises(SystemExit) as e:
+        M.load_pipeline(str(tmp_path / "no_model"))
+    assert "`hf auth login`" in str(e.value)
+    assert os.path.isfile(os.path.join(os.path.dirname(sys.executable), "hf"))  # huggingface_hub's CLI
+    hint = str(e.value).split("a smoke run on random weights: ")[1].rstrip(".").split()
+    assert "at most 128 px" in configurator.check_ranges(T.parse_args(["--pretrained=random:tiny"]))
+    cfg = T.parse_args(hint)
+    assert configurator.check_ranges(cfg) is None
+    gen = M.build_generator(cfg, torch.device("cpu"))
+    batch = T.sample_epoch(cfg, 0, gen, ["a red circle"], [0], 0, progress=False)
+    assert batch["images"].shape == (1, 3, 32, 32) and torch.isfinite(batch["images"]).all()

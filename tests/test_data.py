@@ -305,3 +305,35 @@ def test_reference_guidance_follows_the_pipeline():
     assert prepare.guidance_kwargs(flux_dev, 3.5, 1) == dict(guidance_scale=3.5)
     sd3 = NS(__call__=StableDiffusion3Pipeline.__call__, transformer=NS(config={}))
     assert prepare.guidance_kwargs(sd3, 4.5, 3) == dict(guidance_scale=4.5)
+
+
+# --- files as people save them --------------------------------------------------------------------
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_prompt_and_index_files_not_in_utf8_are_named_in_one_line(tmp_path, encoding):
+    (tmp_path / "p.txt").write_bytes("a red café\nune forêt\n".encode(encoding))
+    with pytest.raises(ValueError, match=rf"^prompt file {tmp_path / 'p.txt'} is not UTF-8 text \(byte \d+: "):
+        load_prompts(str(tmp_path / "p.txt"))
+    (tmp_path / "i.json").write_bytes('{"une forêt": ["a.png"]}'.encode(encoding))
+    with pytest.raises(ValueError, match=rf"^reference index {tmp_path / 'i.json'} is not UTF-8 text"):
+        ReferenceSet.from_index(str(tmp_path / "i.json"))
+
+
+def test_every_newline_convention_splits_prompts_and_a_nul_byte_is_refused(tmp_path):
+    for name, text in (("mac.txt", "a red circle\ra blue square\r"),
+                       ("dos.txt", "a red circle\r\na blue square"),
+                       ("mix.jsonl", '{"prompt": "a red circle"}\r{"prompt": "a blue square"}\n')):
+        write(tmp_path / name, text)
+        assert [p["prompt"] for p in load_prompts(str(tmp_path / name))] == ["a red circle", "a blue square"]
+    (tmp_path / "nul.txt").write_bytes(b"a red circle\na blue\x00square\n")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'nul.txt'}:2: a NUL byte"):
+        load_prompts(str(tmp_path / "nul.txt"))
+
+
+def test_a_float_tiff_in_0_to_1_reads_as_its_values(tmp_path):
+    a = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(a, mode="F").save(tmp_path / "f.tif")
+    im = data._load_image(str(tmp_path / "f.tif"), None)
+    assert im.shape == (3, 64, 64) and abs(im.float().mean().item() - 127.5) < 1 and im.max() == 255
+    Image.fromarray(a * 255, mode="F").save(tmp_path / "big.tif")   # floats beyond 1: pixel values
+    assert abs(data._load_image(str(tmp_path / "big.tif"), None).float().mean().item() - 127.5) < 1

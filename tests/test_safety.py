@@ -176,6 +176,14 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, built, 
     ("--noise_level=1.5", "noise_level"), ("--beta_kl=-1", "beta_kl"),
     ("--guidance_scale=0.5", "guidance_scale"), ("--epochs=0", "epochs"), ("--keep_last=-1", "keep_last"),
     ("--keep_last=0", "keep_last"), ("--lr=nan", "lr"), ("--clip_range=0", "clip_range"),
+    ("--seed=-1", "seed"), (f"--seed={2 ** 64}", "seed"),
+    ("--pretrained=random:nope", "known: random:sd3.5-medium"),
+    ("--dino_image_size=3", "dino_image_size 3 must be a multiple of the feature backbone's patch size"),
+    (f"--resolution={2 ** 20}", "resolution 1048576 is more than the position embedding of random:tiny"),
+    ("--lr=1e30", "lr must be ≤ 1"), ("--clip_range=1e9", "clip_range"),
+    ("--weight_decay=1e6", "weight_decay"),
+    ("--reward={}", "reward is empty"), ("--d_hidden=0", "d_hidden"), ("--d_patches=0", "d_patches"),
+    ("--d_patch_loss=-1", "d_patch_loss"), ("--d_cls_weight=1.5", "d_cls_weight"),
 ])
 def test_bad_numbers_are_refused_in_one_line_before_the_model_loads(tmp_path, arg, key):
     with pytest.raises(SystemExit, match=key) as e:
@@ -188,13 +196,33 @@ def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(SystemExit, match="is a file"):
         T.check_inputs(tiny_cfg(out_dir=str(tmp_path / "f")), 1)
+    for where, why in ((tmp_path / "f" / "run", "Not a directory"), ("/proc/advgrpo/run", "No such file")):
+        with pytest.raises(SystemExit, match=f"out_dir {where} cannot be made: {why}") as e:
+            T.check_inputs(tiny_cfg(out_dir=str(where)), 1)
+        assert "\n" not in str(e.value)
+
+
+def test_the_discriminator_knobs_are_keys_and_another_width_is_not_resumed(tmp_path):
+    import reward as R
+    d = R.build_adversary(tiny_cfg(ADV_PRESET, d_hidden=8, d_patches=4, d_patch_loss=0.5, d_cls_weight=0.2),
+                          torch.device("cpu"))
+    assert (len(d.head[0].bias), d.n_patches, d.patch_loss_weight, d.cls_reward_weight) == (8, 4, 0.5, 0.2)
+    cls, patches = torch.randn(3, 32), torch.randn(3, 16, 32)
+    c, p = d._logits(cls, patches, generator=torch.Generator().manual_seed(0))
+    assert p.shape == (3, 4) and torch.allclose(d._combine(c, p), 0.2 * c + 0.8 * p.mean(1))
+    out = tmp_path / "run"
+    _run([f"--out_dir={out}", "--epochs=1", "--d_hidden=8"])
+    err = _run([f"--out_dir={out}", "--epochs=2", "--resume"], ok=False).stderr
+    assert err.strip().splitlines()[-1] == ("the checkpoint's discriminator head is 8 wide, this run's "
+                                            "d_hidden is 512: resume with --d_hidden=8")
 
 
 @pytest.mark.parametrize("text, msg", [("lr: 0.1\n", "annotation, not an assignment"),
-                                       ("lr = (\n", "syntax error"), ("lr = 1 / 0\n", "ZeroDivisionError")])
+                                       ("lr = (\n", "syntax error"), ("lr = 1 / 0\n", "ZeroDivisionError"),
+                                       (None, "cannot be read as a Python file: Is a directory")])
 def test_broken_presets_are_refused_naming_the_file(tmp_path, text, msg):
     p = tmp_path / "preset.py"
-    p.write_text(text)
+    p.mkdir() if text is None else p.write_text(text)
     with pytest.raises(SystemExit, match=msg) as e:
         T.parse_args([str(p)])
     assert str(p) in str(e.value)
