@@ -186,7 +186,7 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, count_update, 
     stats, bad = [], 0
     model.train()
     for k, (mb, ti) in enumerate(tqdm(passes, desc=f"epoch {epoch} training", leave=False,
-                                      disable=not progress)):
+                                      disable=None if progress else True)):  # None: no bar in a log file
         x0 = batch["latents"][mb].float()                                               # (B, C, h, w)
         eps = torch.randn(x0.shape, generator=noise_gen).to(x0.device)
         t = sigmas[ti]                                                                   # (B,)

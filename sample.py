@@ -408,7 +408,7 @@ def main(argv=None):
             os.path.join(out, f"{i:04d}.png"))
     what = (f"{ckpt} (EMA weights)" if ckpt else cfg.pretrained + (f" + {lora}" if lora else "")) + \
         f", {len(base)} prompts × {n}, {steps} steps, CFG {scale}, seed {args.seed}"
-    E.save_grid(images, os.path.join(out, "grid.png"), nrow=n, labels=prompts)
+    E.save_grid(images, os.path.join(out, "grid.png"), nrow=n, labels=prompts, title=what)
     json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, n_per_prompt=n, num_steps=steps,
                    guidance_scale=scale, seed=args.seed, checkpoint=ckpt, pretrained=cfg.pretrained,
                    lora=lora), open(os.path.join(out, "metrics.json"), "w"), indent=1)
