@@ -334,16 +334,16 @@ def write_reproduce(out, cfg, lora, settings, what):
                 "pipe = model.random_pipeline(BASE.split(':', 1)[1], t5=T5, dtype=DTYPE)")
     else:
         load = ("pipe = StableDiffusion3Pipeline.from_pretrained(\n"
-                "    BASE, torch_dtype=DTYPE, **({} if T5 else dict(text_encoder_3=None, tokenizer_3=None)))")
-    if os.path.isfile(os.path.join(lora, "adapter_config.json")):  # a PEFT folder, loaded as its authors do
+                "    BASE, dtype=DTYPE, **({} if T5 else dict(text_encoder_3=None, tokenizer_3=None)))")
+    if lora and os.path.isfile(os.path.join(lora, "adapter_config.json")):  # PEFT, loaded as its authors do
         load += ("\nfrom peft import PeftModel  # noqa: E402\n"
                  "pipe.transformer = PeftModel.from_pretrained(pipe.transformer, LORA)")
-    else:  # diffusers' format (our checkpoints' lora/: the EMA weights the evaluation used)
+    elif lora:  # diffusers' format (our checkpoints' lora/: the EMA weights the evaluation used)
         load += "\npipe.load_lora_weights(LORA)"
     note = ("" if cfg.mixed_precision == "no" else "\nThe evaluation ran in bf16 (frozen weights bf16, LoRA "
             "float32, autocast): the images agree to bf16 rounding.")
     text = REPRODUCE.format(what=what, path=os.path.join(out, "reproduce.py"), note=note, base=base,
-                            lora=os.path.abspath(lora), prompts=settings["prompts"],
+                            lora=os.path.abspath(lora) if lora else None, prompts=settings["prompts"],
                             n=settings["n_per_prompt"], seed=settings["seed"], steps=settings["num_steps"],
                             scale=settings["guidance_scale"], msl=cfg.max_sequence_length, res=cfg.resolution,
                             t5=cfg.t5, dtype="bfloat16" if cfg.mixed_precision == "bf16" else "float32",
@@ -412,7 +412,7 @@ def main(argv=None):
     json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, n_per_prompt=n, num_steps=steps,
                    guidance_scale=scale, seed=args.seed, checkpoint=ckpt, pretrained=cfg.pretrained,
                    lora=lora), open(os.path.join(out, "metrics.json"), "w"), indent=1)
-    if lora and (not ckpt or os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors"))):
+    if not ckpt or os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):  # none: full FT
         write_reproduce(out, cfg, lora, settings, what)
     print(json.dumps(metrics, indent=1))
     if "fd_dino" in metrics and len(images) < 50:

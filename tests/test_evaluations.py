@@ -213,3 +213,15 @@ def test_summarize_warns_when_runs_differ_and_names_a_damaged_summary(tmp_path):
         for flag in ("--summarize", "--compare"):
             err = _sample([flag, str(tmp_path / "a"), str(tmp_path / "c")], ok=False).stderr
             assert f"{flag}: {tmp_path / 'c' / 'summary.json'} is damaged" in err and err.count("\n") == 1
+
+
+def test_reproduce_py_of_a_pipeline_folder_loads_it_with_from_pretrained(tmp_path):
+    """The tiny world's base (a diffusers folder; its 1-token text length from sample_settings.json)."""
+    _sample(["--pretrained", "assets/tinyworld/pipeline_early", "--resolution", "32", "--t5=False",
+             "--mixed_precision", "no", "--prompt", "a red circle on the left", "a blue square at the top",
+             "--n_per_prompt", "2", "--num_steps", "6", "--guidance_scale", "3.0", "--out", str(tmp_path / "ev")])
+    text = (tmp_path / "ev" / "reproduce.py").read_text()
+    assert "StableDiffusion3Pipeline.from_pretrained(" in text and "LORA = None" in text
+    assert "MAX_SEQUENCE_LENGTH, RESOLUTION, T5, DTYPE = 1, 32, False" in text
+    _reproduce(tmp_path / "ev" / "reproduce.py", tmp_path / "again")
+    assert np.abs(_pngs(tmp_path / "again")[1] - _pngs(tmp_path / "ev")[1]).max() <= 1
