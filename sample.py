@@ -276,8 +276,7 @@ def output_folder(args, ckpt, cfg, settings):
             out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "eval",
                                os.path.basename(ckpt) + ("" if own else f"-{tag}"))
         else:
-            name = os.path.basename(os.path.normpath(args.lora or args.pretrained)).replace(":", "_")
-            out = os.path.join("out", "eval", f"{name}-{tag}")
+            out = os.path.join("out", "eval", f"{short(args.lora or args.pretrained).replace(':', '_')}-{tag}")
     try:
         os.makedirs(out, exist_ok=True)
         ours = sorted(n for n in os.listdir(out) if OUR_FILES.match(n))
@@ -322,6 +321,11 @@ for i, prompt in enumerate(p for p in PROMPTS for _ in range(N_PER_PROMPT)):
     image.save(os.path.join(out, f"{{i:04d}}.png"))
 print(f"wrote {{i + 1}} images to {{out}}")
 '''
+
+
+def short(path):
+    """The last name of a path (a run, a checkpoint, a LoRA folder): how titles name them."""
+    return os.path.basename(os.path.abspath(path))  # a hub id: its model name
 
 
 def write_reproduce(out, cfg, lora, settings, what):
@@ -406,7 +410,8 @@ def main(argv=None):
     for i, im in enumerate(images):
         Image.fromarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(
             os.path.join(out, f"{i:04d}.png"))
-    what = (f"{ckpt} (EMA weights)" if ckpt else cfg.pretrained + (f" + {lora}" if lora else "")) + \
+    what = (f"{short(os.path.dirname(os.path.dirname(ckpt)))}/{short(ckpt)} (EMA weights)" if ckpt
+            else short(cfg.pretrained) + (f" + {short(lora)}" if lora else "")) + \
         f", {len(base)} prompts × {n}, {steps} steps, CFG {scale}, seed {args.seed}"
     E.save_grid(images, os.path.join(out, "grid.png"), nrow=n, labels=prompts, title=what)
     json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, n_per_prompt=n, num_steps=steps,
