@@ -15,8 +15,10 @@ demo: .venv/.installed
 	OMP_NUM_THREADS=1 $(PY) train.py config/tiny_frozen.py --out_dir=out/demo/frozen --overwrite=True \
 		> out/demo/frozen.log 2>&1 & \
 	OMP_NUM_THREADS=1 $(PY) train.py config/tiny.py --out_dir=out/demo/adversarial --overwrite=True; \
-	status=$$?; wait $$! || status=1; \
-	[ $$status -eq 0 ] || { echo "a run failed: see out/demo/frozen.log"; exit 1; }
+	adversarial=$$?; wait $$!; frozen=$$?; \
+	[ $$adversarial -eq 0 ] || echo "the Adv-GRPO run failed (exit $$adversarial): see its output above"; \
+	[ $$frozen -eq 0 ] || echo "the fixed-reward run failed (exit $$frozen): see out/demo/frozen.log"; \
+	[ $$adversarial -eq 0 ] && [ $$frozen -eq 0 ]
 	$(PY) sample.py --compare out/demo/adversarial out/demo/frozen
 
 test: .venv/.installed

@@ -18,8 +18,9 @@ Owns
 - `open_metrics`: metrics.jsonl in append mode; a line torn by a kill is dropped, not fatal; a full disk
   is one line.
   `external_logger`: the same rows to wandb or tensorboard when asked for (neither is a dependency).
-- `export_lora` / `load_lora`: the LoRA in diffusers' format, written into every checkpoint (its `lora/`)
-  and read back as `init_lora` (ours, or Flow-GRPO's `lora_path`).
+- `export_lora` / `load_lora`: the LoRA in diffusers' format, written into every checkpoint (its `lora/`);
+  `init_lora` and sample.py's `--lora` read it back, or a PEFT adapter folder (the released Adv-GRPO and
+  Flow-GRPO LoRAs), rank / alpha / target modules checked against the run's.
 
 Leaves out: what is trained (model.py, reward.py) and when to save (train.py).
 """
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -177,30 +178,71 @@ def export_lora(gen, path):
         transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
 
 
-def load_lora(transformer, folder):
-    """Set our adapter to a LoRA saved in diffusers' format (`save_lora_weights`: keys
-    "transformer.<peft key>"), refusing one of another rank or for other layers in one line."""
-    path = os.path.join(folder, "pytorch_lora_weights.safetensors")
-    if not os.path.isfile(path):
-        raise SystemExit(f"init_lora: no pytorch_lora_weights.safetensors in {folder}")
-    if not getattr(transformer, "peft_config", None):
-        raise SystemExit("init_lora needs lora_rank > 0")
-    with safe_open(path, "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    ours = transformer.peft_config["default"]
-    theirs = (meta.get("transformer.r", ours.r), meta.get("transformer.lora_alpha", ours.lora_alpha))
-    if theirs != (ours.r, ours.lora_alpha):  # another alpha would silently rescale the update
-        raise SystemExit(f"init_lora {folder} has rank {theirs[0]} / alpha {theirs[1]}: "
-                         f"set --lora_rank={theirs[0]} --lora_alpha={theirs[1]}")
-    sd = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
+def read_lora(folder, what="init_lora"):
+    """A LoRA folder in either published format: diffusers' (`pytorch_lora_weights.safetensors`, keys
+    "transformer.<module>.lora_A.weight", rank and alpha in its metadata) or PEFT's (`adapter_config.json` +
+    `adapter_model.safetensors`, keys "base_model.model.<module>.lora_A.weight": the released Adv-GRPO and
+    Flow-GRPO LoRAs). Returns (settings {r, lora_alpha, target_modules}, where each is None when the file
+    does not say, weights {"<module>.lora_A.weight": tensor}); refuses what it cannot read in one line."""
+    diffusers_file = os.path.join(folder, "pytorch_lora_weights.safetensors")
+    config_file = os.path.join(folder, "adapter_config.json")
+    where = config_file
     try:
-        result = set_peft_model_state_dict(transformer, sd, adapter_name="default")
-    except RuntimeError as e:  # shape mismatch: another rank
-        raise SystemExit(f"init_lora {folder} does not fit lora_rank / targets of this run: "
+        if os.path.isfile(diffusers_file):
+            with safe_open(diffusers_file, "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+            settings = {k: meta.get(f"transformer.{k}") for k in ("r", "lora_alpha", "target_modules")}
+            prefix, weights_file = "transformer.", diffusers_file
+        elif os.path.isfile(config_file):
+            settings = json.load(open(config_file))
+            if not isinstance(settings, dict):
+                raise ValueError("not a JSON object")
+            weights_file = os.path.join(folder, "adapter_model.safetensors")
+            prefix = "base_model.model."
+            unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
+                                       "modules_to_save", "layers_to_transform") if settings.get(k)]
+            if settings.get("peft_type", "LORA") != "LORA" or unsupported:  # each changes the update's maths
+                raise SystemExit(f"{what} {config_file}: a {settings.get('peft_type')} adapter with "
+                                 f"{', '.join(unsupported) or 'another method'}; only plain LoRA loads")
+        else:
+            raise SystemExit(f"{what} {folder}: neither pytorch_lora_weights.safetensors (diffusers) nor "
+                             "adapter_config.json + adapter_model.safetensors (PEFT) is there")
+        where = weights_file
+        weights = {k.removeprefix(prefix): v for k, v in load_file(weights_file).items()}
+    except (OSError, ValueError, SafetensorError) as e:
+        raise SystemExit(f"{what} {where} cannot be read: {type(e).__name__}: {str(e)[:160]}") from None
+    targets = settings.get("target_modules")
+    settings = dict(r=settings.get("r"), lora_alpha=settings.get("lora_alpha"),
+                    target_modules=sorted([targets] if isinstance(targets, str) else targets or []) or None)
+    return settings, weights
+
+
+def load_lora(transformer, folder, what="init_lora"):
+    """Set our adapter to a LoRA folder of either format (`read_lora`), refusing one of another rank,
+    alpha or target modules, or with weights for other layers, in one line."""
+    if not getattr(transformer, "peft_config", None):
+        raise SystemExit(f"{what} needs lora_rank > 0")
+    theirs, weights = read_lora(folder, what)
+    ours = transformer.peft_config["default"]
+    r, alpha = theirs["r"] or ours.r, theirs["lora_alpha"] or ours.lora_alpha
+    if (r, alpha) != (ours.r, ours.lora_alpha):  # another alpha would silently rescale the update
+        raise SystemExit(f"{what} {folder} has rank {r} / alpha {alpha}: "
+                         f"set --lora_rank={r} --lora_alpha={alpha}")
+    if theirs["target_modules"] and set(theirs["target_modules"]) != set(ours.target_modules):
+        raise SystemExit(f"{what} {folder} adapts {theirs['target_modules']}, this run "
+                         f"{sorted(ours.target_modules)} (model.LORA_TARGETS)")
+    try:
+        result = set_peft_model_state_dict(transformer, weights, adapter_name="default")
+    except RuntimeError as e:  # shape mismatch: another rank than its metadata says
+        raise SystemExit(f"{what} {folder} does not fit lora_rank / targets of this run: "
                          f"{str(e)[:200]}") from None
     if getattr(result, "unexpected_keys", None):
-        raise SystemExit(f"init_lora {folder} has weights for layers this run does not adapt, e.g. "
+        raise SystemExit(f"{what} {folder} has weights for layers this run does not adapt, e.g. "
                          f"{result.unexpected_keys[0]}")
+    missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]
+    if missing:
+        raise SystemExit(f"{what} {folder} has no weights for {len(missing)} adapted tensors, "
+                         f"e.g. {missing[0]}")
 
 
 def checkpoints(out_dir):

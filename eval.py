@@ -104,8 +104,7 @@ def measure(images, prompts, references=None, features=None):
     else:
         skipped["dino_sim"] = skipped["fd_dino"] = "no references or no feature backbone in this run"
     try:
-        for p in prompts:
-            tw.parse(p)
+        list(map(tw.parse, prompts))  # ValueError outside the shapes-world grammar
     except ValueError:
         skipped["toy_geneval"] = "prompts are not in the shapes-world grammar"
     else:
@@ -133,9 +132,9 @@ def measure(images, prompts, references=None, features=None):
     return m, skipped
 
 
-def save_grid(images, path, nrow=8, labels=None):
-    """A PNG grid of images (B, 3, H, W) in [0, 1], nrow per row, scaled up so 32-px toys are visible.
-    `labels` (one per image, e.g. its prompt): each row is captioned, on its left, with its images' labels."""
+def save_grid(images, path, nrow=8, labels=None, title=""):
+    """A PNG grid of images (B, 3, H, W) in [0, 1], nrow per row, scaled up so 32-px toys are visible, under
+    `title`. `labels` (one per image, e.g. its prompt): each row is captioned, on its left, with its labels."""
     x = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()   # (B, H, W, 3)
     b, h, w, _ = x.shape
     rows = (b + nrow - 1) // nrow
@@ -143,39 +142,41 @@ def save_grid(images, path, nrow=8, labels=None):
     for i in range(b):
         r, c = divmod(i, nrow)
         grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = x[i]
-    img = Image.fromarray(grid)
     scale = max(1, 128 // h) if labels is None else max(1, 64 // h)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    if labels is not None:
-        font = ImageFont.load_default(size=12)
-        texts = [" / ".join(dict.fromkeys(labels[r * nrow:(r + 1) * nrow]))[:60] for r in range(rows)]
-        margin = int(max(font.getlength(t) for t in texts)) + 12
-        canvas = Image.new("RGB", (img.width + margin, img.height), "white")
-        canvas.paste(img, (margin, 0))
-        draw = ImageDraw.Draw(canvas)
-        for r, text in enumerate(texts):
-            draw.text((4, r * (h + 2) * scale + 4), text, fill="black", font=font)
-        img = canvas
-    img.save(path)
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    font = ImageFont.load_default(size=12)
+    texts = [" / ".join(dict.fromkeys(labels[r * nrow:][:nrow]))[:60] for r in range(rows)] if labels else []
+    left, top = int(max(map(font.getlength, texts), default=-12)) + 12, 20 if title else 0
+    width = max(img.width + left, int(font.getlength(title)) + 8)
+    canvas = Image.new("RGB", (width, img.height + top), "white")
+    canvas.paste(img, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 3), title, fill="black", font=font)
+    for r, text in enumerate(texts):
+        draw.text((4, top + r * (h + 2) * scale + 4), text, fill="black", font=font)
+    canvas.save(path)
 
 
-def plot_curves(metrics_path, out_path, train_key="reward_mean",
+def plot_curves(metrics_path, out_path, run="", train_key="reward_mean",
                 eval_keys=("eval/toy_geneval", "eval/style_match", "eval/background", "eval/dino_sim")):
-    """Training reward and held-out metrics against epoch on one figure: the reward-hacking picture."""
-    rows = [json.loads(l) for l in open(metrics_path) if l.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    tr = [(r["epoch"], r[train_key]) for r in rows if train_key in r]
-    ax.plot(*zip(*tr), color="k", lw=1, label=f"train {train_key}")
-    ax.set_xlabel("epoch")
+    """Training reward and held-out metrics against epoch: the reward-hacking picture; FD-DINO to the
+    references (a distance, not a share) in its own panel below, the legend to the right of the data."""
+    rows = read_metrics(metrics_path)
+    fig, (ax, fd) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, height_ratios=(2, 1),
+                                 layout="constrained")
+    ax.plot(*zip(*[(r["epoch"], r[train_key]) for r in rows if train_key in r]), color="k", lw=1,
+            label=f"train {train_key} (left)")
     ax.set_ylabel("training reward")
     ax2 = ax.twinx()
     for k in eval_keys:
-        pts = [(r["epoch"], r[k]) for r in rows if k in r]
-        if pts:
-            ax2.plot(*zip(*pts), marker="o", label=f"held-out {k[5:]}")
+        if pts := [(r["epoch"], r[k]) for r in rows if k in r]:
+            ax2.plot(*zip(*pts), marker="o", label=f"held-out {k[5:]} (right)")
     ax2.set_ylabel("held-out metric")
-    fig.legend(loc="upper center", ncol=2, fontsize=8)
-    fig.tight_layout()
+    fd.plot(*zip(*[(r["epoch"], r["eval/fd_dino"]) for r in rows if "eval/fd_dino" in r]), marker="o",
+            color="C5", label="held-out fd_dino (below)")
+    fd.set(xlabel="epoch (held-out: epochs done)", ylabel="FD-DINO to refs ↓")
+    fig.suptitle(f"{run}{': ' if run else ''}training reward against held-out metrics")
+    fig.legend(loc="outside right upper", fontsize=8)
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
 
@@ -183,11 +184,10 @@ def plot_curves(metrics_path, out_path, train_key="reward_mean",
 def hacking_warning(history, window=3):
     """Reward hacking, operationally: under one and the same reward function, the training reward rose while
     a held-out quality measure got worse (toy GenEval or paired DINO similarity down by > 0.01, FD-DINO to
-    the references up by > 5 %), from the oldest to the newest of the last `window` evaluations.
-    `history`: per evaluation (training reward, {metric: value}[, reward version]), the reward averaged over
-    the epochs since the previous evaluation; the version (train.py: discriminator steps so far) tells which
-    evaluations saw the same reward. A discriminator that trains every epoch is a new reward every epoch:
-    its values at two evaluations are not comparable, so the monitor stays silent for it by construction."""
+    the references up by > 5 %), from the oldest to the newest of the last `window` evaluations. `history`:
+    per evaluation (training reward averaged since the previous one, {metric: value}[, reward version: in
+    train.py the discriminator steps so far]). A discriminator that trains every epoch is a new reward every
+    epoch: two evaluations are not comparable, so the monitor stays silent for it by construction."""
     same = [h for h in history if h[2:] == history[-1][2:]][-window:]
     if len(same) < 2:
         return None
@@ -216,8 +216,9 @@ def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=
         m, skipped = measure(images, prompts, references, features)
         ev = {f"eval/{k}": v for k, v in m.items()}
         os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)  # every image, a row per prompt
-        save_grid(images, os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"),
-                  nrow=cfg.eval_n_per_prompt, labels=prompts)
+        save_grid(images, os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"), cfg.eval_n_per_prompt,
+                  prompts, f"{os.path.basename(os.path.abspath(cfg.out_dir))}: held-out, epoch {epoch} (EMA "
+                  f"weights), {cfg.eval_num_steps} steps, CFG {cfg.eval_guidance_scale}")
         history.append((float("nan"), m))
         print(f"eval @ epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in m.items())
               + "".join(f" | no {k}: {why}" for k, why in skipped.items() if "grammar" not in why),
@@ -234,7 +235,7 @@ def report(out_dir, g_steps=None, k=5):
     path = os.path.join(out_dir, "metrics.jsonl")
     rows = read_metrics(path)
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
-    plot_curves(path, os.path.join(out_dir, "curves.png"))
+    plot_curves(path, os.path.join(out_dir, "curves.png"), run=os.path.basename(os.path.abspath(out_dir)))
     if g_steps == 0:
         print("the generator was never updated (0 G steps: every epoch went to the discriminator, e.g. "
               "epochs ≤ d_warmup): the before and after numbers are both the base model's")
@@ -243,15 +244,14 @@ def report(out_dir, g_steps=None, k=5):
     first, last = evals[0], evals[-1]
     summary = {k[5:]: dict(before=first[k], after=last[k])
                for k in last if k.startswith("eval/") and k in first}
-    trained = [r["reward_mean"] for r in rows if "clipfrac" in r]
-    if len(trained) >= 2:
+    trained = [r["reward_mean"] for p, r in zip([{}, *rows], rows)
+               if r.get("g_epochs", 0) > p.get("g_epochs", 0)]  # the epochs that trained the generator
+    if len(trained) >= 2:  # the first and the last k G epochs; fewer than 2k: two halves, never overlapping
+        k = min(k, len(trained) // 2)
         summary["train_reward"] = dict(before=float(np.mean(trained[:k])), after=float(np.mean(trained[-k:])))
     summary["epochs"] = dict(before=first["epoch"], after=last["epoch"])
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"held-out before (epoch {first['epoch']}) → after (epoch {last['epoch']}):")
-    for k, v in summary.items():
-        if k != "epochs":
-            print(f"  {k:20s} {v['before']:.4f} → {v['after']:.4f}")
+    json.dump(summary, open(os.path.join(out_dir, "summary.json"), "w"), indent=1)
+    print(f"held-out before (epoch {first['epoch']}) → after (epoch {last['epoch']}):\n" + "\n".join(
+        f"  {k:20s} {v['before']:.4f} → {v['after']:.4f}" for k, v in summary.items() if k != "epochs"))
 
 

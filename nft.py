@@ -193,7 +193,7 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, optimizer_step
     stats, bad = [], 0
     model.train()
     for k, (mb, ti) in enumerate(tqdm(passes, desc=f"epoch {epoch} training", leave=False,
-                                      disable=not progress)):
+                                      disable=None if progress else True)):  # None: no bar in a log file
         x0 = batch["latents"][mb].float()                                               # (B, C, h, w)
         eps = torch.stack([torch.randn(x0.shape[1:], generator=gens[i]) for i in mb.tolist()]).to(x0.device)
         t = sigmas[ti]                                                                   # (B,)

@@ -4,21 +4,30 @@ sample.py — generate from a checkpoint and measure it; compare and summarise f
     python sample.py --ckpt out/tiny/checkpoints/epoch_000099                 # the run's test prompts
     python sample.py --ckpt CKPT --prompt "a red circle on the left" --n_per_prompt 8
     python sample.py --ckpt CKPT --prompts my_prompts.txt --num_steps 40 --guidance_scale 4.5
+    python sample.py --pretrained stabilityai/stable-diffusion-3.5-medium --lora adv_grpo_dino/ --prompts p.txt
     python sample.py --compare out/demo/adversarial out/demo/frozen           # one before → after table
     python sample.py --summarize out/transfer_s0 out/transfer_s1 out/transfer_s2   # mean ± std over runs
 
 --ckpt takes a checkpoint folder or a run folder (its newest intact checkpoint) and evaluates as the run
 did by default (its eval steps, CFG, text length, held-out prompts; EMA weights, image i seeded by
-(seed, i)), so its numbers match the run's metrics.jsonl. It writes PNGs, grid.png and metrics.json to
-<run>/eval/epoch_N/ (or --out), with PickScore / CLIP score when those weights can be loaded: models that
-are neither local nor cached are skipped in seconds when the hub does not answer.
+(seed, i)), so its numbers match the run's metrics.jsonl. --pretrained with --lora evaluates a base model
+plus a LoRA folder (PEFT's format, as the released Adv-GRPO / Flow-GRPO LoRAs, or diffusers'). It writes
+PNGs, grid.png, metrics.json and reproduce.py (the same images in plain diffusers) to <run>/eval/epoch_N/
+when it evaluates as the run did, to <run>/eval/epoch_N-<hash of its settings>/ otherwise (or --out); an
+evaluation is never overwritten without --overwrite. PickScore / CLIP score are measured when those
+weights can be loaded: models that are neither local nor cached are skipped in seconds when the hub does
+not answer.
 
 Leaves out: the metrics themselves (eval.py, shared with the training loop).
 """
+import hashlib
 import json
+import math
 import os
+import re
 import socket
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,6 +42,8 @@ import data
 import eval as E
 import model as M
 import reward as R
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def measure_preference(images, prompts, device, cfg, online=True):
     """PickScore and CLIP score from the models the run's config names, when their weights can be loaded
@@ -59,11 +70,9 @@ def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_rewa
     """One table of several runs (e.g. the demo's adversarial and frozen-D runs): each key before → after,
     and whether the reward-hacking monitor fired during the run."""
     rows = []
-    for d in run_dirs:
-        if not os.path.isfile(os.path.join(d, "summary.json")):
-            raise SystemExit(f"--compare: no summary.json in {d}")
-        s = json.load(open(os.path.join(d, "summary.json")))
-        flagged = any(r.get("hacking_warning") for r in C.read_metrics(os.path.join(d, "metrics.jsonl")))
+    for d, s in [(d, read_summary(d, "--compare")) for d in run_dirs]:  # every summary checked first
+        log = os.path.join(d, "metrics.jsonl")
+        flagged = os.path.isfile(log) and any(r.get("hacking_warning") for r in C.read_metrics(log))
         rows.append((os.path.basename(os.path.normpath(d)), s, flagged))
     print(f"{'held-out (train_reward: training)':36s}" + "".join(f"{name:>24s}" for name, _, _ in rows))
     for k in keys:
@@ -76,21 +85,55 @@ def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_rewa
 
 
 
+def read_summary(run_dir, what):
+    """A run's summary.json as {metric: {"before", "after"}} (and "epochs"), or one line naming the file."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{what}: no summary.json in {run_dir} (a run writes it at its end, with "
+                         "eval_every > 0)")
+    try:
+        with open(path, "rb") as f:
+            s = json.loads(f.read().decode("utf-8"))
+        if not isinstance(s, dict) or "epochs" not in s or not all(
+                isinstance(v, dict) and {"before", "after"} <= set(v) for v in s.values()):
+            raise ValueError("not {metric: {before, after}, epochs: {before, after}}")
+        return s
+    except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+        raise SystemExit(f"{what}: {path} is damaged ({str(e)[:100]}); rerun the run's end with --resume, "
+                         "or leave that run out") from None
+
+
+# Keys that may differ between runs averaged together (they do not change what a run computes)
+SUMMARIZE_IGNORES = ("seed", "out_dir", "resume", "overwrite", "allow_config_change", "log_to", "save_every",
+                     "keep_last", "compile")
+
+
+def config_differences(run_dirs):
+    """The config keys (other than SUMMARIZE_IGNORES) whose values differ between the runs' config.json."""
+    configs = []
+    for d in run_dirs:
+        try:
+            configs.append(json.load(open(os.path.join(d, "config.json"))))
+        except (OSError, ValueError):
+            continue  # no readable config: nothing to compare
+    keys = sorted({k for c in configs for k in c} - set(SUMMARIZE_IGNORES))
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+
+
 def summarize(run_dirs):
-    """Mean ± std over runs (e.g. seeds) of each run's summary.json: {metric: (before, after)}."""
-    missing = [d for d in run_dirs if not os.path.isfile(os.path.join(d, "summary.json"))]
-    if missing:
-        raise SystemExit(f"--summarize: no summary.json in {', '.join(missing)} (a run writes it at its end, "
-                         "with eval_every > 0)")
-    rows = [json.load(open(os.path.join(d, "summary.json"))) for d in run_dirs]
+    """Mean ± std over runs (e.g. seeds) of each run's summary.json: {metric: (before, after)}. Warns when
+    the runs are not the same experiment (their configs differ in more than the seed)."""
+    rows = [read_summary(d, "--summarize") for d in run_dirs]
+    if differ := config_differences(run_dirs):
+        print(f"WARNING --summarize averages runs whose configs differ in {', '.join(differ)}")
     out = {}
     for k in rows[0]:
-        if k == "epochs":
+        if k == "epochs" or not all(k in r for r in rows):
             continue
         b, a = np.array([r[k]["before"] for r in rows]), np.array([r[k]["after"] for r in rows])
         out[k] = dict(before=float(b.mean()), before_std=float(b.std()), after=float(a.mean()),
                       after_std=float(a.std()))
-        print(f"{k:16s} {b.mean():.3f} ± {b.std():.3f}  →  {a.mean():.3f} ± {a.std():.3f}   (n={len(rows)})")
+        print(f"{k:16s} {b.mean():.3f} ± {b.std():.3f}  →  {a.mean():.3f} ± {a.std():.3f}  (n={len(rows)})")
     return out
 
 
@@ -99,13 +142,26 @@ def summarize(run_dirs):
 class EvalArgs:
     ckpt: str = ""                    # a checkpoint folder (…/checkpoints/epoch_NNNNNN), or a run folder
                                       # (its newest)
+    pretrained: str = ""              # instead of --ckpt: a base model (hub id, folder, random:<arch>),
+                                      # evaluated with --lora (or alone: the base)
+    lora: str = ""                    # with --pretrained: a LoRA folder, PEFT (adapter_config.json +
+                                      # adapter_model.safetensors: the released Adv-GRPO / Flow-GRPO LoRAs)
+                                      # or diffusers (pytorch_lora_weights.safetensors)
+    resolution: int = 512             # with --pretrained: image side in pixels
+    max_sequence_length: int | None = None  # with --pretrained: T5 tokens; None: the folder's
+                                      # sample_settings.json, else 128
+    t5: bool = True                   # with --pretrained: load T5-XXL (False: zeros in its place)
+    mixed_precision: str = "bf16"     # with --pretrained: "bf16" or "no" (float32)
     prompts: str = ""                 # prompt file (.txt or .jsonl); default: the run's test_prompts
     prompt: list = field(default_factory=list)  # prompts given directly: --prompt "a cat" "a dog"
     n_per_prompt: int | None = None   # images per prompt; None: the run's eval_n_per_prompt
     num_steps: int | None = None      # ODE steps; None: the run's eval_num_steps
-    guidance_scale: float | None = None  # CFG; None: the run's eval_guidance_scale
+    guidance_scale: float | None = None  # CFG (≤ 1: none, as in diffusers); None: the run's
+                                      # eval_guidance_scale
     seed: int = 0                     # image i is seeded by (seed, i): the run's in-loop evaluation used 0
-    out: str = ""                     # output folder (default: <run>/eval/epoch_NNNNNN, outside checkpoints/)
+    out: str = ""                     # output folder (default: <run>/eval/epoch_NNNNNN[-<settings hash>],
+                                      # outside checkpoints/; with --pretrained: out/eval/<lora>-<hash>)
+    overwrite: bool = False           # replace the evaluation already in that folder (its files only)
     summarize: list = field(default_factory=list)  # run folders: mean ± std of their summary.json
     compare: list = field(default_factory=list)  # run folders: one before → after table (make demo)
 
@@ -159,6 +215,147 @@ def load_checkpoint_config(path):
         raise SystemExit(f"{path}/config.json does not describe a run of this version: {e}") from None
 
 
+def pretrained_config(args):
+    """The Config of a base model plus a LoRA folder (--pretrained, --lora), from the LoRA's own rank,
+    alpha and target modules; refused in one line before any weights load when it cannot be evaluated."""
+    rank, alpha = configurator.Config.lora_rank, configurator.Config.lora_alpha  # no LoRA: an inert one
+    if args.lora:
+        theirs, weights = C.read_lora(args.lora, "--lora")
+        rank = theirs["r"] or next(v.shape[0] for k, v in weights.items() if ".lora_A." in k)
+        alpha = theirs["lora_alpha"] or rank  # diffusers' assumption when a file does not say
+        if theirs["target_modules"] and set(theirs["target_modules"]) != set(M.LORA_TARGETS):
+            raise SystemExit(f"--lora {args.lora} adapts {theirs['target_modules']}; this project's LoRA "
+                             f"adapts {sorted(M.LORA_TARGETS)} (model.LORA_TARGETS)")
+    cfg = configurator.Config(pretrained=args.pretrained, t5=args.t5, resolution=args.resolution,
+                              max_sequence_length=args.max_sequence_length,
+                              mixed_precision=args.mixed_precision, lora_rank=rank, lora_alpha=alpha,
+                              init_lora=args.lora, eval_max_prompts=0)
+    configurator.resolve_defaults(cfg)
+    bad = configurator.check_ranges(cfg)
+    if cfg.mixed_precision not in ("bf16", "no"):
+        bad = f"mixed_precision must be 'bf16' or 'no', got {cfg.mixed_precision!r}"
+    if bad:
+        raise SystemExit(f"--pretrained: {bad}")
+    return cfg
+
+
+def evaluation_settings(args, cfg):
+    """What an evaluation is: its prompts, images per prompt, steps, CFG and seed (the given ones, else the
+    run's). Refuses values that cannot sample in one line."""
+    steps = cfg.eval_num_steps if args.num_steps is None else args.num_steps
+    scale = cfg.eval_guidance_scale if args.guidance_scale is None else args.guidance_scale
+    n = cfg.eval_n_per_prompt if args.n_per_prompt is None else args.n_per_prompt
+    for key, value, low in (("n_per_prompt", n, 1), ("num_steps", steps, 1), ("guidance_scale", scale, 0)):
+        if not (math.isfinite(value) and value >= low):
+            raise SystemExit(f"--{key} must be ≥ {low}, got {value}")
+    try:
+        base = args.prompt or [p["prompt"] for p in data.load_prompts(args.prompts or cfg.test_prompts)]
+    except ValueError as e:
+        raise SystemExit(f"prompts: {e}") from None
+    if not (args.prompt or args.prompts):
+        base = base[:cfg.eval_max_prompts or None]
+    return dict(prompts=base, n_per_prompt=n, num_steps=steps, guidance_scale=scale, seed=args.seed)
+
+
+OUR_FILES = re.compile(r"^(\d{4,}\.png|grid\.png|metrics\.json|reproduce\.py)$")  # what an evaluation writes
+
+
+def output_folder(args, ckpt, cfg, settings):
+    """Where this evaluation goes, checked writable now (a bad --out fails before any image is made). A
+    checkpoint's evaluation with the run's own settings is <run>/eval/epoch_N; any other gets the hash of
+    what it evaluated appended (epoch_N-1a2b3c4d), so evaluations never overwrite each other. A folder
+    that already holds an evaluation is refused without --overwrite; with it, that evaluation's files are
+    removed before the new ones are written (no stale image survives), and nothing else."""
+    out = args.out
+    if not out:
+        what = dict(settings, pretrained=cfg.pretrained, lora=os.path.abspath(args.lora) if args.lora else "",
+                    resolution=cfg.resolution, max_sequence_length=cfg.max_sequence_length, t5=cfg.t5)
+        tag = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
+        if ckpt:
+            own = settings == evaluation_settings(EvalArgs(), cfg)
+            out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "eval",
+                               os.path.basename(ckpt) + ("" if own else f"-{tag}"))
+        else:
+            out = os.path.join("out", "eval", f"{short(args.lora or args.pretrained).replace(':', '_')}-{tag}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        ours = sorted(n for n in os.listdir(out) if OUR_FILES.match(n))
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise SystemExit(f"--out {out} cannot be written: {e.strerror or e}") from None
+    if ours and not args.overwrite:
+        raise SystemExit(f"--out {out} already holds an evaluation ({', '.join(ours[:3])}"
+                         f"{' …' if len(ours) > 3 else ''}): --overwrite to replace it, or another --out")
+    return out
+
+
+REPRODUCE = '''"""{what}: these images re-made with plain diffusers (written by sample.py).
+
+    python {path} [folder]     # 0000.png ... into folder (default: reproduced/ beside this file)
+
+Image i starts from the noise of torch.Generator().manual_seed(SEED * 1_000_003 + i), the rule of
+sample.py's evaluation images.{note}"""
+import os
+import sys
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+BASE = {base!r}
+LORA = {lora!r}
+PROMPTS = {prompts!r}
+N_PER_PROMPT, SEED, STEPS, GUIDANCE = {n}, {seed}, {steps}, {scale}
+MAX_SEQUENCE_LENGTH, RESOLUTION, T5, DTYPE = {msl}, {res}, {t5}, torch.{dtype}
+
+here = os.path.dirname(os.path.abspath(__file__))
+out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "reproduced")
+{load}
+pipe.set_progress_bar_config(disable=True)
+pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+os.makedirs(out, exist_ok=True)
+for i, prompt in enumerate(p for p in PROMPTS for _ in range(N_PER_PROMPT)):
+    image = pipe(prompt, generator=torch.Generator().manual_seed(SEED * 1_000_003 + i),
+                 num_inference_steps=STEPS, guidance_scale=GUIDANCE, max_sequence_length=MAX_SEQUENCE_LENGTH,
+                 height=RESOLUTION, width=RESOLUTION).images[0]
+    image.save(os.path.join(out, f"{{i:04d}}.png"))
+print(f"wrote {{i + 1}} images to {{out}}")
+'''
+
+
+def short(path):
+    """The last name of a path (a run, a checkpoint, a LoRA folder): how titles name them."""
+    return os.path.basename(os.path.abspath(path))  # a hub id: its model name
+
+
+def write_reproduce(out, cfg, lora, settings, what):
+    """reproduce.py beside an evaluation: the diffusers calls (base, LoRA, steps, CFG, text length,
+    resolution, per-image seeds) that re-make its images."""
+    base = os.path.abspath(cfg.pretrained) if os.path.isdir(cfg.pretrained) else cfg.pretrained
+    if base.startswith("random:"):
+        load = (f"sys.path.insert(0, {ROOT!r})  # random weights: built by this repository's model.py\n"
+                "import model  # noqa: E402\n"
+                "pipe = model.random_pipeline(BASE.split(':', 1)[1], t5=T5, dtype=DTYPE)")
+    else:
+        load = ("pipe = StableDiffusion3Pipeline.from_pretrained(\n"
+                "    BASE, dtype=DTYPE, **({} if T5 else dict(text_encoder_3=None, tokenizer_3=None)))")
+    if lora and os.path.isfile(os.path.join(lora, "adapter_config.json")):  # PEFT, loaded as its authors do
+        load += ("\nfrom peft import PeftModel  # noqa: E402\n"
+                 "pipe.transformer = PeftModel.from_pretrained(pipe.transformer, LORA)")
+    elif lora:  # diffusers' format (our checkpoints' lora/: the EMA weights the evaluation used)
+        load += "\npipe.load_lora_weights(LORA)"
+    note = ("" if cfg.mixed_precision == "no" else "\nThe evaluation ran in bf16 (frozen weights bf16, LoRA "
+            "float32, autocast): the images agree to bf16 rounding.")
+    text = REPRODUCE.format(what=what, path=os.path.join(out, "reproduce.py"), note=note, base=base,
+                            lora=os.path.abspath(lora) if lora else None, prompts=settings["prompts"],
+                            n=settings["n_per_prompt"], seed=settings["seed"], steps=settings["num_steps"],
+                            scale=settings["guidance_scale"], msl=cfg.max_sequence_length, res=cfg.resolution,
+                            t5=cfg.t5, dtype="bfloat16" if cfg.mixed_precision == "bf16" else "float32",
+                            load=load)
+    with open(os.path.join(out, "reproduce.py"), "w") as f:
+        f.write(text)
+
+
 def main(argv=None):
     (args,) = configurator.parse(sys.argv[1:] if argv is None else argv, EvalArgs,
                                  usage=__doc__.split("\n\n")[1] + "\n")
@@ -166,28 +363,28 @@ def main(argv=None):
         return summarize(args.summarize)
     if args.compare:
         return compare(args.compare)
-    if not args.ckpt:
-        raise SystemExit("--ckpt is required (or --summarize)")
-    ckpt, cfg = load_checkpoint_config(args.ckpt)
+    if bool(args.ckpt) == bool(args.pretrained) or (args.lora and not args.pretrained):
+        raise SystemExit("give --ckpt (a checkpoint or run folder), or --pretrained (with --lora DIR), "
+                         "or --summarize / --compare")
+    if args.ckpt:
+        ckpt, cfg = load_checkpoint_config(args.ckpt)
+        lora = os.path.join(ckpt, "lora") if cfg.lora_rank > 0 else ""
+    else:
+        ckpt, cfg, lora = "", pretrained_config(args), args.lora
+    settings = evaluation_settings(args, cfg)
+    base, n, steps, scale = (settings[k] for k in ("prompts", "n_per_prompt", "num_steps", "guidance_scale"))
+    out = output_folder(args, ckpt, cfg, settings)
+    if scale < 1:
+        print(f"guidance_scale {scale} < 1: no classifier-free guidance (the images of 1), as in diffusers")
     M.quiet_libraries()
-    steps = args.num_steps or cfg.eval_num_steps       # by default, as the run evaluated itself
-    scale = args.guidance_scale or cfg.eval_guidance_scale
-    n = cfg.eval_n_per_prompt if args.n_per_prompt is None else args.n_per_prompt
-    if n < 1 or steps < 1 or scale < 1:
-        raise SystemExit("--n_per_prompt and --num_steps must be ≥ 1 and --guidance_scale ≥ 1")
-    try:
-        base = args.prompt or [p["prompt"] for p in data.load_prompts(args.prompts or cfg.test_prompts)]
-    except ValueError as e:
-        raise SystemExit(f"prompts: {e}") from None
-    if not (args.prompt or args.prompts):
-        base = base[:cfg.eval_max_prompts or None]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = M.build_generator(cfg, device)
-    try:
-        ckpt = C.load_weights(gen, ckpt)  # another one if a live run pruned it meanwhile
-    except (KeyError, RuntimeError) as e:
-        raise SystemExit(f"{ckpt}: its weights do not fit the model its config.json describes "
-                         f"({type(e).__name__}: {str(e)[:160]})") from None
+    if ckpt:
+        try:
+            ckpt = C.load_weights(gen, ckpt)  # another one if a live run pruned it meanwhile
+        except (KeyError, RuntimeError) as e:
+            raise SystemExit(f"{ckpt}: its weights do not fit the model its config.json describes "
+                             f"({type(e).__name__}: {str(e)[:160]})") from None
     prompts = [p for p in base for _ in range(n)]
     images = E.generate(gen, prompts, args.seed, steps, scale)
     refs = None
@@ -207,21 +404,28 @@ def main(argv=None):
     pm, ps = measure_preference(images, prompts, device, cfg, online)
     metrics.update(pm)
     skipped.update(ps)
-    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "eval",
-                                   os.path.basename(ckpt))
-    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):  # --overwrite: the earlier evaluation's files go, none is left stale
+        if OUR_FILES.match(name):
+            os.remove(os.path.join(out, name))
     for i, im in enumerate(images):
         Image.fromarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(
             os.path.join(out, f"{i:04d}.png"))
-    E.save_grid(images, os.path.join(out, "grid.png"), nrow=n, labels=prompts)
-    json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, num_steps=steps, guidance_scale=scale,
-                   seed=args.seed, checkpoint=ckpt), open(os.path.join(out, "metrics.json"), "w"), indent=1)
+    what = (f"{short(os.path.dirname(os.path.dirname(ckpt)))}/{short(ckpt)} (EMA weights)" if ckpt
+            else short(cfg.pretrained) + (f" + {short(lora)}" if lora else "")) + \
+        f", {len(base)} prompts × {n}, {steps} steps, CFG {scale}, seed {args.seed}"
+    E.save_grid(images, os.path.join(out, "grid.png"), nrow=n, labels=prompts, title=what)
+    json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, n_per_prompt=n, num_steps=steps,
+                   guidance_scale=scale, seed=args.seed, checkpoint=ckpt, pretrained=cfg.pretrained,
+                   lora=lora), open(os.path.join(out, "metrics.json"), "w"), indent=1)
+    if not ckpt or os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):  # none: full FT
+        write_reproduce(out, cfg, lora, settings, what)
     print(json.dumps(metrics, indent=1))
     if "fd_dino" in metrics and len(images) < 50:
         print(f"WARNING fd_dino from {len(images)} images is unreliable: its covariances need ~50 or more")
     for k, why in skipped.items():
         print(f"skipped {k}: {why}")
-    print(f"wrote {out}")
+    print(f"wrote {out}" + ("; reproduce.py there makes the same images in plain diffusers"
+                            if os.path.isfile(os.path.join(out, "reproduce.py")) else ""))
 
 
 if __name__ == "__main__":

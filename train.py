@@ -186,7 +186,7 @@ def sample_epoch(cfg, epoch, gen, prompts, global_indices, window_start, progres
     log_probs (n, K) the sampler's (K = 0 under nft); emb, pool the prompt embeddings; step_idx (K,)."""
     out, bs, window_size = [], cfg.sample_batch_size, 0 if cfg.objective == "nft" else cfg.window_size
     for b in tqdm(range(0, len(prompts), bs), desc=f"epoch {epoch} sampling", leave=False,
-                  disable=not progress):
+                  disable=None if progress else True):  # None: no bar in a log file (not a terminal)
         p, idx = prompts[b:b + bs], global_indices[b:b + bs]
         emb, pool = gen.encode(p)
         noise, step_noise = per_image_noise(cfg, epoch, idx, gen.latent_shape(), window_size)
@@ -287,7 +287,7 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
     # ones are recomputed now, before any step: (U-1)/U extra forwards for U = updates_per_epoch.
     old_logp = [None] * accum + old_log_probs(cfg, gen, batch, passes[accum:])
     for k, (mb, j) in enumerate(tqdm(passes, desc=f"epoch {epoch} training", leave=False,
-                                     disable=not progress)):
+                                     disable=None if progress else True)):
         sync = (k + 1) % accum == 0
         with contextlib.nullcontext() if sync else no_sync(model):
             logp, mean = step_log_prob(cfg, gen, model, batch, mb, j)
@@ -390,8 +390,8 @@ def final_evaluation(cfg, evaluate, history, since_eval, counters, log):
 
 
 def epoch_line(s):
-    """The one stdout line per epoch."""
-    line = (f"epoch {s['epoch']:4d}/{s['epochs']} | G {s['g_steps']} D {s['d_steps']} | "
+    """The one stdout line per epoch, numbered by epochs done (as evaluations and checkpoints are)."""
+    line = (f"epoch {s['epoch'] + 1:4d}/{s['epochs']} | steps so far G {s['g_steps']} D {s['d_steps']} | "
             f"reward {s['reward_mean']:+.4f} ± {s['reward_std']:.4f}")
     if "d_acc" in s:
         line += f" | ref {s['d_real']:+.3f} gen {s['d_fake']:+.3f} D acc {s['d_acc']:.2f}"
@@ -477,11 +477,10 @@ def train(cfg):
     stop = torch.zeros(1, device=device)
     signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
     history, since_eval = [], []  # (training reward, held-out metrics) per evaluation: the hacking monitor
-    t_run = time.time()
     for epoch in range(start, cfg.epochs):
-        t0 = time.time()
         # held-out evaluation of the weights as they enter this epoch (epoch 0 = the base model)
         ev = evaluate(epoch, history) if cfg.eval_every and epoch % cfg.eval_every == 0 else {}
+        t0, t_run = time.time(), (t_run if epoch > start else time.time())  # ETA, img/s: no evaluation time
         # 1. sample this rank's share (which prompts and images is a function of (seed, epoch, rank))
         group_of, mine = data.assign_samples(data.epoch_prompt_indices(len(prompts), cfg.prompts_per_epoch,
                                                                        epoch, cfg.seed),

@@ -23,6 +23,7 @@ ROWS = (0, 10, 20, 31, 42, 53)  # held-out prompt rows shown from the 54-row gri
 def rows_of(grid_png, rows=ROWS):
     """The chosen rows of a labelled grid (one prompt per row, fixed row height), stacked."""
     im = np.asarray(Image.open(grid_png).convert("RGB"))
+    im = im[im.shape[0] % 54:]  # without the title band above the 54 rows (eval.save_grid's, 20 px)
     h = im.shape[0] // 54
     return np.concatenate([im[r * h:(r + 1) * h] for r in rows])
 

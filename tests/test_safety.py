@@ -267,7 +267,8 @@ def test_eval_writes_outside_the_checkpoints_and_takes_a_run_folder(run_dir):
     p = _run(["--ckpt", str(run_dir), "--prompt", "a red circle on the left", "--n_per_prompt", "1"],
              preset=None, script="sample.py")
     assert "newest intact checkpoint" in p.stdout
-    assert os.path.isfile(run_dir / "eval" / "epoch_000001" / "grid.png")
+    (folder,) = os.listdir(run_dir / "eval")  # other prompts than the run's: epoch_000001-<settings hash>
+    assert folder.startswith("epoch_000001-") and os.path.isfile(run_dir / "eval" / folder / "grid.png")
     assert os.listdir(run_dir / "checkpoints" / "epoch_000001").count("eval") == 0
 
 

@@ -172,7 +172,7 @@ def test_resume_continues_exactly(tmp_path):
     _run([f"--out_dir={a}", "--epochs=3"])
     _run([f"--out_dir={b}", "--epochs=2"])
     out = _run([f"--out_dir={b}", "--epochs=3", "--resume"])
-    assert "resumed from" in out and "epoch    2/3" in out
+    assert "resumed from" in out and "epoch    3/3" in out  # the epoch line counts epochs done
     wa, wb = _weights(a, 3), _weights(b, 3)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     sa, sb = (torch.load(os.path.join(d, "checkpoints", "epoch_000003", "state.pt"), weights_only=True)
@@ -219,7 +219,7 @@ def test_torchrun_two_processes_checkpoint_and_resume(tmp_path, extra):
     _run([f"--out_dir={out}", "--epochs=2"] + extra, nproc=2)
     assert os.path.isdir(os.path.join(out, "checkpoints", "epoch_000002"))
     log = _run([f"--out_dir={out}", "--resume", "--epochs=3"] + extra, nproc=2)
-    assert "resumed from" in log and "epoch    2/3" in log
+    assert "resumed from" in log and "epoch    3/3" in log
 
 
 # --- the adversarial reward in the loop -------------------------------------------------------

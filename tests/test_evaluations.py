@@ -1,0 +1,227 @@
+"""sample.py's evaluations: each in its own folder, never overwritten, reproducible in plain diffusers; the
+released LoRAs (PEFT folders) load for training and evaluation; its inputs refused before any image."""
+import json
+import os
+import runpy
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import checkpoint as C
+import eval as E
+import model as M
+from inproc import run_main
+from test_train import PRESET, tiny_cfg
+
+TINY = ["--pretrained", "random:tiny", "--resolution", "32", "--max_sequence_length", "8", "--t5=False",
+        "--mixed_precision", "no"]  # config/tiny_random.py's model, for --pretrained
+
+
+def _sample(args, ok=True):
+    return run_main("sample.py", args, ok)
+
+
+def _pngs(folder):
+    names = sorted(n for n in os.listdir(folder) if n[:4].isdigit() and n.endswith(".png"))
+    return names, np.stack([np.asarray(Image.open(os.path.join(folder, n)), dtype=np.int16) for n in names])
+
+
+def _reproduce(script, out):
+    """Run a written reproduce.py as `python reproduce.py out` would (in this process: no torch import)."""
+    argv = sys.argv
+    sys.argv = [str(script), str(out)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+def peft_adapter(folder, rank=4, alpha=8, targets=M.LORA_TARGETS):
+    """A LoRA saved by peft's own save_pretrained on the tiny random SD3 transformer (as the released
+    Adv-GRPO / Flow-GRPO LoRAs were): random A and B, so it changes the images."""
+    from peft import LoraConfig, get_peft_model
+    transformer = M.random_pipeline("tiny").transformer
+    torch.manual_seed(1)
+    peft_model = get_peft_model(transformer, LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                                                        target_modules=list(targets)))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(20)  # large enough to move a random model's images visibly
+    peft_model.save_pretrained(str(folder))
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A one-epoch tiny run whose EMA LoRA moved (ema_every=1, a large lr), evaluated 3 steps per image."""
+    out = tmp_path_factory.mktemp("evals") / "run"
+    run_main("train.py", [PRESET, f"--out_dir={out}", "--epochs=1", "--ema_every=1", "--lr=3e-2",
+                          "--eval_num_steps=3"])
+    return out
+
+
+# --- PEFT adapters (the released LoRAs) -------------------------------------------------------------
+
+def test_init_lora_takes_a_peft_folder_and_refuses_other_settings(tmp_path):
+    from peft.utils import get_peft_model_state_dict
+    saved = peft_adapter(tmp_path / "peft")
+    assert all(k.startswith("base_model.model.") for k in saved)  # peft's own key names
+    gen = M.build_generator(tiny_cfg(init_lora=str(tmp_path / "peft")), torch.device("cpu"))  # r 4 / α 8
+    loaded = get_peft_model_state_dict(gen.transformer)
+    assert {f"base_model.model.{k}" for k in loaded} == set(saved)
+    assert all(torch.equal(v, saved[f"base_model.model.{k}"]) for k, v in loaded.items())
+    assert all(torch.equal(gen.ema.shadow[n], p) for n, p in gen.params.items())  # the EMA starts there too
+    transformer = M.add_lora(M.random_pipeline("tiny").transformer, 4, 8)
+    peft_adapter(tmp_path / "r8", rank=8, alpha=16)
+    with pytest.raises(SystemExit, match=r"rank 8 / alpha 16: set --lora_rank=8 --lora_alpha=16$"):
+        C.load_lora(transformer, str(tmp_path / "r8"))
+    peft_adapter(tmp_path / "q_only", targets=("attn.to_q",))
+    with pytest.raises(SystemExit, match=r"adapts \['attn.to_q'\], this run \['attn.add_k_proj'"):
+        C.load_lora(transformer, str(tmp_path / "q_only"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="neither pytorch_lora_weights.safetensors .* nor adapter_config"):
+        C.load_lora(transformer, str(tmp_path / "empty"))
+    (tmp_path / "r8" / "adapter_model.safetensors").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match=r"r8/adapter_model.safetensors cannot be read"):
+        C.load_lora(transformer, str(tmp_path / "r8"))
+
+
+def test_sample_evaluates_a_base_plus_a_peft_lora_as_peft_applies_it(tmp_path):
+    """--pretrained … --lora DIR: the images are those of the base with the adapter applied by peft itself
+    (PeftModel.from_pretrained, as Flow-GRPO loads its lora_path), under sample.py's per-image noise; and
+    the reproduce.py written beside them makes the same PNGs."""
+    from peft import PeftModel
+    peft_adapter(tmp_path / "peft")
+    prompts = ["a red circle on the left", "a blue square"]
+    steps = ["--prompt", *prompts, "--n_per_prompt", "2", "--num_steps", "3", "--guidance_scale", "2.0"]
+    _sample([*TINY, "--lora", str(tmp_path / "peft"), *steps, "--out", str(tmp_path / "ev")])
+    _sample([*TINY, *steps, "--out", str(tmp_path / "base")])  # the base alone
+    m = json.load(open(tmp_path / "ev" / "metrics.json"))
+    assert m["lora"] == str(tmp_path / "peft") and m["prompts"] == [p for p in prompts for _ in range(2)]
+    names, ours = _pngs(tmp_path / "ev")
+    assert names == ["0000.png", "0001.png", "0002.png", "0003.png"]
+    assert np.abs(ours - _pngs(tmp_path / "base")[1]).max() > 20  # the adapter changes the images
+
+    pipe = M.random_pipeline("tiny")
+    pipe.transformer = PeftModel.from_pretrained(pipe.transformer, str(tmp_path / "peft"))
+    theirs = np.stack([np.asarray(pipe(p, generator=torch.Generator().manual_seed(i), num_inference_steps=3,
+                                       guidance_scale=2.0, max_sequence_length=8, height=32, width=32,
+                                       output_type="np").images[0] * 255).round()
+                       for i, p in enumerate(m["prompts"])])
+    assert np.abs(ours - theirs).max() <= 1  # uint8 rounding
+    _reproduce(tmp_path / "ev" / "reproduce.py", tmp_path / "again")
+    assert np.abs(_pngs(tmp_path / "again")[1] - ours).max() <= 1
+
+
+def test_a_lora_of_other_layers_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    peft_adapter(tmp_path / "q_only", targets=("attn.to_q",))
+    monkeypatch.setattr(M, "build_generator", lambda *a: pytest.fail("the model was loaded"))
+    err = _sample([*TINY, "--lora", str(tmp_path / "q_only"), "--prompt", "a cat"], ok=False).stderr
+    assert err.count("\n") == 1 and "adapts ['attn.to_q']; this project's LoRA adapts" in err
+
+
+# --- each evaluation in its own folder, reproducible --------------------------------------------------
+
+def test_evaluations_get_their_own_folders_and_are_never_overwritten(run_dir):
+    _sample(["--ckpt", str(run_dir)])  # as the run evaluated itself: eval/epoch_000001
+    own = run_dir / "eval" / "epoch_000001"
+    names, first = _pngs(own)
+    assert len(names) == 4 and json.load(open(own / "metrics.json"))["num_steps"] == 3
+    _sample(["--ckpt", str(run_dir), "--prompt", "a red circle on the left", "--n_per_prompt", "2"])
+    _sample(["--ckpt", str(run_dir), "--num_steps", "2"])
+    others = sorted(n for n in os.listdir(run_dir / "eval") if n != "epoch_000001")
+    assert len(others) == 2 and all(n.startswith("epoch_000001-") and len(n) == 21 for n in others)
+    assert {len(_pngs(run_dir / "eval" / n)[0]) for n in others} == {2, 4}
+    assert np.array_equal(_pngs(own)[1], first)  # the first evaluation is untouched
+    err = _sample(["--ckpt", str(run_dir)], ok=False).stderr
+    assert "already holds an evaluation (0000.png, 0001.png, 0002.png …): --overwrite to replace it" in err
+    # --overwrite into the same folder with fewer images: no stale PNG of the earlier one is left
+    (own / "my_notes.txt").write_text("mine")
+    _sample(["--ckpt", str(run_dir), "--prompt", "a red circle on the left", "--n_per_prompt", "1",
+             "--out", str(own), "--overwrite"])
+    assert _pngs(own)[0] == ["0000.png"] and (own / "my_notes.txt").read_text() == "mine"
+    assert json.load(open(own / "metrics.json"))["prompts"] == ["a red circle on the left"]
+
+
+def test_reproduce_py_makes_the_evaluations_images_in_plain_diffusers(run_dir, tmp_path):
+    out = tmp_path / "ev"
+    _sample(["--ckpt", str(run_dir / "checkpoints" / "epoch_000001"), "--out", str(out), "--seed", "3"])
+    text = (out / "reproduce.py").read_text()
+    assert "load_lora_weights(LORA)" in text and "manual_seed(SEED * 1_000_003 + i)" in text
+    assert "N_PER_PROMPT, SEED, STEPS, GUIDANCE = 1, 3, 3, 4.5" in text
+    assert "MAX_SEQUENCE_LENGTH, RESOLUTION, T5, DTYPE = 8, 32, False, torch.float32" in text
+    _reproduce(out / "reproduce.py", tmp_path / "again")
+    names, ours = _pngs(out)
+    assert _pngs(tmp_path / "again")[0] == names and len(names) == 4
+    assert np.abs(_pngs(tmp_path / "again")[1] - ours).max() <= 1   # uint8 rounding
+    base = tiny_cfg()  # the LoRA matters: the base model's images differ
+    gen = M.build_generator(base, torch.device("cpu"))
+    plain = E.generate(gen, json.load(open(out / "metrics.json"))["prompts"], 3, 3, 4.5)
+    assert np.abs((plain.permute(0, 2, 3, 1).numpy() * 255).round() - ours).max() > 5
+
+
+# --- inputs refused in one line, before any image -----------------------------------------------------
+
+@pytest.mark.parametrize("args, msg", [
+    (["--num_steps", "0"], "--num_steps must be ≥ 1, got 0"),
+    (["--guidance_scale", "-1"], "--guidance_scale must be ≥ 0, got -1"),
+    (["--out", "/proc/nope/ev"], "--out /proc/nope/ev cannot be written"),
+    (["--out", "FILE/ev"], "cannot be written: Not a directory"),
+])
+def test_bad_values_and_a_bad_out_fail_before_any_image(run_dir, tmp_path, monkeypatch, args, msg):
+    (tmp_path / "FILE").write_text("")
+    args = [str(tmp_path / a) if a.startswith("FILE") else a for a in args]
+    monkeypatch.setattr(E, "generate", lambda *a, **k: pytest.fail("an image was generated"))
+    err = _sample(["--ckpt", str(run_dir), *args], ok=False).stderr
+    assert msg.replace("FILE", str(tmp_path / "FILE")) in err and err.count("\n") == 1, err
+
+
+def test_guidance_scale_zero_is_used_not_replaced(run_dir, tmp_path):
+    """0 ≤ g ≤ 1 is no classifier-free guidance (diffusers' rule): the images of g = 1, recorded as given."""
+    for g in ("0", "1"):
+        _sample(["--ckpt", str(run_dir), "--guidance_scale", g, "--out", str(tmp_path / g)])
+    assert json.load(open(tmp_path / "0" / "metrics.json"))["guidance_scale"] == 0
+    assert np.array_equal(_pngs(tmp_path / "0")[1], _pngs(tmp_path / "1")[1])
+    assert "GUIDANCE = 1, 0, 3, 0" in (tmp_path / "0" / "reproduce.py").read_text()
+
+
+# --- --summarize / --compare ------------------------------------------------------------------------
+
+def _summary_run(folder, lr=1e-3, before=0.5, after=0.6):
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"toy_geneval": {"before": before, "after": after},
+                                                     "epochs": {"before": 0, "after": 4}}))
+    (folder / "config.json").write_text(json.dumps({"lr": lr, "seed": int(after * 10), "epochs": 4,
+                                                    "out_dir": str(folder)}))
+
+
+def test_summarize_warns_when_runs_differ_and_names_a_damaged_summary(tmp_path):
+    _summary_run(tmp_path / "a")
+    _summary_run(tmp_path / "b", after=0.8)
+    p = _sample(["--summarize", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert "WARNING" not in p.stdout and "0.700 ± 0.100" in p.stdout  # seeds and out_dir may differ
+    _summary_run(tmp_path / "c", lr=1e-4)
+    p = _sample(["--summarize", str(tmp_path / "a"), str(tmp_path / "c")])
+    assert "WARNING --summarize averages runs whose configs differ in lr\n" in p.stdout
+    for damage in (b'{"toy_geneval": {"before": 0.5, "aft', b"\xff\xfe{", b"[1, 2]"):
+        (tmp_path / "c" / "summary.json").write_bytes(damage)
+        for flag in ("--summarize", "--compare"):
+            err = _sample([flag, str(tmp_path / "a"), str(tmp_path / "c")], ok=False).stderr
+            assert f"{flag}: {tmp_path / 'c' / 'summary.json'} is damaged" in err and err.count("\n") == 1
+
+
+def test_reproduce_py_of_a_pipeline_folder_loads_it_with_from_pretrained(tmp_path):
+    """The tiny world's base (a diffusers folder; its 1-token text length from sample_settings.json)."""
+    _sample(["--pretrained", "assets/tinyworld/pipeline_early", "--resolution", "32", "--t5=False",
+             "--mixed_precision", "no", "--prompt", "a red circle on the left", "a blue square at the top",
+             "--n_per_prompt", "2", "--num_steps", "6", "--guidance_scale", "3.0", "--out", str(tmp_path / "ev")])
+    text = (tmp_path / "ev" / "reproduce.py").read_text()
+    assert "StableDiffusion3Pipeline.from_pretrained(" in text and "LORA = None" in text
+    assert "MAX_SEQUENCE_LENGTH, RESOLUTION, T5, DTYPE = 1, 32, False" in text
+    _reproduce(tmp_path / "ev" / "reproduce.py", tmp_path / "again")
+    assert np.abs(_pngs(tmp_path / "again")[1] - _pngs(tmp_path / "ev")[1]).max() <= 1
