@@ -52,7 +52,7 @@ SAME_EXPERIMENT = ("pretrained", "t5", "max_sequence_length", "resolution", "lor
                    "dino_weights", "dino_kwargs", "dino_image_size", "pickscore_model",
                    "pickscore_train_last_k", "seed", "objective")
 # Keys that change the shapes of the trained tensors: no checkpoint can continue under another value
-SHAPES = ("lora_rank",)
+SHAPES = ("lora_rank", "d_hidden")
 RUN_FILES = ("metrics.jsonl", "checkpoints", "samples", "summary.json", "curves.png", "config.json",
              "tensorboard")  # the names that mark a folder as used by a run
 # The files a run writes in out_dir itself, beside samples/epoch_N.png, tensorboard/events.out.tfevents.*

@@ -212,9 +212,15 @@ def test_the_discriminator_knobs_are_keys_and_another_width_is_not_resumed(tmp_p
     assert p.shape == (3, 4) and torch.allclose(d._combine(c, p), 0.2 * c + 0.8 * p.mean(1))
     out = tmp_path / "run"
     _run([f"--out_dir={out}", "--epochs=1", "--d_hidden=8"])
-    err = _run([f"--out_dir={out}", "--epochs=2", "--resume"], ok=False).stderr
-    assert err.strip().splitlines()[-1] == ("the checkpoint's discriminator head is 8 wide, this run's "
-                                            "d_hidden is 512: resume with --d_hidden=8")
+    _run([f"--out_dir={out}", "--epochs=2", "--resume"])  # the run's own config: the 8-wide head goes on
+    assert json.load(open(out / "config.json"))["d_hidden"] == 8
+    err = _run([f"--out_dir={out}", "--epochs=3", "--resume", "--d_hidden=16", "--allow_config_change=True"],
+               ok=False).stderr
+    assert "d_hidden 8 → 16: the checkpoint's trained tensors have other shapes" in err.strip().splitlines()[-1]
+    wide = R.build_adversary(tiny_cfg(ADV_PRESET), torch.device("cpu"))  # and if a head state gets there
+    with pytest.raises(SystemExit, match="the checkpoint's discriminator head is 8 wide, this run's "
+                                         "d_hidden is 512: resume with --d_hidden=8"):
+        wide.load_head_state(d.head_state())
 
 
 @pytest.mark.parametrize("text, msg", [("lr: 0.1\n", "annotation, not an assignment"),
