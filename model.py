@@ -32,48 +32,9 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 import checkpoint as C
 import sampler as S
+from configurator import ARCHS, SETTINGS_FILE, pipeline_settings  # plain data: --help loads no torch
 
 # -----------------------------------------------------------------------------------------------
-# Named architectures for random-weight pipelines. "sd3.5-medium" copies the component configs of
-# stabilityai/stable-diffusion-3.5-medium (2.5 B transformer, CLIP-L, CLIP-G, T5-XXL, 16-ch VAE);
-# "tiny" keeps the same structure at toy width so a full pipeline builds in well under a second.
-
-ARCHS = {
-    "sd3.5-medium": dict(
-        transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
-        vae=dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                 layers_per_block=2, scaling_factor=1.5305, shift_factor=0.0609,
-                 use_quant_conv=False, use_post_quant_conv=False, sample_size=1024),
-        clip_l=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    projection_dim=768, hidden_act="quick_gelu", vocab_size=49408),
-        clip_g=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                    projection_dim=1280, hidden_act="gelu", vocab_size=49408),
-        t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
-                feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"),
-        clip_max_length=77, shift=3.0, billions=(3.15, 4.76),  # parameters without T5, T5's (said at build)
-    ),
-    "tiny": dict(
-        transformer=dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                         caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=32),
-        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                 layers_per_block=1, norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609,
-                 use_quant_conv=False, use_post_quant_conv=False, sample_size=32),
-        clip_l=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                    projection_dim=32, hidden_act="quick_gelu", vocab_size=1000),
-        clip_g=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                    projection_dim=32, hidden_act="gelu", vocab_size=1000),
-        t5=dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000,
-                feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new"),
-        clip_max_length=77, shift=3.0,
-    ),
-}
-
 # The LoRA targets of the published recipe: every projection of the *joint* attention (`attn`) of both
 # MMDiT streams. peft matches a target against the end of a module's dotted name, so the "attn." prefix
 # keeps out the second, image-only attention (`attn2`) of SD3.5-M's 13 dual-attention blocks: 191 adapted
@@ -170,21 +131,6 @@ def load_pipeline(name_or_path, t5=True, device="cpu", dtype=torch.float32):
             "--pretrained=/path/to/folder). To try the method without them: `make demo` (the embedded tiny "
             "world), or a smoke run on random weights: --pretrained=random:tiny --resolution=32.") from None
     return pipe.to(device)
-
-
-SETTINGS_FILE = "sample_settings.json"  # beside model_index.json in pipeline folders this project writes
-
-
-def pipeline_settings(name_or_path):
-    """What a pipeline folder needs to be sampled correctly and diffusers cannot know: {} or e.g.
-    {"max_sequence_length": 1, "resolution": 32} from `<folder>/sample_settings.json`. The tiny world's
-    pipeline was trained with a 1-token text sequence (T5's slot, zeros); sampled with diffusers' default
-    of 256 zero tokens its images are blank backgrounds and smudges."""
-    path = os.path.join(name_or_path, SETTINGS_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 # -----------------------------------------------------------------------------------------------

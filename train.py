@@ -38,6 +38,10 @@ import signal
 import sys
 import time
 
+import configurator  # stdlib only: `python train.py --help` answers before torch loads (~7 s)
+if __name__ == "__main__" and any(a in ("-h", "--help") for a in sys.argv[1:]):
+    configurator.parse_args(sys.argv[1:])  # prints every key, its default and meaning, and exits
+
 import numpy as np
 import torch
 import torch.distributed as dist

@@ -47,6 +47,15 @@ def test_help_lists_every_key_with_its_default_and_comment(script, schemas):
                 assert f"--{key}={getattr(cls(), key)!r}" in out and text[:30] in out, key
 
 
+def test_train_help_answers_before_torch_loads():
+    """`python train.py --help` prints every key without importing torch (which takes ~7 s on its own)."""
+    code = ("import runpy, sys\nsys.argv = ['train.py', '--help']\ntry:\n"
+            "    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    print('exit', e.code)\nprint('torch loaded:', 'torch' in sys.modules)")
+    out = _py(["-c", code]).stdout
+    assert "--lr=0.0003" in out and "exit 0" in out and out.strip().endswith("torch loaded: False"), out[-500:]
+
+
 def test_key_value_with_a_space_and_a_clear_type_error():
     cfg = configurator.parse_args(["--lr", "0.1", "--seed", "3", "--resume", "--window_start", "random"])
     assert (cfg.lr, cfg.seed, cfg.resume, cfg.window_start) == (0.1, 3, True, "random")
