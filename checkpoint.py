@@ -134,6 +134,7 @@ def save(cfg, epochs_done, gen, adversary, counters):
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
         writing = final
+        keep_users_files(final, tmp, cfg.out_dir)  # saved again (resumed from an older one): a user's file stays
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
@@ -145,9 +146,22 @@ def save(cfg, epochs_done, gen, adversary, counters):
             raise SystemExit(full_disk_message(writing, cfg.out_dir) + f"; {tmp} was removed") from None
         raise
     intact = [p for p in checkpoints(cfg.out_dir) if verify(p) is None]
-    for old in intact[:-cfg.keep_last]:  # prune only intact ones older than the newest keep_last
-        shutil.rmtree(old, ignore_errors=True)
+    ours = set(our_files(cfg.out_dir))
+    for old in intact[:-cfg.keep_last]:  # prune only intact ones older than the newest keep_last,
+        if all(os.path.join(old, n) in ours for n in _files(old)):  # and never one holding a user's file
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def keep_users_files(final, tmp, out_dir):
+    """Before checkpoint folder `final` is replaced by `tmp`: move into `tmp` every file of `final` that
+    this project did not write (our_files), so that replacing a checkpoint never deletes a user's file."""
+    ours = set(our_files(out_dir))
+    for name in _files(final) if os.path.isdir(final) else []:
+        src, dst = os.path.join(final, name), os.path.join(tmp, name)
+        if src not in ours and not os.path.exists(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
 
 
 def disk_full(e):

@@ -137,6 +137,23 @@ def test_a_damaged_newest_checkpoint_is_one_line_and_resume_takes_the_one_before
             C.load(_ck(out, 2), *_built_run())
 
 
+def test_saving_a_checkpoint_again_or_pruning_never_deletes_a_users_file(tmp_path, two_epochs):
+    """A user's file inside checkpoints/epoch_N/ survives that checkpoint being saved again (a resume from
+    an older one) and pruning (keep_last): a checkpoint folder holding it is not pruned."""
+    out = str(tmp_path / "run")
+    shutil.copytree(two_epochs, out)
+    for n in (1, 2):
+        with open(os.path.join(_ck(out, n), "mine.txt"), "w") as f:
+            f.write(f"notes on epoch {n}")
+    with open(os.path.join(_ck(out, 2), "trainable.safetensors"), "ab") as f:
+        f.write(b"x")                                       # damaged: the resume starts from epoch 1
+    p = _run([f"--out_dir={out}", "--resume", "--epochs=3", "--keep_last=1"])
+    assert f"resumed from {_ck(out, 1)}" in p.stdout
+    for n in (1, 2):
+        assert open(os.path.join(_ck(out, n), "mine.txt")).read() == f"notes on epoch {n}"
+    assert C.verify(_ck(out, 2)) is None and C.verify(_ck(out, 3)) is None   # epoch 2 saved anew, 3 written
+
+
 def _built_run():
     import model as M
     import reward as R
