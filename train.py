@@ -390,7 +390,8 @@ def final_evaluation(cfg, evaluate, history, since_eval, counters, log):
     if log is not None:
         monitor(history, since_eval, since_eval[-1][1] if since_eval else None, final)
         log.write(final)
-        E.report(cfg.out_dir, counters["g_steps"])
+        C.guarded(os.path.join(cfg.out_dir, "curves.png and summary.json"), cfg.out_dir,  # a full disk: one line
+                  lambda: E.report(cfg.out_dir, counters["g_steps"]))
 
 
 def epoch_line(s):

@@ -154,6 +154,16 @@ def test_saving_a_checkpoint_again_or_pruning_never_deletes_a_users_file(tmp_pat
     assert C.verify(_ck(out, 2)) is None and C.verify(_ck(out, 3)) is None   # epoch 2 saved anew, 3 written
 
 
+def test_a_full_disk_while_writing_the_final_report_is_one_line(tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(E, "plot_curves", full)
+    out = str(tmp_path / "run")
+    p = _run([f"--out_dir={out}", "--epochs=1", "--eval_every=1"], ok=False)
+    assert "disk full while writing" in p.stderr and "curves.png and summary.json" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
 def _built_run():
     import model as M
     import reward as R
