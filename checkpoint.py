@@ -359,12 +359,30 @@ def read(path, device="cpu", state=True):
     return w
 
 
+# The checkpoint damaged() has just read whole and found intact, kept for load(): a resume reads it once
+# (at SD3.5-M with full fine-tuning that is tens of GB). One slot, keyed by the files' sizes and times, so a
+# checkpoint written again since is read again.
+_READ = {}
+
+
+def _fingerprint(path):
+    return path, tuple((n, (s := os.stat(os.path.join(path, n))).st_size, s.st_mtime_ns) for n in _files(path))
+
+
+def _take(path):
+    """The read of checkpoint `path` that damaged() kept, if its files have not changed since; else None."""
+    key, w = next(iter(_READ.items()), (None, None))
+    _READ.clear()
+    return w if key is not None and os.path.isdir(path) and key == _fingerprint(path) else None
+
+
 def damaged(path):
     """Why checkpoint `path` cannot be resumed or evaluated (verify, then read), or None if it can."""
     if why := verify(path):
         return why
+    _READ.clear()
     try:
-        read(path)
+        _READ[_fingerprint(path)] = read(path)
     except Damaged as e:
         return str(e)
     return None
@@ -444,6 +462,7 @@ def load_weights(gen, path, w=None):
     model.Generator `gen`; returns the folder they came from. Weights that do not fit the model (another
     lora_rank, model or adapted layers) are refused in one line. A checkpoint that a live run pruned while
     it was being read is replaced by that run's newest intact one, with a warning."""
+    w = w or _take(path)  # latest() may have just read it
     if w is None:
         try:
             w = read(path, gen.device, state=False)
@@ -479,8 +498,8 @@ def load_weights(gen, path, w=None):
 def load(path, gen, adversary, counters, cfg):
     """Restore a checkpoint into a built run; returns epochs done. The optimizers take the *current*
     cfg.lr and the adversary's own lr (a changed lr on --resume is applied, as config.json records)."""
-    try:
-        w = read(path, gen.device)
+    try:  # read and checked by latest() a moment ago, as a rule (its CPU copy: every load below copies)
+        w = _take(path) or read(path, gen.device)
     except Damaged as e:
         raise SystemExit(f"{path}: {e}") from None
     load_weights(gen, path, w)

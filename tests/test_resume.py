@@ -164,6 +164,17 @@ def test_a_full_disk_while_writing_the_final_report_is_one_line(tmp_path, monkey
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_a_resume_reads_its_checkpoint_once(tmp_path, two_epochs, monkeypatch):
+    """latest() reads the checkpoint whole to check it; load() takes that copy instead of reading it again."""
+    out = str(tmp_path / "run")
+    shutil.copytree(two_epochs, out)
+    reads, read = [], C.read
+    monkeypatch.setattr(C, "read", lambda path, *a, **k: reads.append(path) or read(path, *a, **k))
+    _run([f"--out_dir={out}", "--resume", "--epochs=3", "--eval_every=0"])
+    assert reads.count(_ck(out, 2)) == 1, reads
+    assert not C._READ                                                  # nothing left held
+
+
 def _built_run():
     import model as M
     import reward as R
