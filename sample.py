@@ -68,21 +68,29 @@ def measure_preference(images, prompts, device, cfg, online=True):
 
 def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_reward")):
     """One table of several runs (e.g. the demo's adversarial and frozen-D runs): each key before → after,
-    and whether the reward-hacking monitor fired during the run."""
+    the best held-out toy GenEval / FD-DINO on the way (a reward that helped first and was hacked later
+    shows here: its end is worse than its best), and the evaluations at which the reward-hacking monitor
+    fired."""
     rows = []
     for d, s in [(d, read_summary(d, "--compare")) for d in run_dirs]:  # every summary checked first
         log = os.path.join(d, "metrics.jsonl")
-        flagged = os.path.isfile(log) and any(r.get("hacking_warning") for r in C.read_metrics(log))
-        rows.append((os.path.basename(os.path.normpath(d)), s, flagged))
+        rows.append((os.path.basename(os.path.normpath(d)), s, C.read_metrics(log) if os.path.isfile(log) else []))
     print(f"{'held-out (train_reward: training)':36s}" + "".join(f"{name:>24s}" for name, _, _ in rows))
     for k in keys:
         cells = [f"{s[k]['before']:.3f} → {s[k]['after']:.3f}" if k in s else "—" for _, s, _ in rows]
         print(f"{k:36s}" + "".join(f"{c:>24s}" for c in cells))
-    print(f"{'reward-hacking monitor':36s}" + "".join(f"{'FLAGGED' if f else 'quiet':>24s}"
-                                                      for _, _, f in rows))
+    for k, best in (("toy_geneval", max), ("fd_dino", min)):
+        cells = []
+        for _, _, log in rows:
+            seen = [(r[f"eval/{k}"], r["epoch"]) for r in log if f"eval/{k}" in r]
+            cells.append("—" if not seen else "{:.3f} (epoch {})".format(*best(seen, key=lambda v: v[0])))
+        if any(c != "—" for c in cells):
+            print(f"{k + ' best on the way':36s}" + "".join(f"{c:>24s}" for c in cells))
+    flags = [[r["epoch"] for r in log if r.get("hacking_warning")] for _, _, log in rows]
+    print(f"{'reward-hacking monitor':36s}" + "".join(
+        f"{'FLAGGED at ' + ', '.join(map(str, f)) if f else 'quiet':>24s}" for f in flags))
     print(f"{'epochs':36s}" + "".join(f"{str(s['epochs']['before']) + ' → ' + str(s['epochs']['after']):>24s}"
                                       for _, s, _ in rows))
-
 
 
 def read_summary(run_dir, what):

@@ -2,6 +2,7 @@
 released LoRAs (PEFT folders) load for training and evaluation; its inputs refused before any image."""
 import json
 import os
+import re
 import runpy
 import sys
 
@@ -213,6 +214,21 @@ def test_summarize_warns_when_runs_differ_and_names_a_damaged_summary(tmp_path):
         for flag in ("--summarize", "--compare"):
             err = _sample([flag, str(tmp_path / "a"), str(tmp_path / "c")], ok=False).stderr
             assert f"{flag}: {tmp_path / 'c' / 'summary.json'} is damaged" in err and err.count("\n") == 1
+
+
+def test_compare_shows_the_best_on_the_way_and_when_the_monitor_fired(tmp_path):
+    """A fixed reward that helped first and was hacked later ends above its base but below its own best:
+    --compare prints the best held-out value with its epoch, and the epochs the monitor flagged."""
+    for name, toy, fd, flagged in (("adv", (0.3, 0.6, 0.7), (12.0, 3.0, 2.5), ()),
+                                   ("frozen", (0.3, 0.8, 0.6), (12.0, 1.7, 14.4), (10,))):
+        _summary_run(tmp_path / name, before=toy[0], after=toy[-1])
+        rows = [{"epoch": 5 * i, "eval/toy_geneval": t, "eval/fd_dino": f, **({"hacking_warning": 1}
+                 if 5 * i in flagged else {})} for i, (t, f) in enumerate(zip(toy, fd))]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = _sample(["--compare", str(tmp_path / "adv"), str(tmp_path / "frozen")]).stdout
+    assert re.search(r"toy_geneval best on the way +0\.700 \(epoch 10\) +0\.800 \(epoch 5\)\n", out), out
+    assert re.search(r"fd_dino best on the way +2\.500 \(epoch 10\) +1\.700 \(epoch 5\)\n", out), out
+    assert re.search(r"reward-hacking monitor +quiet +FLAGGED at 10\n", out), out
 
 
 def test_reproduce_py_of_a_pipeline_folder_loads_it_with_from_pretrained(tmp_path):
