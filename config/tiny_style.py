@@ -12,6 +12,7 @@ group_size = 8
 prompts_per_epoch = 8
 train_batch_size = 16
 updates_per_epoch = 2            # two optimizer steps an epoch, 32 images each
+lr = 3e-4                        # measured with these: config/tiny.py moved on
 d_lr = 1e-4                      # d_warmup 5: the head learns light vs dark before the generator listens
 epochs = 60
 save_every = 20

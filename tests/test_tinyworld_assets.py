@@ -161,6 +161,16 @@ def test_the_demo_runs_differ_only_in_freezing_the_discriminator():
     assert "refs_dark" in style.references
 
 
+def test_the_demo_monitor_watches_the_fixed_reward_late_in_its_run():
+    """The hacking monitor compares the oldest and newest of the last 3 evaluations under one reward. In the
+    fixed-reward run of make demo the held-out numbers turn within ~10 epochs of their best (docs/RESULTS.md),
+    so those 3 must all come after the warm-up and span at most 10 epochs; with eval_every = 15 they were
+    epochs 0, 15, 30 and the monitor compared the run's middle with its end only."""
+    frozen = tiny_world_cfg("tiny_frozen.py")
+    evals = [e for e in range(frozen.epochs) if e % frozen.eval_every == 0] + [frozen.epochs]
+    assert evals[-3] > frozen.d_warmup and evals[-1] - evals[-3] <= 10, evals
+
+
 def test_the_style_study_keeps_the_settings_it_was_measured_with():
     """config/tiny_style.py builds on config/tiny.py; the README's style-transfer numbers were measured with
     these values, so a change to the demo preset must not move them."""
