@@ -32,7 +32,8 @@ train_batch_size = 32
 updates_per_epoch = 1            # one optimizer step on all 96 images of an epoch
 lora_rank = 8
 lora_alpha = 16
-lr = 1e-3                        # 3e-4 is steadier for Adv-GRPO, but a fixed reward needs ~70 epochs to be hacked
+lr = 1e-3                        # the fixed reward (tiny_frozen.py) is hacked within 30 epochs; at 3e-4
+                                 # Adv-GRPO is steadier but a fixed reward turns only after ~75 epochs
 clip_range = 1e-3
 reward = {"dino_adv": 1.0}
 schedule = "shared"              # every epoch: rewards from the current D, then a G step and d_steps D steps
