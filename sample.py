@@ -74,7 +74,8 @@ def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_rewa
     rows = []
     for d, s in [(d, read_summary(d, "--compare")) for d in run_dirs]:  # every summary checked first
         log = os.path.join(d, "metrics.jsonl")
-        rows.append((os.path.basename(os.path.normpath(d)), s, C.read_metrics(log) if os.path.isfile(log) else []))
+        rows.append((os.path.basename(os.path.normpath(d)), s,
+                     C.read_metrics(log) if os.path.isfile(log) else []))
     print(f"{'held-out (train_reward: training)':36s}" + "".join(f"{name:>24s}" for name, _, _ in rows))
     for k in keys:
         cells = [f"{s[k]['before']:.3f} → {s[k]['after']:.3f}" if k in s else "—" for _, s, _ in rows]
