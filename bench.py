@@ -250,7 +250,7 @@ def run(b, cfg, device, flops):
         with st("decode"), torch.no_grad():
             gen.decode(torch.randn(n, *gen.latent_shape(), device=device))
         with st("reward"):
-            rewards, d_batch, _ = train.score_epoch(cfg, e, 0, batch, mine, None, adversary, references)
+            rewards, _, d_batch, _ = train.score_epoch(cfg, e, 0, batch, mine, None, adversary, references)
         with st("d_step"):
             if d_batch is not None:
                 adversary.update(d_batch, 1)

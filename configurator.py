@@ -131,6 +131,12 @@ class Config:
     adv_clip: float = 5.0             # advantages clipped to ±adv_clip
     beta_kl: float = 0.0              # KL to the frozen base, β·mean((μ_θ - μ_ref)²)
     global_std: bool = True           # normalise advantages by the std of all rewards of the epoch
+    adv_std: bool = True              # divide advantages by that std; False: r - mean of its group (the
+                                      # reward's own scale: small steps where the head is unsure)
+    adv_signal: bool = False          # beyond the paper: advantages × the adversarial reward's signal share
+                                      # d_signal (its split-half pair's agreement, in [0, 1]): no full-size
+                                      # steps on a reward that has become noise
+    g_beta1: float = 0.9              # the generator's AdamW β1 (momentum; Flow-GRPO's 0.9); β2 is 0.999
     ema_decay: float = 0.9            # the EMA's decay after its warm-up: min((1 + s)/(10 + s), ema_decay)
     ema_every: int = 8                # EMA update every N optimizer steps
     # the generator's objective: the paper's GRPO, or DiffusionNFT (nft.py: its maths, defaults, departures)
@@ -160,6 +166,15 @@ class Config:
     d_times: int = 10                 # paper schedule: G trains on epochs where (epoch+1) % d_times == 0
     d_steps: int = 1                  # D steps per D epoch, on the same samples
     d_lr: float = 1e-4                # Adam (0.5, 0.999) learning rate of the DINO discriminator head
+    d_steps_max: int = 0              # beyond the paper, > 0: D's steps adapt to its accuracy on the epoch's
+                                      # new generations (before any step): d_steps_max below 0.6, none above
+                                      # 0.8, else d_steps
+    d_r1: float = 0.0                 # beyond the paper: γ of an R1 penalty γ/2·|∇h|² on the head at the
+                                      # reference tokens (the head flat at the references: no reward for
+                                      # running past them)
+    d_replay: int = 0                 # beyond the paper: the generations of the last N epochs stay as extra
+                                      # fakes, one per image beside the new one (GAN practice against a
+                                      # generator drifting back to old flaws)
     d_hidden: int = 512               # width of the DINO head h = Linear(D, width) → GELU → Linear(width, 1)
     d_patches: int = 64               # patch tokens drawn per image for the DINO head (all when fewer)
     d_patch_loss: float = 0.3         # λ_p: weight of the patch tokens' hinge loss beside the CLS token's
@@ -170,13 +185,16 @@ class Config:
     dino_weights: str = ""            # local weights file for the backbone (clusters without hub access)
     dino_kwargs: dict = field(default_factory=dict)  # timm.create_model architecture kwargs (tiny world)
     dino_image_size: int = 518        # images are resized to this for the backbone (DINOv2: 518 = 37 × 14)
-    pickscore_model: str = "yuvalkirstain/PickScore_v1"     # hub id, folder, or "random:tiny" (tests)
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"     # hub id, folder, or random:tiny / random:vit-h-14
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # its tokenizer (hub id or folder)
     pickscore_train_last_k: int = 1   # vision layers the PickScore adversary trains
                                       # (paper 2, published code 1)
     pickscore_lr: float = 5e-6        # Adam (0.5, 0.999) learning rate of the PickScore adversary
-    clip_model: str = "openai/clip-vit-large-patch14"  # the fixed clip_score reward
+    clip_model: str = "openai/clip-vit-large-patch14"  # the fixed clip_score and aesthetic rewards' CLIP
                                                        # (hub id, folder, random:tiny)
+    aesthetic_weights: str = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                              "sac+logos+ava1-l14-linearMSE.pth")  # the aesthetic reward's MLP: URL (cached
+                                                                   # by torch.hub), local file, or "random"
     # run
     epochs: int = 1000                # sampling rounds (each: D and/or G work, per the schedule)
     seed: int = 0                     # every random stream derives from (seed, epoch, image), not the rank
@@ -222,9 +240,9 @@ AT_LEAST_1 = ("num_steps", "prompts_per_epoch", "sample_batch_size", "train_batc
               "eval_num_steps", "eval_n_per_prompt", "dino_image_size", "resolution", "max_sequence_length",
               "lora_alpha", "d_hidden", "d_patches")
 POSITIVE = ("lr", "d_lr", "pickscore_lr", "max_grad_norm", "clip_range", "adv_clip", "nft_beta")
-NON_NEGATIVE = ("lora_rank", "weight_decay", "beta_kl", "d_warmup", "eval_every", "eval_max_prompts",
+NON_NEGATIVE = ("lora_rank", "weight_decay", "beta_kl", "d_warmup", "d_steps_max", "d_replay", "d_r1", "eval_every", "eval_max_prompts",
                 "pickscore_train_last_k", "nft_eta_rate", "d_patch_loss")
-UNIT_INTERVAL = ("noise_level", "ema_decay", "nft_t_fraction", "d_cls_weight")
+UNIT_INTERVAL = ("noise_level", "ema_decay", "nft_t_fraction", "d_cls_weight", "g_beta1")
 
 
 def check_ranges(cfg):
@@ -384,6 +402,9 @@ def validate(cfg, world, warn=None):
                            "(e.g. --reward=\"{'dino_adv': 1.0}\")"),
         (sum(k in ("dino_adv", "pickscore_adv") for k in cfg.reward) <= 1, "at most one adversarial reward"),
         (not cfg.d_conditional or "dino_adv" in cfg.reward, "d_conditional needs the dino_adv reward"),
+        (not (cfg.d_replay or cfg.d_steps_max or cfg.d_r1) or "dino_adv" in cfg.reward,
+         "d_replay, d_steps_max and d_r1 are the dino_adv discriminator's"),
+        (not (cfg.d_replay and cfg.d_conditional), "d_replay keeps unconditional fakes: not with d_conditional"),
         (cfg.beta_kl == 0 or cfg.lora_rank > 0,
          "beta_kl > 0 needs LoRA (the frozen base is the adapter switched off)"),
     ]

@@ -250,6 +250,10 @@ class ReferenceSet:
     def __len__(self) -> int:
         return len(self.images)
 
+    def fewest(self) -> int:
+        """The smallest number of images any prompt has (folder mode: the folder's)."""
+        return min(map(len, self._index.values()))
+
     def missing(self, prompts: list[str]) -> list[str]:
         """The given prompts that have no reference image (deduplicated, in order); [] in folder mode."""
         return [] if self.folder_mode else [p for p in dict.fromkeys(prompts) if p not in self._index]

@@ -2,8 +2,8 @@
 eval.py — held-out evaluation in the training loop: generate with the EMA weights, measure, draw.
 
 train.py calls `evaluate` every `eval_every` epochs on the fixed held-out prompts, with fixed seeds, so
-curves compare like with like, `hacking_warning` (through its monitor) at each evaluation, and `report`
-at the end (curves.png, summary.json). sample.py, the command line, evaluates a checkpoint with the same
+curves compare like with like, `hacking_warning` (through its monitor) at each evaluation, `watch_signal`
+every epoch (the discriminator's health), and `report` at the end (curves.png, summary.json). sample.py, the command line, evaluates a checkpoint with the same
 functions.
 
 Metrics (each is skipped, with the reason recorded, when its ingredients are missing):
@@ -14,6 +14,8 @@ Metrics (each is skipped, with the reason recorded, when its ingredients are mis
 - toy_geneval (+ per attribute), background / saturation and style_match (share of generations whose
   background is within 0.25 of the references' mean): exact pixel metrics, for prompts of the shapes
   world (tinyworld.py). They are the demo's held-out style metrics: no training reward sees them.
+- ocr: the OCR reward's score (scorers.py) averaged over the images, when every prompt quotes a text
+  ("a sign that reads \"Open\""): the text-rendering accuracy of the paper's OCR experiment.
 - pickscore / clip_score (sample.py only): when those models can be loaded (the hub or a local copy).
 
 Leaves out: loading checkpoints and the command line (sample.py), training rewards (reward.py).
@@ -33,6 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import reward as R
 import sampler as S
+import scorers
 import tinyworld as tw
 from checkpoint import read_metrics
 
@@ -103,6 +106,8 @@ def measure(images, prompts, references=None, features=None):
                 skipped["fd_dino"] = "needs at least 2 generations and 2 references"
     else:
         skipped["dino_sim"] = skipped["fd_dino"] = "no references or no feature backbone in this run"
+    if prompts and all(scorers.quoted(p) for p in prompts):
+        m["ocr"] = float(scorers.ocr_scores(scorers.ocr_engine(), images, prompts)[0].mean())
     try:
         list(map(tw.parse, prompts))  # ValueError outside the shapes-world grammar
     except ValueError:
@@ -160,10 +165,12 @@ def save_grid(images, path, nrow=8, labels=None, title=""):
 def plot_curves(metrics_path, out_path, run="", train_key="reward_mean",
                 eval_keys=("eval/toy_geneval", "eval/style_match", "eval/background", "eval/dino_sim")):
     """Training reward and held-out metrics against epoch: the reward-hacking picture; FD-DINO to the
-    references (a distance, not a share) in its own panel below, the legend to the right of the data."""
+    references (a distance, not a share) in its own panel below, the legend to the right of the data; with
+    an adversary, its health at the bottom: D accuracy and d_signal per epoch, the noise warnings marked."""
     rows = read_metrics(metrics_path)
-    fig, (ax, fd) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, height_ratios=(2, 1),
-                                 layout="constrained")
+    health = any("d_signal" in r or "d_acc" in r for r in rows)
+    fig, (ax, fd, *hl) = plt.subplots(2 + health, 1, figsize=(9, 5.5 + 2 * health), sharex=True,
+                                      height_ratios=(2, 1, 1)[:2 + health], layout="constrained")
     ax.plot(*zip(*[(r["epoch"], r[train_key]) for r in rows if train_key in r]), color="k", lw=1,
             label=f"train {train_key} (left)")
     ax.set_ylabel("training reward")
@@ -172,9 +179,18 @@ def plot_curves(metrics_path, out_path, run="", train_key="reward_mean",
         if pts := [(r["epoch"], r[k]) for r in rows if k in r]:
             ax2.plot(*zip(*pts), marker="o", label=f"held-out {k[5:]} (right)")
     ax2.set_ylabel("held-out metric")
-    fd.plot(*zip(*[(r["epoch"], r["eval/fd_dino"]) for r in rows if "eval/fd_dino" in r]), marker="o",
-            color="C5", label="held-out fd_dino (below)")
-    fd.set(xlabel="epoch (held-out: epochs done)", ylabel="FD-DINO to refs ↓")
+    if pts := [(r["epoch"], r["eval/fd_dino"]) for r in rows if "eval/fd_dino" in r]:
+        fd.plot(*zip(*pts), marker="o", color="C5", label="held-out fd_dino (below)")
+    fd.set(ylabel="FD-DINO to refs ↓")
+    for h in hl:  # the discriminator's health
+        for k, c in (("d_acc", "C7"), ("d_signal", "C3")):
+            if pts := [(r["epoch"], r[k]) for r in rows if k in r]:
+                h.plot(*zip(*pts), color=c, lw=1, label=f"{k} (bottom)")
+        if warned := [r["epoch"] for r in rows if r.get("d_noise_warning")]:
+            h.plot(warned, [0.0] * len(warned), "v", color="C3", label="reward-is-noise warning")
+        h.axhline(0.5, color="C7", lw=0.5, ls=":")
+        h.set(ylabel="discriminator", ylim=(-0.3, 1.05))
+    (hl or [fd])[0].set(xlabel="epoch (held-out: epochs done)")
     fig.suptitle(f"{run}{': ' if run else ''}training reward against held-out metrics")
     fig.legend(loc="outside right upper", fontsize=8)
     fig.savefig(out_path, dpi=120)
@@ -204,6 +220,31 @@ def hacking_warning(history, window=3):
 
 # -----------------------------------------------------------------------------------------------
 # In the training loop
+
+# The discriminator's health: its reward is called noise when d_signal (train.reward_signal) stays below
+# SIGNAL_LOW for SIGNAL_PATIENCE generator epochs in a row. A split-half pair whose groups share no signal
+# still correlates by chance, with a std of about 1/sqrt(images): 0.1 at 96 images an epoch, 0.2 is two.
+SIGNAL_LOW, SIGNAL_PATIENCE = 0.2, 5
+
+
+def watch_signal(d_signal, trained_g, counters, row, master):
+    """Log d_signal in `row`; count the generator epochs in a row trained on a reward with d_signal below
+    SIGNAL_LOW (counters["noisy_g_epochs"], kept in checkpoints) and say so every SIGNAL_PATIENCE of them,
+    marking the row: the log says the reward has become noise before the held-out metrics drift."""
+    row["d_signal"] = d_signal
+    if not trained_g:
+        return
+    counters["noisy_g_epochs"] = counters["noisy_g_epochs"] + 1 if d_signal < SIGNAL_LOW else 0
+    row["noisy_g_epochs"] = counters["noisy_g_epochs"]
+    if counters["noisy_g_epochs"] and counters["noisy_g_epochs"] % SIGNAL_PATIENCE == 0:
+        row["d_noise_warning"] = 1
+        if master:
+            print(f"WARNING the adversarial reward is mostly noise: d_signal < {SIGNAL_LOW} for the last "
+                  f"{counters['noisy_g_epochs']} generator epochs (now {d_signal:.2f}, D acc "
+                  f"{row.get('d_acc', float('nan')):.2f}): a second discriminator does not reproduce its "
+                  "ranking, and the generator's steps follow it (adv_signal=True scales them by d_signal)",
+                  flush=True)
+
 
 def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=0):
     """Rank 0 generates the held-out set with the EMA weights and measures it; the others wait.

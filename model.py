@@ -328,7 +328,7 @@ def build_generator(cfg, device, world=1):
         sample_model, train_model = (torch.compile(transformer, dynamic=False),
                                      torch.compile(train_model, dynamic=False))
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.999))
+                            betas=(cfg.g_beta1, 0.999))
     return Generator(pipe=pipe, transformer=transformer, params=params, opt=opt,
                      ema=EMA(params, cfg.ema_decay, cfg.ema_every),
                      encode=PromptEncoder(pipe, device, cfg.max_sequence_length,

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 import configurator
 import data
 import model as M
+import scorers
 
 # -----------------------------------------------------------------------------------------------
 # Making references: `python prepare.py make_references --model M --prompts F --out DIR`
@@ -176,7 +177,9 @@ def main(argv=None):
             kept, dropped = import_prompts(a.src, a.out)
         except (OSError, ValueError) as e:
             raise SystemExit(f"import_prompts: {e}") from None
-        print(f"{a.out}: {kept} prompts ({dropped} blank lines dropped)")
+        quoting = sum(scorers.quoted(p["prompt"]) is not None for p in data.load_prompts(a.out))
+        print(f"{a.out}: {kept} prompts ({dropped} blank lines dropped)"
+              + (f"; {quoting} quote a text (the ocr reward's target)" if quoting else ""))
     else:
         try:
             n_prompts, n_files, missing = import_references(a.index, a.images, a.out)

@@ -6,11 +6,13 @@ What this file owns
 - `DinoFeatures`: a frozen timm ViT (DINOv2-B/14 at 518² by default) turning [0,1] images into
   float32 CLS and patch tokens. Shared by the discriminator, the `dino_sim` reward and the evaluation.
 - `DinoDiscriminator`: a float32 head h = Linear(D,512) -> GELU -> Linear(512,1) on those tokens, its
-  hinge loss, its reward r = 0.7·h(c) + 0.3·mean_k h(p_k), and its own Adam optimizer.
-- `CLIPScorer` / `PickScoreAdversary`: CLIP-style scoring with preprocessing done in torch; the
-  adversary trains the last k vision layers with a Bradley–Terry loss (reference beats generation).
+  hinge loss, its reward r = 0.7·h(c) + 0.3·mean_k h(p_k), and its own Adam optimizer; beside it a
+  split-half pair of heads that only measures whether the reward is still signal (the run's `d_signal`).
+- `PickScoreAdversary`: PickScore (scorers.CLIPScorer: CLIP with its preprocessing in torch) as a
+  discriminator; it trains the last k vision layers with a Bradley–Terry loss (reference beats generation).
 - `Adversary`: what both adversaries answer, so the loop never asks which one it drives:
-      rewards, d_batch, info = adv.judge(images, real_images, prompts, pool, generator)  # no step yet
+      rewards, split, d_batch, info = adv.judge(images, real_images, prompts, pool, generator, half)
+                      # no step yet; split (B, 2): two independent scores of each image, or None
       d_steps, train_g = adv.schedule(cfg, epoch, info)      # info averaged over ranks: all agree
       info = adv.update(d_batch, d_steps)                    # collectives: the same count on every rank
       adv.head_state() / adv.load_head_state(state)          # checkpoints; adv.name, .needs, .lr, .weight
@@ -18,7 +20,7 @@ What this file owns
   combined as a weighted sum. A factory *names* what it needs: `device`, `references` (a ReferenceSet) and
   `phi` (DinoFeatures) come from the run, which loads them only when a chosen reward (or the adversary:
   `needs`) names them; a parameter named like a config key gets its value; any other is a setting:
-  `--reward="{'ocr_sim': {'weight': 1.0, 'lam': 0.3}}"` (README "Extend": that reward, wrapping dino_sim).
+  `--reward="{'ocr': {'weight': 0.5, 'engine': 'rapidocr'}}"`.
 
 Leaves out: when the loop calls what and the epoch's random draws (train.py), held-out metrics (eval.py).
 
@@ -42,13 +44,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import transformers
 
+import scorers
 import tinyworld
-from model import char_tokenizer
+from scorers import CLIPScorer, load_clip
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 CONTEXT = ("device", "references", "phi")  # what the run builds for a reward factory that names it
 
 
@@ -70,10 +71,20 @@ def _all_reduce_grads_(params):
         offset += p.numel()
 
 
+def _gather(t):
+    """(n, ...) of this rank -> (world·n, ...) of all ranks, in rank order (itself on one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t.detach().clone()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    return torch.cat(parts)
+
+
 class Adversary:
     """The interface of the module docstring. judge: real_images[i] is a reference of prompts[i], pool (B, P)
-    the prompts' pooled text embeddings, generator the adversary's random draws of the epoch; info: loss and
-    accuracy before any step. `name`: its key in cfg.reward; `lr`: kept when a checkpoint's optimizer state
+    the prompts' pooled text embeddings, generator the adversary's random draws of the epoch, half (B,) 0/1
+    which of a split-half pair learns from image i; split: each image's score under two discriminators
+    trained on disjoint halves (None: not measured); info: loss and accuracy before any step. `name`: its key in cfg.reward; `lr`: kept when a checkpoint's optimizer state
     is loaded (a changed lr on --resume is applied); `weight`: in the reward sum (build_adversary)."""
     name, needs, weight = "", (), 1.0
 
@@ -85,9 +96,10 @@ class Adversary:
             info = dict(d_loss=self.d_step(**d_batch)["d_loss"])
         return info
 
-    def _load_opt(self, state):
-        self.opt.load_state_dict(state)
-        for group in self.opt.param_groups:
+    def _load_opt(self, state, opt=None):
+        opt = opt or self.opt
+        opt.load_state_dict(state)
+        for group in opt.param_groups:
             group["lr"] = self.lr
 
 
@@ -95,11 +107,13 @@ class Adversary:
 # DINO features and the adversarial DINO discriminator
 
 class DinoFeatures(nn.Module):
-    """Frozen ViT φ: [0,1] images of any size -> (CLS (B,D), patch tokens (B,N,D)), both float32.
-    `backbone` is a module with timm's forward_features(x) -> (B, n_prefix + N, D) (CLS = token 0;
-    `num_prefix_tokens` counts CLS and any registers); `make_backbone` builds one from the config. To run
-    φ in bf16: `feats.backbone.to(torch.bfloat16)`; inputs follow the backbone's dtype, outputs are
-    float32."""
+    """Frozen ViT φ: [0,1] images of any size -> (global token (B,D), patch tokens (B,N,D)), both float32.
+    `backbone` is a timm ViT: forward_features(x) -> (B, n_prefix + N, D), `num_prefix_tokens` counting the
+    class token and any registers. The global token is what the model itself pools: its class token where it
+    has one (DINOv2; DINOv3, whose 4 registers are skipped), else its own pooled output — forward_head(...,
+    pre_logits=True): SigLIP's attention pool, as the published SigLIP discriminator reads the vision model's
+    pooled output. A backbone whose tokens cannot be split so is refused in one line. To run φ in bf16:
+    `feats.backbone.to(torch.bfloat16)`; inputs follow the backbone's dtype, outputs are float32."""
 
     def __init__(self, backbone, image_size=518):
         super().__init__()
@@ -111,6 +125,11 @@ class DinoFeatures(nn.Module):
                              persistent=False)
         self.image_size = image_size
         self.n_prefix = getattr(backbone, "num_prefix_tokens", 1)
+        self.has_cls = getattr(backbone, "cls_token", None) is not None
+        name = type(backbone).__name__
+        if not hasattr(backbone, "forward_features") or not (self.has_cls or hasattr(backbone, "forward_head")):
+            raise SystemExit(f"feature backbone {name}: its tokens cannot be split into a global token and "
+                             "patch tokens (needs timm's forward_features, and a class token or forward_head)")
 
     def train(self, mode=True):
         super().train(mode)
@@ -126,8 +145,12 @@ class DinoFeatures(nn.Module):
                               align_corners=False)  # (B, 3, S, S)
         x = (x - self.mean.float()) / self.std.float()
         dtype = next(self.backbone.parameters()).dtype
-        tokens = self.backbone.forward_features(x.to(dtype)).float()  # (B, n_prefix + N, D)
-        return tokens[:, 0], tokens[:, self.n_prefix:]  # (B, D), (B, N, D)
+        tokens = self.backbone.forward_features(x.to(dtype))  # (B, n_prefix + N, D)
+        if tokens.dim() != 3:
+            raise SystemExit(f"feature backbone {type(self.backbone).__name__} gives features of shape "
+                             f"{tuple(tokens.shape)}, not tokens (B, n, D): use a ViT")
+        pooled = tokens[:, 0] if self.has_cls else self.backbone.forward_head(tokens, pre_logits=True)
+        return pooled.float(), tokens[:, self.n_prefix:].float()  # (B, D), (B, N, D)
 
 
 class DinoDiscriminator(Adversary, nn.Module):
@@ -137,14 +160,21 @@ class DinoDiscriminator(Adversary, nn.Module):
     φ is the expensive part: `judge` computes features once per image per epoch, `score` and `d_step` reuse
     them (disc.score(*disc.features(images)) -> rewards (B,); disc.d_step(real_feats, fake_feats)).
 
-    Checkpoints: `head_state()` / `load_head_state()` (head + Adam; `state_dict()` would hold the frozen
+    Its health (beyond the paper): `pair`, two more heads like the paper's, each trained on its half of every
+    batch (`half`: 0 / 1 per image, with its reference), used for nothing but to measure. `judge` returns
+    their two scores of each generation, from which train.reward_signal estimates how much of the reward's
+    within-group spread is signal: two discriminators that learnt from disjoint data agree on what tells
+    generations from references, not on what each happened to fit.
+
+    Checkpoints: `head_state()` / `load_head_state()` (heads + Adam; `state_dict()` would hold the frozen
     backbone too). Do not `disc.to(torch.bfloat16)`: cast `disc.backbone` only (d_step refuses a bf16 head).
-    The head is initialised from `seed`, not the global RNG: the same on every rank. `group_size`: see
+    The heads are initialised from `seed`, not the global RNG: the same on every rank. `group_size`: see
     `wrong_prompt` (a conditional head only)."""
     name, needs = "dino_adv", ("references", "phi")
 
     def __init__(self, phi: DinoFeatures, hidden=512, n_patches=64, patch_loss_weight=0.3,
-                 cls_reward_weight=0.7, lr=1e-4, betas=(0.5, 0.999), seed=0, cond_dim=0, group_size=1):
+                 cls_reward_weight=0.7, lr=1e-4, betas=(0.5, 0.999), seed=0, cond_dim=0, group_size=1,
+                 replay=0, r1=0.0):
         super().__init__()
         self.phi = phi  # may be shared with the dino_sim reward
         D = getattr(phi.backbone, "num_features", None) or phi.backbone.embed_dim
@@ -157,16 +187,25 @@ class DinoDiscriminator(Adversary, nn.Module):
             self.proj = nn.Linear(cond_dim, hidden, bias=False).float() if cond_dim else None
             if self.proj is not None:
                 nn.init.zeros_(self.proj.weight)
+            torch.manual_seed(seed + 1_000_003)  # the split-half pair: unconditional, its own draws
+            self.pair = nn.ModuleList(nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1))
+                                      for _ in range(2)).float()
         self.n_patches, self.patch_loss_weight, self.cls_reward_weight = (n_patches, patch_loss_weight,
                                                                           cls_reward_weight)
         self.lr, self.group_size = lr, group_size
         self.opt = torch.optim.Adam(self.trainable_parameters(), lr=lr, betas=betas)
+        self.pair_opt = torch.optim.Adam(self.pair.parameters(), lr=lr, betas=betas)
+        # replay > 0 (beyond the paper): the (CLS, drawn patch tokens) of every image of the last `replay`
+        # epochs, gathered from all ranks (so rank 0's checkpoint holds them), oldest first
+        self.replay, self.pool = replay, []
+        self.r1 = r1  # > 0 (beyond the paper): γ of the R1 penalty γ/2·|∇h|² at the references (d_loss)
 
     @classmethod
     def from_config(cls, cfg, device, phi, cond_dim=0):
         """`cond_dim`: the pooled text embedding's width, used when cfg.d_conditional."""
         return cls(phi, cfg.d_hidden, cfg.d_patches, cfg.d_patch_loss, cfg.d_cls_weight, cfg.d_lr,
-                   seed=cfg.seed, cond_dim=cond_dim * cfg.d_conditional, group_size=cfg.group_size).to(device)
+                   seed=cfg.seed, cond_dim=cond_dim * cfg.d_conditional, group_size=cfg.group_size,
+                   replay=cfg.d_replay, r1=cfg.d_r1).to(device)
 
     def trainable_parameters(self):
         return [*self.head.parameters(), *(self.proj.parameters() if self.proj is not None else ())]
@@ -185,17 +224,23 @@ class DinoDiscriminator(Adversary, nn.Module):
         e = F.normalize(cond.float(), dim=-1)                                      # (B, P)
         return self.head[2](hidden).squeeze(-1) + (self.proj(e) * hidden).sum(-1)  # (B,)
 
+    def _draw(self, patches, generator=None):
+        """n_patches patch tokens (B, k, D) drawn at random per image, all of them if N <= n_patches.
+        `generator`: one for the batch, or a list of one per image (its own draw)."""
+        B, N, D = patches.shape
+        if N <= self.n_patches:
+            return patches
+        gens = generator if isinstance(generator, list) else [generator] * B
+        idx = torch.stack([torch.rand(N, generator=g, device=g.device if g else "cpu") for g in gens]
+                          ).argsort(dim=1)[:, :self.n_patches]                                      # (B, k)
+        return patches.gather(1, idx.to(patches.device)[..., None].expand(-1, -1, D))          # (B, k, D)
+
     def _logits(self, cls, patches, cond=None, generator=None):
         """The single token path of both the reward and the loss: head logits of the CLS token and of
-        n_patches patch tokens drawn at random per image (all of them if N <= n_patches). `cond` (B, P):
-        the prompts' pooled text embeddings, used (and required) by a conditional head only."""
-        B, N, D = patches.shape
-        if N > self.n_patches:  # `generator`: one for the batch, or a list of one per image (its own draw)
-            gens = generator if isinstance(generator, list) else [generator] * B
-            idx = torch.stack([torch.rand(N, generator=g, device=g.device if g else "cpu") for g in gens]
-                              ).argsort(dim=1)[:, :self.n_patches]                                  # (B, k)
-            patches = patches.gather(1, idx.to(patches.device)[..., None].expand(-1, -1, D))  # (B, k, D)
-        return self._cls_logit(cls, cond), self.head(patches.float()).squeeze(-1)  # (B,), (B, k)
+        n_patches patch tokens drawn at random per image (_draw). `cond` (B, P): the prompts' pooled text
+        embeddings, used (and required) by a conditional head only."""
+        drawn = self._draw(patches, generator)
+        return self._cls_logit(cls, cond), self.head(drawn.float()).squeeze(-1)  # (B,), (B, k)
 
     def _combine(self, cls_logit, patch_logits):
         w = self.cls_reward_weight
@@ -206,39 +251,66 @@ class DinoDiscriminator(Adversary, nn.Module):
         """Reward from precomputed features: 0.7·h(c) + 0.3·mean_k h(p_k). Never differentiated."""
         return self._combine(*self._logits(cls, patches, cond, generator=generator))  # (B,)
 
-    def d_loss_from_features(self, real_feats, fake_feats, generator=None, wrong=None):
+    def d_loss_from_features(self, real_feats, fake_feats, generator=None, wrong=None, half=None, replay=None):
         """Hinge loss, each term averaged over its own batch (reals and fakes may differ in number):
         L_D = ½[relu(1-h(c_r)) + relu(1+h(c_f))] + λ_p·½[mean_k relu(1-h(p_r,k)) + mean_k relu(1+h(p_f,k))].
         Feature tuples are (cls, patches) or, for a conditional head, (cls, patches, text embedding).
         `wrong` (conditional head only): (cls, text embedding) of reference images paired with *another*
         prompt — a real image of the wrong prompt counts as fake, half of the CLS fake term (the
         matching-aware loss of text-to-image GANs); patch tokens stay unconditional.
-        info: d_loss, d_acc (CLS logits on the right side of 0), d_real / d_fake (mean reward-formula
-        score)."""
-        c_r, p_r = self._logits(*real_feats, generator=generator)  # (Br,), (Br, k)
-        c_f, p_f = self._logits(*fake_feats, generator=generator)  # (Bf,), (Bf, k)
+        `half` (B,) 0/1: the split-half pair's losses are added, each of its heads on its half of the
+        images and their references, on the same drawn patch tokens (they share no parameter with `head`).
+        `replay` (CLS (Bf, D), patch tokens (Bf, k, D)) of past generations: more fakes, beside the new ones
+        in the paper's head's loss. info: d_loss (the paper's head alone), d_acc (CLS logits on the right
+        side of 0), d_real / d_fake (mean reward-formula score), all on the new generations."""
+        (cls_r, pat_r, *cond_r), (cls_f, pat_f, *cond_f) = real_feats, fake_feats
+        pat_r, pat_f = self._draw(pat_r, generator), self._draw(pat_f, generator)  # (Br, k, D), (Bf, k, D)
+        r1 = self.r1 > 0 and torch.is_grad_enabled()
+        if r1:  # the penalty differentiates the logits with respect to the reference tokens
+            cls_r, pat_r = cls_r.detach().requires_grad_(True), pat_r.detach().requires_grad_(True)
+        c_r, p_r = self._cls_logit(cls_r, *cond_r), self.head(pat_r).squeeze(-1)  # (Br,), (Br, k)
+        c_f, p_f = self._cls_logit(cls_f, *cond_f), self.head(pat_f).squeeze(-1)  # (Bf,), (Bf, k)
+        correct = (c_r > 0).sum() + (c_f < 0).sum()
+        info = dict(d_acc=correct.item() / (len(c_r) + len(c_f)), d_real=self._combine(c_r, p_r).mean().item(),
+                    d_fake=self._combine(c_f, p_f).mean().item())
+        if replay is not None:
+            c_f = torch.cat([c_f, self.head(replay[0]).squeeze(-1)])                              # (2Bf,)
+            p_f = torch.cat([p_f, self.head(replay[1]).squeeze(-1)])                           # (2Bf, k)
         fake_term = F.relu(1 + c_f).mean()
         if wrong is not None and len(wrong[0]):
             fake_term = 0.5 * (fake_term + F.relu(1 + self._cls_logit(*wrong)).mean())
-        loss_cls = 0.5 * (F.relu(1 - c_r).mean() + fake_term)
-        loss_patch = 0.5 * (F.relu(1 - p_r).mean() + F.relu(1 + p_f).mean())
-        loss = loss_cls + self.patch_loss_weight * loss_patch
-        correct = (c_r > 0).sum() + (c_f < 0).sum()
-        info = dict(d_loss=loss.item(), d_acc=correct.item() / (len(c_r) + len(c_f)),
-                    d_real=self._combine(c_r, p_r).mean().item(),
-                    d_fake=self._combine(c_f, p_f).mean().item())
+        loss = self._hinge(c_r, p_r, fake_term, p_f)
+        info["d_loss"] = loss.item()
+        if r1:  # R1 (Mescheder et al. 2018): the head flat at the references, so that their score is a
+            # peak the generator climbs to, not a slope it is rewarded to run past (GAIL/AMP practice)
+            g_c, g_p = torch.autograd.grad([c_r.sum(), p_r.sum()], [cls_r, pat_r], create_graph=True)
+            loss = loss + self.r1 / 2 * (g_c.pow(2).sum(-1).mean()
+                                         + self.patch_loss_weight * g_p.pow(2).sum(-1).mean())
+        for k, h in enumerate(self.pair if half is not None else ()):
+            r, f = half.to(cls_r.device) == k, half.to(cls_f.device) == k
+            loss = loss + self._hinge(h(cls_r[r]).squeeze(-1), h(pat_r[r]).squeeze(-1),
+                                      F.relu(1 + h(cls_f[f]).squeeze(-1)).mean(), h(pat_f[f]).squeeze(-1))
         return loss, info
 
-    def d_step(self, real_feats, fake_feats, generator=None, wrong=None):
-        """One Adam step on the head; gradients are averaged over ranks first (all-reduce, mean) when
-        torch.distributed runs with world > 1 — this is what keeps the head synchronised."""
+    def _hinge(self, c_r, p_r, fake_term, p_f):
+        loss_cls = 0.5 * (F.relu(1 - c_r).mean() + fake_term)
+        loss_patch = 0.5 * (F.relu(1 - p_r).mean() + F.relu(1 + p_f).mean())
+        return loss_cls + self.patch_loss_weight * loss_patch
+
+    def d_step(self, real_feats, fake_feats, generator=None, wrong=None, half=None, replay=None):
+        """One Adam step on the head (and, given `half`, on the split-half pair); gradients are averaged
+        over ranks first (all-reduce, mean) when torch.distributed runs with world > 1 — this is what keeps
+        the heads synchronised."""
         assert self.head[0].weight.dtype == torch.float32, (
             "keep the head float32: cast disc.backbone, not disc")
         self.opt.zero_grad(set_to_none=True)
-        loss, info = self.d_loss_from_features(real_feats, fake_feats, generator, wrong)
+        self.pair_opt.zero_grad(set_to_none=True)
+        loss, info = self.d_loss_from_features(real_feats, fake_feats, generator, wrong, half, replay)
         loss.backward()
-        _all_reduce_grads_(self.trainable_parameters())
+        _all_reduce_grads_([*self.trainable_parameters(), *self.pair.parameters()])
         self.opt.step()
+        if half is not None:
+            self.pair_opt.step()
         return info
 
     def wrong_prompt(self, real_cls, pool, prompts):
@@ -249,28 +321,62 @@ class DinoDiscriminator(Adversary, nn.Module):
         keep = torch.tensor([prompts[i] != prompts[j] for i, j in enumerate(other.tolist())])
         return real_cls[other[keep]], pool[keep.to(pool.device)]
 
-    def judge(self, images, real_images, prompts, pool, generator):
+    @torch.no_grad()
+    def judge(self, images, real_images, prompts, pool, generator, half=None):
         fake, real = self.features(images), self.features(real_images)          # φ: once per image
         wrong = None
         if self.proj is not None:  # each image with its prompt's text embedding
             fake, real = (*fake, pool), (*real, pool)
             wrong = self.wrong_prompt(real[0], pool, prompts)
-        r = self.score(*fake, generator=generator)
-        with torch.no_grad():
-            _, info = self.d_loss_from_features(real, fake, generator=generator, wrong=wrong)
-        return r, dict(real_feats=real, fake_feats=fake, generator=generator, wrong=wrong), info
+        drawn = self._draw(fake[1], generator)                                     # (B, k, D)
+        r = self._combine(self._cls_logit(fake[0], *fake[2:]), self.head(drawn).squeeze(-1))     # (B,)
+        split = torch.stack([self._combine(h(fake[0]).squeeze(-1), h(drawn).squeeze(-1)) for h in self.pair],
+                            dim=1)                                                 # (B, 2)
+        _, info = self.d_loss_from_features(real, fake, generator=generator, wrong=wrong)
+        # how close the generations are to the references in φ's own terms (the mean cosine of each with
+        # the reference drawn for it): a fixed yardstick beside the moving head, for the run's health
+        info["ref_sim"] = F.cosine_similarity(fake[0], real[0], dim=-1).mean().item()
+        return r, split, dict(real_feats=real, fake_feats=fake, generator=generator, wrong=wrong,
+                              half=half, replay=self._replay(fake[0], drawn, generator)), info
+
+    def _replay(self, cls, drawn, generator):
+        """replay > 0: for each image of this rank, the same image index of an earlier epoch, drawn from the
+        pool per image (its own generator); then this epoch's images join the pool. None when off or empty.
+        Every rank holds the whole pool (all-gathered), so the draw is the same on any number of ranks."""
+        if not self.replay:
+            return None
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        ids = torch.arange(len(cls)) + rank * len(cls)  # the images' indices in the epoch
+        out = None
+        if self.pool:
+            gens = generator if isinstance(generator, list) else [generator] * len(cls)
+            ago = torch.tensor([int(torch.randint(len(self.pool), (1,), generator=g)) for g in gens])
+            out = tuple(torch.stack([self.pool[a][k][i] for a, i in zip(ago.tolist(), ids.tolist())])
+                        .to(cls.device) for k in (0, 1))                      # (B, D), (B, k, D)
+        self.pool = [*self.pool, (_gather(cls), _gather(drawn))][-self.replay:]
+        return out
 
     def schedule(self, cfg, epoch, info):
-        """The paper's alternation (cfg.schedule), after d_warmup epochs in which the head learns first."""
+        """The paper's alternation (cfg.schedule), after d_warmup epochs in which the head learns first.
+        d_steps_max > 0 (beyond the paper): outside the warm-up, a step count read off the head's accuracy
+        on this epoch's new generations and references (info["d_acc"], before any step: held-out for it, and
+        the same on every rank) — d_steps_max below 0.6 (it has lost track), none above 0.8 (it wins
+        outright, the state in which an adversarial reward stops transferring anything), else d_steps."""
+        steps = cfg.d_steps
+        if cfg.d_steps_max and epoch >= cfg.d_warmup:
+            steps = cfg.d_steps_max if info["d_acc"] < 0.6 else 0 if info["d_acc"] > 0.8 else cfg.d_steps
         if epoch < cfg.d_warmup:                          # G waits
-            return cfg.d_steps, False
+            return steps, False
         if cfg.schedule == "paper":                       # D-only epochs, G every d_times-th
             g = (epoch + 1) % cfg.d_times == 0
-            return (0 if g else cfg.d_steps), g
-        return (cfg.d_steps if cfg.schedule == "shared" else 0), True   # shared: both; frozen: G alone
+            return (0 if g else steps), g
+        return (steps if cfg.schedule == "shared" else 0), True   # shared: both; frozen: G alone
 
     def head_state(self):
-        state = {"head": self.head.state_dict(), "opt": self.opt.state_dict()}
+        state = {"head": self.head.state_dict(), "opt": self.opt.state_dict(), "pair": self.pair.state_dict(),
+                 "pair_opt": self.pair_opt.state_dict()}
+        if self.replay:
+            state["pool"] = [t.cpu() for epoch in self.pool for t in epoch]  # cls, patches of each epoch
         if self.proj is not None:
             state["proj"] = self.proj.state_dict()
         return state
@@ -283,6 +389,11 @@ class DinoDiscriminator(Adversary, nn.Module):
         if self.proj is not None:
             self.proj.load_state_dict(state["proj"])
         self._load_opt(state["opt"])
+        flat = [t.to(self.head[0].weight.device) for t in state.get("pool", [])]
+        self.pool = list(zip(flat[::2], flat[1::2]))
+        if "pair" in state:  # checkpoints from before the split-half pair: it starts afresh
+            self.pair.load_state_dict(state["pair"])
+            self._load_opt(state["pair_opt"], self.pair_opt)
 
 
 def make_backbone(name, image_size=518, weights="", timm_kwargs=None):
@@ -294,8 +405,8 @@ def make_backbone(name, image_size=518, weights="", timm_kwargs=None):
         arch = name.split(":", 1)[1]
         if arch == "tiny":
             arch, kw = "vit_small_patch14_dinov2", dict(patch_size=7, embed_dim=32, depth=2, num_heads=2)
-        # DINOv2's LayerScale init 1e-5 makes a random model's CLS the same for every image
-        if "dinov2" in arch:
+        # DINOv2's (and DINOv3's) LayerScale init 1e-5 makes a random model's CLS the same for every image
+        if "dinov2" in arch or "dinov3" in arch:
             kw.setdefault("init_values", 1.0)
         with torch.random.fork_rng(devices=[]):  # identical on every rank, global RNG untouched
             torch.manual_seed(0)
@@ -318,82 +429,8 @@ def make_features(cfg, device):
     return phi
 
 
-def load_clip(model, processor):
-    """(CLIPModel, tokenizer) by config: hub ids / folders, or "random:tiny" (tests and smoke runs)."""
-    if model != "random:tiny":
-        return model, processor  # CLIPScorer loads ids itself
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        tok = char_tokenizer(77)
-        cfg = transformers.CLIPConfig(
-            text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
-        return transformers.CLIPModel(cfg), tok
-
-
 # -----------------------------------------------------------------------------
-# CLIP scoring and the adversarial PickScore model
-
-def _pooled(out):
-    # transformers v5 returns a model output from get_*_features, v4 a tensor
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-class CLIPScorer(nn.Module):
-    """A frozen `transformers.CLIPModel` with CLIPProcessor's image preprocessing redone in torch (resize
-    the short side bicubic+antialias, centre crop, CLIP mean/std; differs from PIL in the last digits),
-    so images never leave the GPU. `model`/`processor` are hub ids or built objects (a CLIPModel and a
-    tokenizer, or a processor holding one). Kept in float32 (the trainable part's master weights);
-    runs under bf16 autocast on CUDA."""
-
-    def __init__(self, model, processor):
-        super().__init__()
-        if isinstance(model, str):
-            model = transformers.CLIPModel.from_pretrained(model)
-        if isinstance(processor, str):
-            processor = transformers.AutoTokenizer.from_pretrained(processor)
-        self.model = model.float().eval().requires_grad_(False)  # CLIP-H in float32: ~4 GB, fine beside SD3
-        self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.image_size = model.config.vision_config.image_size
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.model.eval()  # CLIP has no dropout worth training with; keep inference behaviour
-        return self
-
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.mean.is_cuda)
-
-    def embed_text(self, prompts):
-        uniq = list(dict.fromkeys(prompts))  # a group repeats its prompt: encode each once
-        tok = self.tokenizer(uniq, padding=True, truncation=True, max_length=self.tokenizer.model_max_length,
-                             return_tensors="pt").to(self.mean.device)
-        with torch.no_grad(), self._autocast():  # the text tower is never trained
-            emb = _pooled(self.model.get_text_features(input_ids=tok.input_ids,
-                                                       attention_mask=tok.attention_mask))
-        emb = F.normalize(emb.float(), dim=-1)  # (U, E)
-        return emb[[uniq.index(p) for p in prompts]]  # (B, E)
-
-    def embed_images(self, images):
-        S = self.image_size
-        x = images.to(self.mean.device, torch.float32)  # (B, 3, H, W)
-        H, W = x.shape[-2:]
-        h, w = max(S, round(H * S / min(H, W))), max(S, round(W * S / min(H, W)))
-        x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)  # (B, 3, h, w)
-        top, left = (h - S) // 2, (w - S) // 2
-        x = (x[..., top:top + S, left:left + S] - self.mean) / self.std  # (B, 3, S, S)
-        with self._autocast():
-            emb = _pooled(self.model.get_image_features(pixel_values=x))
-        return F.normalize(emb.float(), dim=-1)  # (B, E)
-
-    def cosine(self, images, prompts):
-        return (self.embed_images(images) * self.embed_text(prompts)).sum(-1)  # (B,)
-
+# The adversarial PickScore model (CLIP scoring itself: scorers.CLIPScorer)
 
 class PickScoreAdversary(Adversary, CLIPScorer):
     """PickScore (= logit_scale.exp() · cos(text, image), ≈ 22 for SD3.5-M images) used as a discriminator:
@@ -433,11 +470,11 @@ class PickScoreAdversary(Adversary, CLIPScorer):
         model, tokenizer = load_clip(cfg.pickscore_model, cfg.pickscore_processor)
         return cls(model, tokenizer, cfg.pickscore_train_last_k, cfg.pickscore_lr).to(device)
 
-    def judge(self, images, real_images, prompts, pool, generator):
+    def judge(self, images, real_images, prompts, pool, generator, half=None):
         r, ref_r = self.reward(images, prompts), self.reward(real_images, prompts)
         info = dict(d_real=ref_r.mean().item(), d_fake=r.mean().item(),
                     d_acc=(ref_r > r).float().mean().item())
-        return r, dict(ref_images=real_images, gen_images=images, prompts=prompts), info
+        return r, None, dict(ref_images=real_images, gen_images=images, prompts=prompts), info
 
     def schedule(self, cfg, epoch, info):
         d = self.should_train_d(info["d_fake"], info["d_real"])
@@ -541,6 +578,48 @@ def clip_score(device="cpu", clip_model="openai/clip-vit-large-patch14", clip_pr
     def fn(images, prompts, metadata):
         with torch.no_grad():
             return scorer.cosine(images, prompts).to(images.device), {}
+    return fn
+
+
+@register("clip_sim")
+def clip_sim(references, device="cpu", clip_model="openai/clip-vit-large-patch14"):
+    """Paired CLIP similarity to references: the mean cosine of a generation's CLIP image embedding with
+    those of *its own prompt's* references — sim_CLIP(x_g, x_r), the paper's partner of a rule reward
+    (its text rendering: λ·R_ocr + (1 - λ)·sim_CLIP, e.g. {"ocr": 0.5, "clip_sim": 0.5})."""
+    clip, cache = CLIPScorer(*load_clip(clip_model, clip_model)).to(device), {}
+
+    def fn(images, prompts, metadata):
+        with torch.no_grad():
+            for p in set(prompts) - cache.keys():
+                cache[p] = clip.embed_images(references.images_of(p).to(device))  # (k, E), unit norm
+            return paired_cosine(clip.embed_images(images), prompts, cache).to(images.device), {}
+    return fn
+
+
+@register("ocr")
+def ocr(engine="auto"):
+    """Text rendering, the published OCR reward (scorers.py): 1 when the prompt's quoted text is read in the
+    image, else 1 - edit distance / its length; 0 when the engine fails or the prompt quotes nothing.
+    `engine`: "auto" (PaddleOCR if installed, else RapidOCR), "paddleocr" or "rapidocr"."""
+    reader, warned = scorers.ocr_engine(engine), set()
+    print(f"ocr reward: read by {reader.name}", flush=True)
+
+    def fn(images, prompts, metadata):
+        r, _ = scorers.ocr_scores(reader, images, prompts, warned)
+        return r.to(images.device), {f"engine_{reader.name}": 1.0}  # logged: which engine scored
+    return fn
+
+
+@register("aesthetic")
+def aesthetic(device="cpu", clip_model="openai/clip-vit-large-patch14",
+              aesthetic_weights=scorers.AESTHETIC_URL):
+    """The LAION aesthetic predictor (scorers.py) on the CLIP ViT-L/14 image embedding: ≈ 1-10."""
+    clip = CLIPScorer(*load_clip(clip_model, clip_model)).to(device)
+    head = scorers.load_aesthetic_head(aesthetic_weights, clip.model.config.projection_dim).to(device)
+
+    def fn(images, prompts, metadata):
+        with torch.no_grad():
+            return head(clip.embed_images(images)).float(), {}
     return fn
 
 

@@ -65,8 +65,9 @@ PATCHES, REFS, ORDER, WINDOW = 1, 2, 3, 7  # the values are the streams: changin
 # GRPO maths: small pure functions (unit-tested)
 
 
-def compute_advantages(rewards, group_ids, global_std=False, eps=1e-4):
-    """A = (r - mean_group) / (std + eps), std of the group or (global_std) of all rewards.
+def compute_advantages(rewards, group_ids, global_std=False, eps=1e-4, std=True):
+    """A = (r - mean_group) / (std + eps), std of the group or (global_std) of all rewards; std=False:
+    A = r - mean_group.
 
     `group_ids` are any hashables (train.py passes prompt strings, as the published code groups: a prompt
     listed twice is one group). Works on numpy arrays and torch tensors, returning the same type. std is
@@ -79,10 +80,28 @@ def compute_advantages(rewards, group_ids, global_std=False, eps=1e-4):
     std_all = r.std()
     for k in range(len(index)):
         m = keys == k
-        std = std_all if global_std else r[m].std()
-        adv[m] = (r[m] - r[m].mean()) / (std + eps)
+        scale = (std_all if global_std else r[m].std()) + eps if std else 1.0
+        adv[m] = (r[m] - r[m].mean()) / scale
     return (torch.as_tensor(adv, dtype=rewards.dtype, device=rewards.device) if is_torch
             else adv.astype(r.dtype))
+
+
+def reward_signal(split, group_ids):
+    """How much of the reward's within-group spread is signal, from two independent scores of the same
+    images (split (n, 2): the split-half pair of discriminators, each trained on disjoint halves of the
+    data): their correlation, pooled within groups (advantages only compare images of one group). Were each
+    score signal + noise, the noises independent, the covariance would be var(signal) and each variance
+    var(signal) + var(noise): the correlation is the signal's share of the variance (split-half reliability).
+    1: a second discriminator ranks every group alike; ≈ 0: each ranks by what it happened to fit, and GRPO's
+    normalised advantages make full-size steps of noise. 0 when nothing varies within groups."""
+    x = split.detach().double().cpu().numpy()
+    index = {}
+    keys = np.array([index.setdefault(g, len(index)) for g in group_ids])
+    for k in range(len(index)):
+        x[keys == k] -= x[keys == k].mean(0)                                 # centred within its group
+    den = np.sqrt((x[:, 0] ** 2).sum() * (x[:, 1] ** 2).sum())
+    rho = (x[:, 0] * x[:, 1]).sum() / den if den > 0 else 0.0
+    return float(rho) if np.isfinite(rho) else 0.0
 
 
 def grpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip):
@@ -93,6 +112,13 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip):
     info = dict(clipfrac=((ratio - 1).abs() > clip_range).float().mean().item(),
                 approx_kl=0.5 * ((log_prob - old_log_prob) ** 2).mean().item(), ratio=ratio.mean().item())
     return loss, info
+
+
+def step_scale(cfg, d_signal):
+    """What the advantages are multiplied by: 1 (the paper), or with adv_signal the reward's signal share
+    clipped to [0, 1] (beyond the paper): the generator's step shrinks as the discriminator's ranking
+    turns into noise, instead of group normalisation blowing the noise up to full-size steps."""
+    return 1.0 if not cfg.adv_signal or d_signal is None else min(max(d_signal, 0.0), 1.0)
 
 
 def window_for_epoch(cfg, epoch):
@@ -211,9 +237,10 @@ def sample_epoch(cfg, epoch, gen, prompts, global_indices, window_start, progres
 
 def score_epoch(cfg, epoch, rank, batch, prompts, fixed_reward, adversary, references):
     """Rewards (n,) of this rank's images: the fixed rewards plus the *current* adversary's score against
-    one reference per image (no step here). Also returns the adversary's inputs for its steps (φ runs once
-    per image per epoch) and info to log (the adversary's loss and accuracy before any step of this epoch,
-    averaged over ranks: the schedule may read it)."""
+    one reference per image (no step here). Also returns the split-half pair's scores (n, 2) or None (the
+    adversary's health: reward_signal), the adversary's inputs for its steps (φ runs once per image per
+    epoch) and info to log (the adversary's loss and accuracy before any step of this epoch, averaged over
+    ranks: the schedule may read it)."""
     images, texts = batch["images"], [p["prompt"] for p in prompts]
     device = images.device
     rewards, info = torch.zeros(len(prompts), device=device), {}
@@ -221,16 +248,19 @@ def score_epoch(cfg, epoch, rank, batch, prompts, fixed_reward, adversary, refer
         r, info = fixed_reward(images, texts, prompts)
         rewards = rewards + r.to(device)
     if adversary is None:
-        return rewards, None, info
+        return rewards, None, None, info
     # A non-finite generation must not reach the adversary (it would poison it for good).
     if not all_finite(images, device=device):
-        return torch.full_like(rewards, float("nan")), None, info
+        return torch.full_like(rewards, float("nan")), None, None, info
     ids = range(rank * len(texts), (rank + 1) * len(texts))  # the images' indices in the epoch: per image
     draws, refs = ([torch.Generator().manual_seed(seed_of(cfg.seed, epoch, i, k)) for i in ids]
                    for k in (PATCHES, REFS))
     real_images = torch.cat([references.sample([t], 1, g) for t, g in zip(texts, refs)])  # (n, 3, H, W)
-    r, d_batch, d_info = adversary.judge(images, real_images.to(device), texts, batch["pool"], draws)
-    return rewards + adversary.weight * r.float().to(device), d_batch, {**info, **all_mean(d_info, device)}
+    half = torch.tensor([i % 2 for i in ids])  # which head of the split-half pair learns from image i
+    r, split, d_batch, d_info = adversary.judge(images, real_images.to(device), texts, batch["pool"], draws,
+                                                half)
+    return (rewards + adversary.weight * r.float().to(device), split, d_batch,
+            {**info, **all_mean(d_info, device)})
 
 
 # -----------------------------------------------------------------------------------------------
@@ -400,6 +430,8 @@ def epoch_line(s):
             f"reward {s['reward_mean']:+.4f} ± {s['reward_std']:.4f}")
     if "d_acc" in s:
         line += f" | ref {s['d_real']:+.3f} gen {s['d_fake']:+.3f} D acc {s['d_acc']:.2f}"
+    if "d_signal" in s:
+        line += f" signal {s['d_signal']:.2f}"
     if "clipfrac" in s:
         line += f" | clipfrac {s['clipfrac']:.3f} kl {s['approx_kl']:.1e}"
     eta = int(s.get("eta_s", 0))
@@ -443,6 +475,9 @@ def check_inputs(cfg, world, master=True):
         references = data.load_references(cfg, prompts) if "references" in R.needs(cfg.reward) else None
     except ValueError as e:
         missing.append(f"reference images: {e}")
+    if references is not None and master and references.fewest() < cfg.group_size:  # e.g. 4 style images
+        print(f"references: as few as {references.fewest()} for a prompt's {cfg.group_size} generations an "
+              "epoch; each generation is judged against one drawn at random, with replacement", flush=True)
     if missing:
         hint = ("\n(the defaults are the paper's SD3.5-M recipe, which needs prompts, references and "
                 "weights: see README. To try the method on a laptop: `make demo`.)")
@@ -470,7 +505,7 @@ def train(cfg):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     fixed_reward = R.build_fixed_reward(cfg, device, references, phi)
-    counters = dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0)
+    counters = dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0, noisy_g_epochs=0)
     start = C.load(resume_from, gen, adversary, counters, cfg) if resume_from else 0
     log, extra_log = None, None
     if master:  # the external logger may refuse (log_to): before config.json and metrics.jsonl are written
@@ -494,13 +529,15 @@ def train(cfg):
         batch = sample_epoch(cfg, epoch, gen, [p["prompt"] for p in my_prompts], range(mine.start, mine.stop),
                              window, progress=master)
         # 2. score: fixed rewards + the current adversary (its step comes in 5, on the same inputs)
-        rewards, d_batch, info = score_epoch(cfg, epoch, rank, batch, my_prompts, fixed_reward, adversary,
-                                             references)
-        # 3. advantages: rewards of all ranks, normalised within each prompt's group
-        all_rewards = all_gather_cat(rewards)
+        rewards, split, d_batch, info = score_epoch(cfg, epoch, rank, batch, my_prompts, fixed_reward,
+                                                    adversary, references)
+        # 3. advantages: rewards of all ranks, normalised within each prompt's group; how much of their
+        #    spread is signal (d_signal: None without a split-half pair)
+        all_rewards, groups = all_gather_cat(rewards), [prompts[g]["prompt"] for g in group_of]
         finite = all_finite(all_rewards, batch["log_probs"], device=device)
-        advantages = compute_advantages(all_rewards, [prompts[g]["prompt"] for g in group_of],
-                                        cfg.global_std)[mine]
+        d_signal = reward_signal(all_gather_cat(split), groups) if split is not None else None
+        advantages = (compute_advantages(all_rewards, groups, cfg.global_std, std=cfg.adv_std)[mine]
+                      * step_scale(cfg, d_signal))
         # 4. who trains this epoch
         d_steps, do_g = schedule(cfg, epoch, adversary, info, finite)
         version = counters["d_steps"]  # which discriminator scored this epoch (the hacking monitor's key)
@@ -520,6 +557,8 @@ def train(cfg):
         since_eval.append((float(all_rewards.mean()), version))
         if ev:
             monitor(history, since_eval, version, stats)
+        if d_signal is not None:
+            E.watch_signal(d_signal, do_g, counters, stats, master)
         if master:
             print(epoch_line(stats), flush=True)
             log.write(stats)

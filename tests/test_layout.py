@@ -25,7 +25,9 @@ def test_the_loop_and_the_checkpoints_never_ask_which_adversary(name):
 
 def test_the_method_files_stay_small():
     lines = {f: source(f).count("\n") for f in METHOD}
-    assert sum(lines.values()) <= 2300, lines
+    # 2,300 until the discriminator's health (d_signal and its options) and the CLIP-sim / OCR / aesthetic
+    # rewards came (their outside models live in scorers.py, budgeted below)
+    assert sum(lines.values()) <= 2450, lines
     assert lines["train.py"] <= 600
     train = source("train.py").split("\n")
     start = next(i for i, line in enumerate(train) if line.startswith("    for epoch in range("))

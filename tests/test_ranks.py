@@ -116,7 +116,7 @@ def test_the_adversary_draws_per_image(tmp_path):
     def score(rank, part):
         half = {k: v[part] for k, v in batch.items()}
         mine = [{"prompt": t} for t in texts[part]]
-        r, d_batch, _ = T.score_epoch(cfg, 5, rank, half, mine, None, disc, refs)
+        r, _, d_batch, _ = T.score_epoch(cfg, 5, rank, half, mine, None, disc, refs)
         return r, d_batch["real_feats"][0], disc.d_loss_from_features(
             d_batch["real_feats"], d_batch["fake_feats"], d_batch["generator"])[0]
 

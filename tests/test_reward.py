@@ -326,16 +326,19 @@ def test_toy_geneval_reward_is_the_analysers_verdict():
 
 @pytest.mark.parametrize("kind", ["dino", "pickscore"])
 def test_both_adversaries_answer_the_same_calls(kind):
-    """judge → (rewards, the inputs of its steps, info), schedule, update, head_state / load_head_state
+    """judge → (rewards, split-half scores or None, the inputs of its steps, info), schedule, update,
+    head_state / load_head_state
     (which keeps the adversary's own lr: a changed lr on --resume is applied), name, needs, lr."""
     from types import SimpleNamespace
     make = {"dino": lambda lr: DinoDiscriminator(DinoFeatures(tiny_vit(), IMG), lr=lr),
             "pickscore": lambda lr: PickScoreAdversary(tiny_clip(), tiny_tokenizer(), lr=lr)}[kind]
     adv = make(1e-3)
     gen, ref = tinted(4, BLUE, 1), tinted(4, RED, 2)
-    r, d_batch, info = adv.judge(gen, ref, PROMPTS, torch.zeros(4, 8), torch.Generator().manual_seed(0))
+    r, split, d_batch, info = adv.judge(gen, ref, PROMPTS, torch.zeros(4, 8), torch.Generator().manual_seed(0),
+                                        torch.tensor([0, 1, 0, 1]))
     assert r.shape == (4,) and {"d_real", "d_fake", "d_acc"} <= set(info)
-    cfg = SimpleNamespace(d_warmup=0, schedule="shared", d_steps=2, d_times=10)
+    assert split is None if kind == "pickscore" else split.shape == (4, 2)
+    cfg = SimpleNamespace(d_warmup=0, schedule="shared", d_steps=2, d_times=10, d_steps_max=0)
     d_steps, train_g = adv.schedule(cfg, 0, info)
     assert d_steps in (0, 1, 2) and isinstance(train_g, bool)
     assert set(adv.update(d_batch, 2)) == {"d_loss"} and adv.update(d_batch, 0) == {}
