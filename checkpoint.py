@@ -94,7 +94,7 @@ def save(cfg, epochs_done, gen, adversary, counters):
     tmp = final + ".tmp"
     tensors = {n: p.detach().float().cpu().contiguous() for n, p in gen.params.items()}
     ema = {n: t.cpu().contiguous() for n, t in gen.ema.state_dict().items()}
-    old = getattr(gen, "old", None)  # objective = "nft": DiffusionNFT's old model
+    old = gen.old  # objective = "nft": DiffusionNFT's old model
     old = {n: t.cpu().contiguous() for n, t in old.state_dict().items()} if old is not None else None
     state = dict(epoch=epochs_done, counters=dict(counters), config=dataclasses.asdict(cfg),
                  optimizer=gen.opt.state_dict(), rng_cpu=torch.get_rng_state())
@@ -113,7 +113,7 @@ def save(cfg, epochs_done, gen, adversary, counters):
         save_file(tensors, writing)
         writing = os.path.join(tmp, "ema.safetensors")
         save_file(ema, writing)
-        if old is not None:  # objective = "nft": the old model (nft.OldPolicy), the third set of weights
+        if old is not None:  # objective = "nft": the old model (model.Shadow), the third set of weights
             writing = os.path.join(tmp, "old.safetensors")
             save_file(old, writing)
         writing = os.path.join(tmp, "state.pt")
@@ -490,7 +490,7 @@ def load_weights(gen, path, w=None):
         for n, p in gen.params.items():
             p.copy_(w["trainable"][n])
     gen.ema.load_state_dict(w["ema"])
-    if getattr(gen, "old", None) is not None:  # nft; a GRPO checkpoint continued as nft: θ_old = θ
+    if gen.old is not None:  # nft; a GRPO checkpoint continued as nft: θ_old = θ
         gen.old.load_state_dict(w.get("old", gen.params))
     return path
 

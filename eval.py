@@ -2,9 +2,9 @@
 eval.py — held-out evaluation in the training loop: generate with the EMA weights, measure, draw.
 
 train.py calls `evaluate` every `eval_every` epochs on the fixed held-out prompts, with fixed seeds, so
-curves compare like with like, `hacking_warning` (through its monitor) at each evaluation, `watch_signal`
-every epoch (the discriminator's health), and `report` at the end (curves.png, summary.json). sample.py, the command line, evaluates a checkpoint with the same
-functions.
+curves compare like with like, `hacking_warning` (through its monitor) at each evaluation, `watch_health`
+every epoch (the discriminator's health), and `report` at the end (curves.png, summary.json). sample.py,
+the command line, evaluates a checkpoint with the same functions.
 
 Metrics (each is skipped, with the reason recorded, when its ingredients are missing):
 - dino_sim: mean cosine of DINO CLS features between a generation and *its own prompt's* references
@@ -166,7 +166,7 @@ def plot_curves(metrics_path, out_path, run="", train_key="reward_mean",
                 eval_keys=("eval/toy_geneval", "eval/style_match", "eval/background", "eval/dino_sim")):
     """Training reward and held-out metrics against epoch: the reward-hacking picture; FD-DINO to the
     references (a distance, not a share) in its own panel below, the legend to the right of the data; with
-    an adversary, its health at the bottom: D accuracy and d_signal per epoch, the noise warnings marked."""
+    an adversary, its health at the bottom: D accuracy, d_signal and ref_sim per epoch, warnings marked."""
     rows = read_metrics(metrics_path)
     health = any("d_signal" in r or "d_acc" in r for r in rows)
     fig, (ax, fd, *hl) = plt.subplots(2 + health, 1, figsize=(9, 5.5 + 2 * health), sharex=True,
@@ -183,11 +183,12 @@ def plot_curves(metrics_path, out_path, run="", train_key="reward_mean",
         fd.plot(*zip(*pts), marker="o", color="C5", label="held-out fd_dino (below)")
     fd.set(ylabel="FD-DINO to refs ↓")
     for h in hl:  # the discriminator's health
-        for k, c in (("d_acc", "C7"), ("d_signal", "C3")):
+        for k, c in (("d_acc", "C7"), ("d_signal", "C3"), ("ref_sim", "C2")):
             if pts := [(r["epoch"], r[k]) for r in rows if k in r]:
                 h.plot(*zip(*pts), color=c, lw=1, label=f"{k} (bottom)")
-        if warned := [r["epoch"] for r in rows if r.get("d_noise_warning")]:
-            h.plot(warned, [0.0] * len(warned), "v", color="C3", label="reward-is-noise warning")
+        for k, c, what in (("d_noise_warning", "C3", "reward-is-noise"), ("drift_warning", "C2", "drift")):
+            if warned := [r["epoch"] for r in rows if r.get(k)]:
+                h.plot(warned, [-0.2] * len(warned), "v", color=c, label=f"{what} warning")
         h.axhline(0.5, color="C7", lw=0.5, ls=":")
         h.set(ylabel="discriminator", ylim=(-0.3, 1.05))
     (hl or [fd])[0].set(xlabel="epoch (held-out: epochs done)")
@@ -221,21 +222,25 @@ def hacking_warning(history, window=3):
 # -----------------------------------------------------------------------------------------------
 # In the training loop
 
-# The discriminator's health: its reward is called noise when d_signal (train.reward_signal) stays below
-# SIGNAL_LOW for SIGNAL_PATIENCE generator epochs in a row. A split-half pair whose groups share no signal
-# still correlates by chance, with a std of about 1/sqrt(images): 0.1 at 96 images an epoch, 0.2 is two.
-SIGNAL_LOW, SIGNAL_PATIENCE = 0.2, 5
+# The discriminator's health, two questions every epoch (the log says it before the held-out metrics drift):
+# - is its reward noise? d_signal (train.reward_signal) below SIGNAL_LOW for SIGNAL_PATIENCE generator epochs
+#   in a row. A split-half pair whose groups share no signal still correlates by chance, with a std of about
+#   1/sqrt(images): 0.1 at 96 images an epoch, so 0.2 is two of those.
+# - do the generations leave the references? ref_sim (their cosine to their references in φ, a fixed
+#   yardstick beside the moving head), smoothed as m ← 0.7·m + 0.3·ref_sim, more than DRIFT below the best m
+#   of the generator's epochs so far. In the shapes world ref_sim moves by ±0.015 an epoch when nothing
+#   happens (0.006 after smoothing): 0.03 is five of those.
+SIGNAL_LOW, SIGNAL_PATIENCE, DRIFT = 0.2, 5, 0.03
 
 
-def watch_signal(d_signal, trained_g, counters, row, master):
-    """Log d_signal in `row`; count the generator epochs in a row trained on a reward with d_signal below
-    SIGNAL_LOW (counters["noisy_g_epochs"], kept in checkpoints) and say so every SIGNAL_PATIENCE of them,
-    marking the row: the log says the reward has become noise before the held-out metrics drift."""
+def watch_health(d_signal, ref_sim, trained_g, counters, row, master):
+    """Log d_signal in `row`, and say (marking the row) when the reward has been noise for SIGNAL_PATIENCE
+    generator epochs, and when the generations have drifted from the references (every SIGNAL_PATIENCE
+    generator epochs while it lasts). The counts and the smoothed ref_sim live in `counters` (checkpoints)."""
     row["d_signal"] = d_signal
     if not trained_g:
         return
     counters["noisy_g_epochs"] = counters["noisy_g_epochs"] + 1 if d_signal < SIGNAL_LOW else 0
-    row["noisy_g_epochs"] = counters["noisy_g_epochs"]
     if counters["noisy_g_epochs"] and counters["noisy_g_epochs"] % SIGNAL_PATIENCE == 0:
         row["d_noise_warning"] = 1
         if master:
@@ -244,6 +249,19 @@ def watch_signal(d_signal, trained_g, counters, row, master):
                   f"{row.get('d_acc', float('nan')):.2f}): a second discriminator does not reproduce its "
                   "ranking, and the generator's steps follow it (adv_signal=True scales them by d_signal)",
                   flush=True)
+    if ref_sim is None:
+        return
+    m = ref_sim if counters["ref_sim_smooth"] is None else 0.7 * counters["ref_sim_smooth"] + 0.3 * ref_sim
+    best = max(m, counters["ref_sim_best"] or m)
+    counters.update(ref_sim_smooth=m, ref_sim_best=best,
+                    drift_g_epochs=(counters["drift_g_epochs"] + 1) * (m < best - DRIFT))
+    if counters["drift_g_epochs"] % SIGNAL_PATIENCE == 1:
+        row["drift_warning"] = 1
+        if master:
+            print(f"WARNING the generations are leaving the references: ref_sim {m:.3f} (smoothed) against "
+                  f"{best:.3f} at best, while the generator trains on the adversarial reward (D acc "
+                  f"{row.get('d_acc', float('nan')):.2f}, d_signal {d_signal:.2f}); held-out quality "
+                  "usually follows: keep an earlier checkpoint", flush=True)
 
 
 def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=0):

@@ -165,7 +165,45 @@ def adapters_disabled(transformer):
         transformer.enable_adapters()
 
 
-class EMA:
+class Shadow:
+    """A float32 copy of the trainable tensors that follows them slowly, shadow ← k·shadow + (1 - k)·params
+    (`follow`), and can stand in for them: `applied` swaps it into the model in place and back (exact
+    copies, no arithmetic), so what runs with it is the very modules the weights run (compiled, DDP-wrapped
+    or not). For a LoRA it holds the LoRA tensors only. The EMA of evaluation and export is one; DiffusionNFT's
+    old model θ_old (nft.py) is another."""
+
+    def __init__(self, params: dict):
+        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def follow(self, params: dict, keep: float):
+        for n, p in params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1 - keep)  # s = k·s + (1-k)·p
+
+    @torch.no_grad()
+    def _swap(self, params):
+        for n, p in params.items():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[n])
+            self.shadow[n].copy_(tmp)
+
+    @contextlib.contextmanager
+    def applied(self, params: dict):
+        self._swap(params)
+        try:
+            yield
+        finally:
+            self._swap(params)
+
+    def state_dict(self):
+        return dict(self.shadow)
+
+    def load_state_dict(self, sd):
+        for n in self.shadow:
+            self.shadow[n].copy_(sd[n])
+
+
+class EMA(Shadow):
     """Exponential moving average of the trainable parameters, updated every `every` optimizer steps with
     the published warm-up: after optimizer step s (s = 1, 2, ...), when s % every == 0,
 
@@ -177,41 +215,16 @@ class EMA:
     that step; here it is one update per `every` optimizer steps. Kept in float32 whatever the model dtype."""
 
     def __init__(self, params: dict, decay=0.9, every=8):
+        super().__init__(params)
         self.decay, self.every = decay, every
-        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
 
     def decay_at(self, step: int) -> float:
         return min((1 + step) / (10 + step), self.decay)
 
-    @torch.no_grad()
     def update(self, params: dict, step: int):
         """`step`: optimizer steps taken so far, this one included."""
-        if step % self.every != 0:
-            return
-        d = self.decay_at(step)
-        for n, p in params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1 - d)  # s = d·s + (1-d)·p
-
-    @contextlib.contextmanager
-    def applied(self, params: dict):
-        """Temporarily swap the EMA weights into the model (evaluation, export)."""
-        backup = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(self.shadow[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(backup[n])
-
-    def state_dict(self):
-        return dict(self.shadow)
-
-    def load_state_dict(self, sd):
-        for n in self.shadow:
-            self.shadow[n].copy_(sd[n])
+        if step % self.every == 0:
+            self.follow(params, self.decay_at(step))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -286,6 +299,7 @@ class Generator:
     resolution: int
     decode_chunk: int           # images per VAE decode call
     device: torch.device
+    old: Shadow | None = None   # objective = "nft": DiffusionNFT's old model θ_old (nft.py), else None
 
     def decode(self, latents):
         return S.decode_latents(self.pipe.vae, latents, self.decode_chunk)  # (B, 3, H, W) in [0, 1]
@@ -336,5 +350,6 @@ def build_generator(cfg, device, world=1):
                      sample_model=sample_model, train_model=train_model,
                      sigmas=S.flow_sigmas(pipe.scheduler, cfg.num_steps, device),
                      autocast=torch.bfloat16 if bf16 else None, resolution=cfg.resolution,
-                     decode_chunk=4 if cfg.low_mem else 16, device=device)
+                     decode_chunk=4 if cfg.low_mem else 16, device=device,
+                     old=Shadow(params) if cfg.objective == "nft" else None)
 

@@ -42,9 +42,9 @@ solver is allowed by the method); 10 sampling steps in the preset as published, 
 eval_* keys; `guidance_scale` > 1 is allowed at sampling (the shapes world's weak base needs CFG 3 to draw
 the right shapes at all, config/tiny.py) — the loss still trains the conditional velocity, so the model is
 then pulled toward its own guided, well-scored samples: a CFG-distilling variant the paper does not test.
-The old model is a float32 shadow of the trainable tensors swapped in for its forwards (for a LoRA: the
-LoRA tensors only; full fine-tuning pays a full copy), instead of a second peft adapter: one code path for
-LoRA and full fine-tuning, compile and DDP see the same modules. The per-group std option (global_std =
+The old model is a float32 shadow of the trainable tensors swapped in for its forwards (model.Shadow, as the
+EMA; for a LoRA: the LoRA tensors only; full fine-tuning pays a full copy), instead of a second peft
+adapter: one code path for LoRA and full fine-tuning, compile and DDP see the same modules. The per-group std option (global_std =
 False) is ours to choose, as for GRPO.
 """
 
@@ -104,45 +104,9 @@ def eta_at(step, rate, eta_max):
     return min(rate * step, eta_max)
 
 
-class OldPolicy:
-    """θ_old: a float32 shadow of the trainable tensors (for a LoRA only the LoRA tensors). `applied`
-    swaps it into the model in place and back (exact: copies, no arithmetic), so sampling and the v_old
-    forward run the very modules θ runs (compiled, DDP-wrapped or not)."""
-
-    def __init__(self, params: dict):
-        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
-
-    @torch.no_grad()
-    def update(self, params: dict, eta: float):
-        for n, p in params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1 - eta)          # θ_old = η·θ_old + (1-η)·θ
-
-    @torch.no_grad()
-    def _swap(self, params):
-        for n, p in params.items():
-            tmp = p.detach().clone()
-            p.copy_(self.shadow[n])
-            self.shadow[n].copy_(tmp)
-
-    @contextlib.contextmanager
-    def applied(self, params: dict):
-        self._swap(params)
-        try:
-            yield
-        finally:
-            self._swap(params)
-
-    def state_dict(self):
-        return dict(self.shadow)
-
-    def load_state_dict(self, sd):
-        for n in self.shadow:
-            self.shadow[n].copy_(sd[n])
-
-
 def sampling_policy(gen):
     """What samples an epoch: the old model under nft, the current weights under GRPO (gen.old None)."""
-    return gen.old.applied(gen.params) if getattr(gen, "old", None) else contextlib.nullcontext()
+    return gen.old.applied(gen.params) if gen.old is not None else contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -219,7 +183,7 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, optimizer_step
             bad += not optimizer_step(cfg, epoch, gen, counters, rank)
     model.eval()
     eta = eta_at(counters["g_steps"], cfg.nft_eta_rate, cfg.nft_eta_max)
-    gen.old.update(params, eta)                                           # θ_old ← η·θ_old + (1-η)·θ
+    gen.old.follow(params, eta)                                           # θ_old ← η·θ_old + (1-η)·θ
     out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
     out.update(skipped_updates=bad, nft_eta=eta)
     return out

@@ -495,7 +495,6 @@ def train(cfg):
     prompts, test_prompts, references, resume_from = check_inputs(cfg, world, master)
     torch.manual_seed(cfg.seed)
     gen = M.build_generator(cfg, device, world)
-    gen.old = nft.OldPolicy(gen.params) if cfg.objective == "nft" else None  # DiffusionNFT's θ_old
     # the DINO φ, built once when a reward names it: shared by the rewards, the discriminator, the evaluation
     phi = R.make_features(cfg, device) if "phi" in R.needs(cfg.reward) else None
     adversary = R.build_adversary(cfg, device, gen.transformer.config.pooled_projection_dim, phi)
@@ -505,7 +504,8 @@ def train(cfg):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     fixed_reward = R.build_fixed_reward(cfg, device, references, phi)
-    counters = dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0, noisy_g_epochs=0)
+    counters = dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0,  # and the discriminator's health:
+                    noisy_g_epochs=0, drift_g_epochs=0, ref_sim_smooth=None, ref_sim_best=None)
     start = C.load(resume_from, gen, adversary, counters, cfg) if resume_from else 0
     log, extra_log = None, None
     if master:  # the external logger may refuse (log_to): before config.json and metrics.jsonl are written
@@ -558,7 +558,7 @@ def train(cfg):
         if ev:
             monitor(history, since_eval, version, stats)
         if d_signal is not None:
-            E.watch_signal(d_signal, do_g, counters, stats, master)
+            E.watch_health(d_signal, stats.get("ref_sim"), do_g, counters, stats, master)
         if master:
             print(epoch_line(stats), flush=True)
             log.write(stats)

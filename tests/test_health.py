@@ -68,19 +68,38 @@ def test_the_pair_changes_nothing_of_the_papers_head():
     assert not torch.equal(with_pair.pair[0][0].weight, without.pair[0][0].weight)  # the pair did learn
 
 
+def _counters():
+    return dict(noisy_g_epochs=0, drift_g_epochs=0, ref_sim_smooth=None, ref_sim_best=None)
+
+
 def test_the_noise_warning_comes_after_patience_low_generator_epochs_and_marks_the_row(capsys):
-    counters, rows = dict(noisy_g_epochs=0), []
+    counters, rows = _counters(), []
     for epoch in range(2 * E.SIGNAL_PATIENCE):
         row = dict(d_acc=0.5)
-        E.watch_signal(0.05, True, counters, row, master=True)
+        E.watch_health(0.05, None, True, counters, row, master=True)
         rows.append(row)
     out = capsys.readouterr().out
     assert out.count("WARNING the adversarial reward is mostly noise") == 2
     assert [i for i, r in enumerate(rows) if r.get("d_noise_warning")] == [E.SIGNAL_PATIENCE - 1,
                                                                             2 * E.SIGNAL_PATIENCE - 1]
-    E.watch_signal(0.9, True, counters, {}, master=True)   # signal back: the count starts again
-    E.watch_signal(0.05, False, counters, {}, master=True)  # a D-only epoch does not count
+    E.watch_health(0.9, None, True, counters, {}, master=True)   # signal back: the count starts again
+    E.watch_health(0.05, None, False, counters, {}, master=True)  # a D-only epoch does not count
     assert counters["noisy_g_epochs"] == 0
+
+
+def test_the_drift_warning_sees_generations_leave_the_references_not_epoch_noise(capsys):
+    """ref_sim as the shapes world's runs show it: ±0.015 around 0.95 while the run holds (no warning), then
+    a slide to 0.85 (warned within a few epochs of the slide, again every SIGNAL_PATIENCE epochs)."""
+    g = np.random.default_rng(0)
+    steady = 0.95 + 0.015 * g.standard_normal(30)
+    slide = np.linspace(0.95, 0.85, 10) + 0.015 * g.standard_normal(10)
+    counters, warned = _counters(), []
+    for epoch, r in enumerate([*steady, *slide, *[0.85] * 10]):
+        row = {}
+        E.watch_health(0.9, float(r), True, counters, row, master=True)
+        warned += [epoch] * row.get("drift_warning", 0)
+    assert warned and 30 < warned[0] <= 36 and warned[1] - warned[0] == E.SIGNAL_PATIENCE
+    assert "generations are leaving the references" in capsys.readouterr().out
 
 
 def test_step_scale_and_raw_advantages():

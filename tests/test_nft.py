@@ -77,13 +77,13 @@ def test_optimality_from_advantages():
 def test_old_model_soft_update_and_schedule():
     assert [nft.eta_at(s, 0.001, 0.5) for s in (0, 1, 100, 500, 10 ** 6)] == [0, 0.001, 0.1, 0.5, 0.5]
     p = {"w": torch.randn(5), "b": torch.randn(3)}
-    old = nft.OldPolicy(p)
+    old = M.Shadow(p)  # θ_old: a shadow of the trainable tensors, as the EMA
     start = {k: v.clone() for k, v in old.shadow.items()}
     new = {k: v + 1.0 for k, v in p.items()}
-    old.update(new, 0.3)
+    old.follow(new, 0.3)
     for k in p:  # θ_old = η·θ_old + (1-η)·θ
         torch.testing.assert_close(old.shadow[k], 0.3 * start[k] + 0.7 * new[k])
-    old.update(new, 0.0)  # η = 0: the old model is the current one
+    old.follow(new, 0.0)  # η = 0: the old model is the current one
     assert all(torch.equal(old.shadow[k], new[k]) for k in p)
     # applied(): swapped in and back exactly
     q = {k: torch.nn.Parameter(v.clone()) for k, v in p.items()}
@@ -97,7 +97,6 @@ def test_one_update_trains_the_lora_and_the_old_model_is_the_eta_mix():
     from θ and equals η·θ_before + (1-η)·θ_after; swapped in, it is what the transformer computes with."""
     cfg = tiny_cfg(objective="nft", nft_eta_rate=0.2, updates_per_epoch=1)
     gen = M.build_generator(cfg, torch.device("cpu"))
-    gen.old = nft.OldPolicy(gen.params)  # as train.py attaches it
     assert set(gen.old.shadow) == set(gen.params) and all("lora" in k for k in gen.params)
     before = {k: p.detach().clone() for k, p in gen.params.items()}
     prompts = ["a red cube"] * 4 + ["a blue ball"] * 4
