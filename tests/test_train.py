@@ -476,24 +476,24 @@ def _readme_reward_example():
 
 
 def test_the_readme_reward_example_runs_as_written(tmp_path):
-    """The README's ocr_sim wraps dino_sim: it names references and φ, so the run loads them although no
-    adversary is chosen, and its setting lam comes from --reward. A stand-in OCR engine scores 1."""
-    ns = dict(register=R.register, REWARDS=R.REWARDS, torch=torch, my_ocr=lambda image, prompt: 1.0)
+    """The README's rule_sim wraps dino_sim: it names references and φ, so the run loads them although no
+    adversary is chosen, and its setting lam comes from --reward. A stand-in rule scores 1."""
+    ns = dict(register=R.register, REWARDS=R.REWARDS, torch=torch, my_rule=lambda image, prompt: 1.0)
     exec(_readme_reward_example(), ns)
     try:
         from inproc import run_main
-        run_main("train.py", [PRESET, "--reward={'ocr_sim': {'weight': 1.0, 'lam': 0.3}}",
+        run_main("train.py", [PRESET, "--reward={'rule_sim': {'weight': 1.0, 'lam': 0.3}}",
                               f"--references={os.path.join(ROOT, 'assets', 'tiny_refs', 'index.json')}",
                               "--dino_backbone=random:tiny", "--dino_image_size=28", "--epochs=1",
                               "--eval_every=1", "--eval_num_steps=2", f"--out_dir={tmp_path}"])
         first = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][0]
         assert "eval/dino_sim" in first              # the φ it named measures the held-out set too
-        cfg = tiny_cfg(ADV_PRESET, reward={"ocr_sim": {"weight": 1.0, "lam": 1.0}})
+        cfg = tiny_cfg(ADV_PRESET, reward={"rule_sim": {"weight": 1.0, "lam": 1.0}})
         refs = data.load_references(cfg, data.load_prompts(cfg.train_prompts))
         images, prompts = torch.rand(2, 3, 32, 32), ["a red circle on the left"] * 2
         r, info = R.build_fixed_reward(cfg, torch.device("cpu"), refs)(images, prompts, [{}] * 2)
-        assert r.tolist() == [1.0, 1.0] and info["reward/ocr_sim"] == 1.0   # lam = 1: the OCR term alone
-        with pytest.raises(SystemExit, match="reward 'ocr_sim' has no setting 'lamb' .*its settings: lam"):
-            T.check_inputs(tiny_cfg(reward={"ocr_sim": {"weight": 1.0, "lamb": 0.3}}), 1)
+        assert r.tolist() == [1.0, 1.0] and info["reward/rule_sim"] == 1.0   # lam = 1: the rule alone
+        with pytest.raises(SystemExit, match="reward 'rule_sim' has no setting 'lamb' .*its settings: lam"):
+            T.check_inputs(tiny_cfg(reward={"rule_sim": {"weight": 1.0, "lamb": 0.3}}), 1)
     finally:
-        R.REWARDS.pop("ocr_sim", None)
+        R.REWARDS.pop("rule_sim", None)
