@@ -300,3 +300,7 @@ def load_references(cfg, prompts):
         raise SystemExit(f"{len(missing)} of {len(prompts)} training prompts have no reference images in "
                          f"{cfg.references}, e.g. {missing[:3]}. Add references or remove these prompts.")
     return refs
+
+
+if __name__ == "__main__":  # an earlier README's command: say where it went (exit 1, not a silent 0)
+    raise SystemExit("making and importing data is prepare.py now: python prepare.py {make_references|import_prompts|import_references} (--help)")

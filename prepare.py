@@ -164,6 +164,9 @@ COMMANDS = {"make_references": MakeReferences, "import_prompts": ImportPrompts,
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.split("\n\n")[1])
+        raise SystemExit(0)
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: python prepare.py {{{'|'.join(COMMANDS)}}} --key=value ...  "
                          "(--help per command)")

@@ -648,7 +648,26 @@ def check_reward(spec):
                                               if p not in CONTEXT]
         if bad := sorted(set(settings) - set(own)):
             return f"reward {name!r} has no setting {bad[0]!r} (its settings: {', '.join(own) or 'none'})"
+    if len(named := [n for n in spec if n in ADVERSARIES]) > 1:
+        return f"at most one adversarial reward, got {' and '.join(named)} (each trains its own discriminator)"
     return None
+
+
+def check_config(cfg):
+    """The rewards' part of the config check: (one line of what is wrong or None, warnings to print)."""
+    if bad := check_reward(cfg.reward):
+        return bad, []
+    dino = DinoDiscriminator.name in cfg.reward
+    for key in ("d_conditional", "d_replay", "d_steps_max", "d_r1"):
+        if getattr(cfg, key) and not dino:
+            return f"{key} is an option of the {DinoDiscriminator.name} discriminator, which cfg.reward lacks", []
+    warnings = []
+    if dino and not any(e >= cfg.d_warmup and (cfg.schedule != "paper" or (e + 1) % cfg.d_times == 0)
+                        for e in range(cfg.epochs)):  # its schedule is known in advance (PickScore's is not)
+        why = (f"epochs = {cfg.epochs} ≤ d_warmup = {cfg.d_warmup}" if cfg.epochs <= cfg.d_warmup else
+               f"schedule 'paper' trains it where (epoch + 1) % d_times = 0 (d_times = {cfg.d_times})")
+        warnings.append(f"the generator will never be trained (0 G steps): {why}; only the discriminator learns")
+    return None, warnings
 
 
 def needs(spec):

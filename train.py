@@ -428,10 +428,9 @@ def epoch_line(s):
     """The one stdout line per epoch, numbered by epochs done (as evaluations and checkpoints are)."""
     line = (f"epoch {s['epoch'] + 1:4d}/{s['epochs']} | steps so far G {s['g_steps']} D {s['d_steps']} | "
             f"reward {s['reward_mean']:+.4f} ± {s['reward_std']:.4f}")
-    if "d_acc" in s:
-        line += f" | ref {s['d_real']:+.3f} gen {s['d_fake']:+.3f} D acc {s['d_acc']:.2f}"
-    if "d_signal" in s:
-        line += f" signal {s['d_signal']:.2f}"
+    for key, name, fmt in (("d_real", "| ref", "+.3f"), ("d_fake", "gen", "+.3f"), ("d_acc", "D acc", ".2f"),
+                           ("d_signal", "signal", ".2f")):  # what the adversary reported
+        line += f" {name} {s[key]:{fmt}}" if key in s else ""
     if "clipfrac" in s:
         line += f" | clipfrac {s['clipfrac']:.3f} kl {s['approx_kl']:.1e}"
     eta = int(s.get("eta_s", 0))
@@ -459,8 +458,11 @@ def check_inputs(cfg, world, master=True):
     """Everything the user gave us, checked before the (slow) model load, so a mistake costs seconds.
     Returns (training prompts, held-out prompts, references or None, checkpoint to resume from or None)."""
     validate(cfg, world, warn=print if master else None)  # refuses in one line, or warns
-    if bad := R.check_reward(cfg.reward):
+    bad, warnings = R.check_config(cfg)                   # what only the rewards know
+    if bad:
         raise SystemExit(f"config error: {bad}")
+    for line in warnings if master else ():
+        print(f"WARNING {line}", flush=True)
     missing, prompts, test_prompts, references = missing_weights(cfg), [], [], None  # all said at once
     try:
         prompts = data.load_prompts(cfg.train_prompts)

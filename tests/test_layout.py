@@ -26,8 +26,8 @@ def test_the_loop_and_the_checkpoints_never_ask_which_adversary(name):
 def test_the_method_files_stay_small():
     lines = {f: source(f).count("\n") for f in METHOD}
     # 2,300 until the discriminator's health (d_signal and its options) and the CLIP-sim / OCR / aesthetic
-    # rewards came (their outside models live in scorers.py, budgeted below)
-    assert sum(lines.values()) <= 2460, lines
+    # rewards and the reward checks moved from configurator.py came (outside models: scorers.py)
+    assert sum(lines.values()) <= 2500, lines
     assert lines["train.py"] <= 600
     train = source("train.py").split("\n")
     start = next(i for i, line in enumerate(train) if line.startswith("    for epoch in range("))
@@ -46,8 +46,8 @@ def test_project_files_import_each_other_at_the_top(name):
 
 
 def test_tools_are_not_in_the_method_files():
-    assert "__main__" not in source("data.py") and "make_references" not in source("data.py")
-    assert "--ckpt" not in source("eval.py") and "def main" not in source("eval.py")
+    assert "def make_references" not in source("data.py") and "def main" not in source("data.py")
+    assert "argparse" not in source("eval.py") and "def main" not in source("eval.py")
     assert "def make_references" in source("prepare.py") and "def compare" in source("sample.py")
 
 

@@ -389,3 +389,60 @@ def test_a_reward_gets_what_it_names_and_its_settings():
         assert seen == dict(references="R", device="cpu", resolution=32, lam=0.25)
     finally:
         del REWARDS["test_needs_reward"]
+
+
+def test_a_new_adversary_is_a_small_subclass_and_one_adversary_at_a_time(tmp_path):
+    """The contract the README lists, honoured by a 15-line adversary: from_config, judge, schedule, d_step,
+    head_state / load_head_state, name / needs / lr. It trains, checkpoints and resumes through train.py;
+    two adversaries in one reward are refused in one line."""
+    import reward as R
+    import train as T
+    from inproc import run_main
+    from test_train import ADV_PRESET
+
+    class Brightness(R.Adversary, torch.nn.Module):  # reward = w · brightness; D pushes w toward the refs
+        name, needs = "bright_adv", ("references",)
+
+        def __init__(self, lr):
+            super().__init__()
+            self.w, self.lr = torch.nn.Parameter(torch.zeros(())), lr
+            self.opt = torch.optim.Adam([self.w], lr=lr)
+
+        @classmethod
+        def from_config(cls, cfg, device, phi, cond_dim):
+            return cls(cfg.d_lr)
+
+        def judge(self, images, real_images, prompts, pool, generator, half):
+            fake, real = images.mean((1, 2, 3)), real_images.mean((1, 2, 3))
+            return (self.w * fake).detach(), None, dict(fake=fake, real=real), dict(d_acc=0.5)
+
+        def schedule(self, cfg, epoch, info):
+            return 1, True
+
+        def d_step(self, fake, real):
+            self.opt.zero_grad()
+            loss = (self.w * (fake - real)).mean()
+            loss.backward()
+            self.opt.step()
+            return dict(d_loss=loss.item())
+
+        def head_state(self):
+            return {"w": self.w.detach().clone(), "opt": self.opt.state_dict()}
+
+        def load_head_state(self, state):
+            self.w.data.copy_(state["w"])
+            self._load_opt(state["opt"])
+
+    R.ADVERSARIES["bright_adv"] = Brightness
+    try:
+        out = str(tmp_path / "run")
+        run_main("train.py", [ADV_PRESET, "--reward={'bright_adv': 1.0}", f"--out_dir={out}", "--epochs=1"])
+        p = run_main("train.py", [ADV_PRESET, f"--out_dir={out}", "--epochs=2", "--resume"])
+        assert "epoch    2/2" in p.stdout
+        w = torch.load(os.path.join(out, "checkpoints", "epoch_000002", "state.pt"))["adversary"]["w"]
+        assert w.item() != 0.0                                                      # it learnt, and was saved
+        p = run_main("train.py", [ADV_PRESET, "--reward={'dino_adv': 1.0, 'bright_adv': 1.0}",
+                                  f"--out_dir={tmp_path / 'two'}"], ok=False)
+        assert "at most one adversarial reward, got dino_adv and bright_adv" in p.stderr
+    finally:
+        R.ADVERSARIES.pop("bright_adv", None)

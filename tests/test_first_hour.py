@@ -1,0 +1,39 @@
+"""What a new user and a red team tripped on (third round), each a line that says what is wrong or a
+number that shows it is right."""
+import os
+import runpy
+
+import pytest
+
+import configurator
+from inproc import ROOT, run_main
+
+
+def _refusal(*args, world=1):
+    cfg = configurator.parse_args(["config/tiny.py", *args])
+    with pytest.raises(SystemExit) as e:
+        configurator.validate(cfg, world)
+    return str(e.value)
+
+
+def test_nonsense_values_are_refused_naming_what_would_do():
+    assert "guidance_scale must be in [1, 100]" in _refusal("--guidance_scale=1e30")
+    assert "group_size must be ≥ 2: GRPO compares the images of one prompt" in _refusal("--group_size=1")
+    assert "sample_batch_size (40; 32 or 48 would do)" in _refusal("--sample_batch_size=40")
+    assert "(prompts_per_epoch = 4 or 8 would do)" in _refusal(
+        "--prompts_per_epoch=5", "--group_size=3", "--sample_batch_size=1", "--train_batch_size=1", world=4)
+
+
+def test_no_exploration_is_said_before_the_first_epoch():
+    cfg = configurator.parse_args(["config/tiny.py", "--noise_level=0"])
+    assert any("noise_level = 0" in w for w in configurator.config_warnings(cfg))
+    assert configurator.config_warnings(configurator.parse_args(["config/tiny.py"])) == []
+
+
+def test_prepare_help_exits_zero_and_old_commands_say_where_they_went():
+    p = run_main("prepare.py", ["--help"])
+    assert p.returncode == 0 and "import_prompts" in p.stdout
+    for script, where in (("eval.py", "sample.py"), ("data.py", "prepare.py")):
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        assert where in str(e.value)
