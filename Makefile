@@ -21,7 +21,8 @@ demo: .venv/.installed
 	[ $$adversarial -eq 0 ] && [ $$frozen -eq 0 ]
 	$(PY) sample.py --compare out/demo/adversarial out/demo/frozen
 
+# Two pytest workers (pytest-xdist), one thread each: the two cores of a laptop or CI machine both busy.
 test: .venv/.installed
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not slow and not scale"
 
 .PHONY: demo test

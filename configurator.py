@@ -133,6 +133,9 @@ class Config:
     global_std: bool = True           # normalise advantages by the std of all rewards of the epoch
     adv_std: bool = True              # divide advantages by that std; False: r - mean of its group (the
                                       # reward's own scale: small steps where the head is unsure)
+    adv_gap: bool = False             # beyond the paper: advantages × the discriminator's gap between the
+                                      # epoch's references and generations, erf(d/2) in [0, 1] (train.gap):
+                                      # no steps once they look alike to it
     adv_signal: bool = False          # beyond the paper: advantages × the adversarial reward's signal share
                                       # d_signal (its split-half pair's agreement, in [0, 1]): no full-size
                                       # steps on a reward that has become noise

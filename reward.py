@@ -262,7 +262,8 @@ class DinoDiscriminator(Adversary, nn.Module):
         images and their references, on the same drawn patch tokens (they share no parameter with `head`).
         `replay` (CLS (Bf, D), patch tokens (Bf, k, D)) of past generations: more fakes, beside the new ones
         in the paper's head's loss. info: d_loss (the paper's head alone), d_acc (CLS logits on the right
-        side of 0), d_real / d_fake (mean reward-formula score), all on the new generations."""
+        side of 0), d_real / d_fake (mean reward-formula score) and their mean squares, all on the new
+        generations."""
         (cls_r, pat_r, *cond_r), (cls_f, pat_f, *cond_f) = real_feats, fake_feats
         pat_r, pat_f = self._draw(pat_r, generator), self._draw(pat_f, generator)  # (Br, k, D), (Bf, k, D)
         r1 = self.r1 > 0 and torch.is_grad_enabled()
@@ -271,8 +272,10 @@ class DinoDiscriminator(Adversary, nn.Module):
         c_r, p_r = self._cls_logit(cls_r, *cond_r), self.head(pat_r).squeeze(-1)  # (Br,), (Br, k)
         c_f, p_f = self._cls_logit(cls_f, *cond_f), self.head(pat_f).squeeze(-1)  # (Bf,), (Bf, k)
         correct = (c_r > 0).sum() + (c_f < 0).sum()
-        info = dict(d_acc=correct.item() / (len(c_r) + len(c_f)), d_real=self._combine(c_r, p_r).mean().item(),
-                    d_fake=self._combine(c_f, p_f).mean().item())
+        real, fake = self._combine(c_r, p_r), self._combine(c_f, p_f)                    # (Br,), (Bf,)
+        info = dict(d_acc=correct.item() / (len(c_r) + len(c_f)), d_real=real.mean().item(),
+                    d_fake=fake.mean().item(), d_real_sq=(real ** 2).mean().item(),
+                    d_fake_sq=(fake ** 2).mean().item())  # averaged over ranks: exact moments (train.gap)
         if replay is not None:
             c_f = torch.cat([c_f, self.head(replay[0]).squeeze(-1)])                              # (2Bf,)
             p_f = torch.cat([p_f, self.head(replay[1]).squeeze(-1)])                           # (2Bf, k)

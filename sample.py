@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -266,7 +267,7 @@ def evaluation_settings(args, cfg):
     return dict(prompts=base, n_per_prompt=n, num_steps=steps, guidance_scale=scale, seed=args.seed)
 
 
-OUR_FILES = re.compile(r"^(\d{4,}\.png|grid\.png|metrics\.json|reproduce\.py)$")  # what an evaluation writes
+OUR_FILES = re.compile(r"^(\d{4,}\.png|grid\.png|metrics\.json|reproduce\.(py|json)|lora)$")  # an evaluation's
 
 
 def output_folder(args, ckpt, cfg, settings):
@@ -299,34 +300,33 @@ def output_folder(args, ckpt, cfg, settings):
     return out
 
 
-REPRODUCE = '''"""{what}: these images re-made with plain diffusers (written by sample.py).
+REPRODUCE = '''"""These images re-made with plain diffusers (written by sample.py); what they are: reproduce.json.
 
-    python {path} [folder]     # 0000.png ... into folder (default: reproduced/ beside this file)
+    python reproduce.py [folder]     # 0000.png ... into folder (default: reproduced/ beside this file)
 
-Image i starts from the noise of torch.Generator().manual_seed(SEED * 1_000_003 + i), the rule of
-sample.py's evaluation images.{note}"""
+Image i starts from the noise of torch.Generator().manual_seed(seed * 1_000_003 + i), the rule of
+sample.py's evaluation images. The LoRA is the copy in lora/ beside this file: the folder can be moved, and
+the run's checkpoints pruned.{note}"""
+import json
 import os
 import sys
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-BASE = {base!r}
-LORA = {lora!r}
-PROMPTS = {prompts!r}
-N_PER_PROMPT, SEED, STEPS, GUIDANCE = {n}, {seed}, {steps}, {scale}
-MAX_SEQUENCE_LENGTH, RESOLUTION, T5, DTYPE = {msl}, {res}, {t5}, torch.{dtype}
-
 here = os.path.dirname(os.path.abspath(__file__))
+S = json.load(open(os.path.join(here, "reproduce.json")))
+DTYPE, LORA = getattr(torch, S["dtype"]), os.path.join(here, "lora")
 out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "reproduced")
 {load}
 pipe.set_progress_bar_config(disable=True)
 pipe.to("cuda" if torch.cuda.is_available() else "cpu")
 os.makedirs(out, exist_ok=True)
-for i, prompt in enumerate(p for p in PROMPTS for _ in range(N_PER_PROMPT)):
-    image = pipe(prompt, generator=torch.Generator().manual_seed(SEED * 1_000_003 + i),
-                 num_inference_steps=STEPS, guidance_scale=GUIDANCE, max_sequence_length=MAX_SEQUENCE_LENGTH,
-                 height=RESOLUTION, width=RESOLUTION).images[0]
+for i, prompt in enumerate(p for p in S["prompts"] for _ in range(S["n_per_prompt"])):
+    image = pipe(prompt, generator=torch.Generator().manual_seed(S["seed"] * 1_000_003 + i),
+                 num_inference_steps=S["num_steps"], guidance_scale=S["guidance_scale"],
+                 max_sequence_length=S["max_sequence_length"], height=S["resolution"],
+                 width=S["resolution"]).images[0]
     image.save(os.path.join(out, f"{{i:04d}}.png"))
 print(f"wrote {{i + 1}} images to {{out}}")
 '''
@@ -338,31 +338,32 @@ def short(path):
 
 
 def write_reproduce(out, cfg, lora, settings, what):
-    """reproduce.py beside an evaluation: the diffusers calls (base, LoRA, steps, CFG, text length,
-    resolution, per-image seeds) that re-make its images."""
+    """reproduce.py beside an evaluation, its settings in reproduce.json (data, never pasted into code: any
+    folder name is safe) and a copy of the LoRA in lora/: the diffusers calls (base, LoRA, steps, CFG, text
+    length, resolution, per-image seeds) that re-make its images, wherever the folder goes."""
     base = os.path.abspath(cfg.pretrained) if os.path.isdir(cfg.pretrained) else cfg.pretrained
     if base.startswith("random:"):
-        load = (f"sys.path.insert(0, {ROOT!r})  # random weights: built by this repository's model.py\n"
+        load = ("sys.path.insert(0, S[\"repository\"])  # random weights: built by this repository's model.py\n"
                 "import model  # noqa: E402\n"
-                "pipe = model.random_pipeline(BASE.split(':', 1)[1], t5=T5, dtype=DTYPE)")
+                "pipe = model.random_pipeline(S[\"base\"].split(\":\", 1)[1], t5=S[\"t5\"], dtype=DTYPE)")
     else:
         load = ("pipe = StableDiffusion3Pipeline.from_pretrained(\n"
-                "    BASE, dtype=DTYPE, **({} if T5 else dict(text_encoder_3=None, tokenizer_3=None)))")
+                "    S[\"base\"], dtype=DTYPE, **({} if S[\"t5\"] else dict(text_encoder_3=None, tokenizer_3=None)))")
     if lora and os.path.isfile(os.path.join(lora, "adapter_config.json")):  # PEFT, loaded as its authors do
         load += ("\nfrom peft import PeftModel  # noqa: E402\n"
                  "pipe.transformer = PeftModel.from_pretrained(pipe.transformer, LORA)")
     elif lora:  # diffusers' format (our checkpoints' lora/: the EMA weights the evaluation used)
-        load += "\npipe.load_lora_weights(LORA)"
+        load += "\npipe.load_lora_weights(LORA, weight_name=\"pytorch_lora_weights.safetensors\")"
     note = ("" if cfg.mixed_precision == "no" else "\nThe evaluation ran in bf16 (frozen weights bf16, LoRA "
             "float32, autocast): the images agree to bf16 rounding.")
-    text = REPRODUCE.format(what=what, path=os.path.join(out, "reproduce.py"), note=note, base=base,
-                            lora=os.path.abspath(lora) if lora else None, prompts=settings["prompts"],
-                            n=settings["n_per_prompt"], seed=settings["seed"], steps=settings["num_steps"],
-                            scale=settings["guidance_scale"], msl=cfg.max_sequence_length, res=cfg.resolution,
-                            t5=cfg.t5, dtype="bfloat16" if cfg.mixed_precision == "bf16" else "float32",
-                            load=load)
+    if lora:
+        shutil.copytree(lora, os.path.join(out, "lora"))
+    json.dump(dict(what=what, base=base, lora=os.path.abspath(lora) if lora else None, repository=ROOT,
+                   max_sequence_length=cfg.max_sequence_length, resolution=cfg.resolution, t5=cfg.t5,
+                   dtype="bfloat16" if cfg.mixed_precision == "bf16" else "float32", **settings),
+              open(os.path.join(out, "reproduce.json"), "w"), indent=1)
     with open(os.path.join(out, "reproduce.py"), "w") as f:
-        f.write(text)
+        f.write(REPRODUCE.format(note=note, load=load))
 
 
 def main(argv=None):
@@ -415,7 +416,7 @@ def main(argv=None):
     skipped.update(ps)
     for name in os.listdir(out):  # --overwrite: the earlier evaluation's files go, none is left stale
         if OUR_FILES.match(name):
-            os.remove(os.path.join(out, name))
+            (shutil.rmtree if name == "lora" else os.remove)(os.path.join(out, name))
     for i, im in enumerate(images):
         Image.fromarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(
             os.path.join(out, f"{i:04d}.png"))

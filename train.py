@@ -33,6 +33,7 @@ weights), and the training window may start at random (`window_start = "random"`
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import signal
 import sys
@@ -114,11 +115,28 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip):
     return loss, info
 
 
-def step_scale(cfg, d_signal):
-    """What the advantages are multiplied by: 1 (the paper), or with adv_signal the reward's signal share
-    clipped to [0, 1] (beyond the paper): the generator's step shrinks as the discriminator's ranking
-    turns into noise, instead of group normalisation blowing the noise up to full-size steps."""
-    return 1.0 if not cfg.adv_signal or d_signal is None else min(max(d_signal, 0.0), 1.0)
+def gap(info):
+    """How far apart the discriminator sees this epoch's references and generations (before its step), in
+    [-1, 1]: P(score(ref) > score(gen)) - P(score(gen) > score(ref)) were the scores normal, erf(d / 2),
+    d = (mean_ref - mean_gen) / pooled std (from the moments the adversary reports, averaged over ranks:
+    the same on any number of them). 0: they look alike to it; None when it reports no moments."""
+    if "d_real_sq" not in info:
+        return None
+    var = (info["d_real_sq"] - info["d_real"] ** 2 + info["d_fake_sq"] - info["d_fake"] ** 2) / 2
+    return math.erf((info["d_real"] - info["d_fake"]) / max(var, 1e-12) ** 0.5 / 2)
+
+
+def step_scale(cfg, d_signal, d_gap):
+    """What the advantages are multiplied by (beyond the paper; 1 is the paper): with adv_signal, the
+    reward's signal share (the step shrinks as the discriminator's ranking turns into noise, instead of
+    group normalisation blowing the noise up to full-size steps); with adv_gap, the gap (full steps while the
+    discriminator tells generations from references, none once they look alike to it: the soft form of the
+    published PickScore adversary's rule, whose generator waits while its images out-score the references).
+    Each clipped to [0, 1]; the product when both are on."""
+    scale = 1.0
+    for on, value in ((cfg.adv_signal, d_signal), (cfg.adv_gap, d_gap)):
+        scale *= min(max(value, 0.0), 1.0) if on and value is not None else 1.0
+    return scale
 
 
 def window_for_epoch(cfg, epoch):
@@ -537,9 +555,9 @@ def train(cfg):
         #    spread is signal (d_signal: None without a split-half pair)
         all_rewards, groups = all_gather_cat(rewards), [prompts[g]["prompt"] for g in group_of]
         finite = all_finite(all_rewards, batch["log_probs"], device=device)
-        d_signal = reward_signal(all_gather_cat(split), groups) if split is not None else None
+        d_signal, d_gap = reward_signal(all_gather_cat(split), groups) if split is not None else None, gap(info)
         advantages = (compute_advantages(all_rewards, groups, cfg.global_std, std=cfg.adv_std)[mine]
-                      * step_scale(cfg, d_signal))
+                      * step_scale(cfg, d_signal, d_gap))
         # 4. who trains this epoch
         d_steps, do_g = schedule(cfg, epoch, adversary, info, finite)
         version = counters["d_steps"]  # which discriminator scored this epoch (the hacking monitor's key)
@@ -555,7 +573,8 @@ def train(cfg):
             counters["g_epochs"] += 1
         # 7. log (an evaluation is paired with this epoch's training reward for the reward-hacking monitor)
         stats = {**epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device), **ev, "window": window,
-                 "eta_s": (time.time() - t_run) / (epoch + 1 - start) * (cfg.epochs - epoch - 1)}
+                 "eta_s": (time.time() - t_run) / (epoch + 1 - start) * (cfg.epochs - epoch - 1),
+                 **({"d_gap": d_gap} if d_gap is not None else {})}
         since_eval.append((float(all_rewards.mean()), version))
         if ev:
             monitor(history, since_eval, version, stats)

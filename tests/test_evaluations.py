@@ -4,6 +4,7 @@ import json
 import os
 import re
 import runpy
+import shutil
 import sys
 
 import numpy as np
@@ -150,13 +151,19 @@ def test_evaluations_get_their_own_folders_and_are_never_overwritten(run_dir):
 
 
 def test_reproduce_py_makes_the_evaluations_images_in_plain_diffusers(run_dir, tmp_path):
-    out = tmp_path / "ev"
-    _sample(["--ckpt", str(run_dir / "checkpoints" / "epoch_000001"), "--out", str(out), "--seed", "3"])
-    text = (out / "reproduce.py").read_text()
-    assert "load_lora_weights(LORA)" in text and "manual_seed(SEED * 1_000_003 + i)" in text
-    assert "N_PER_PROMPT, SEED, STEPS, GUIDANCE = 1, 3, 3, 4.5" in text
-    assert "MAX_SEQUENCE_LENGTH, RESOLUTION, T5, DTYPE = 8, 32, False, torch.float32" in text
-    _reproduce(out / "reproduce.py", tmp_path / "again")
+    """...even after the folder is moved (under a hostile name) and the run's checkpoint pruned."""
+    out, run = tmp_path / "ev", tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    _sample(["--ckpt", str(run / "checkpoints" / "epoch_000001"), "--out", str(out), "--seed", "3"])
+    text, settings = (out / "reproduce.py").read_text(), json.load(open(out / "reproduce.json"))
+    assert "load_lora_weights(LORA" in text and 'manual_seed(S["seed"] * 1_000_003 + i)' in text
+    assert [settings[k] for k in ("n_per_prompt", "seed", "num_steps", "guidance_scale")] == [1, 3, 3, 4.5]
+    assert [settings[k] for k in ("max_sequence_length", "resolution", "t5", "dtype")] == [8, 32, False, "float32"]
+    moved = tmp_path / 'a "folder" \\ with """ quotes'   # moved, and its checkpoint pruned: it still works
+    shutil.move(str(out), str(moved))
+    shutil.rmtree(run / "checkpoints")
+    _reproduce(moved / "reproduce.py", tmp_path / "again")
+    out = moved
     names, ours = _pngs(out)
     assert _pngs(tmp_path / "again")[0] == names and len(names) == 4
     assert np.abs(_pngs(tmp_path / "again")[1] - ours).max() <= 1   # uint8 rounding
@@ -188,7 +195,7 @@ def test_guidance_scale_zero_is_used_not_replaced(run_dir, tmp_path):
         _sample(["--ckpt", str(run_dir), "--guidance_scale", g, "--out", str(tmp_path / g)])
     assert json.load(open(tmp_path / "0" / "metrics.json"))["guidance_scale"] == 0
     assert np.array_equal(_pngs(tmp_path / "0")[1], _pngs(tmp_path / "1")[1])
-    assert "GUIDANCE = 1, 0, 3, 0" in (tmp_path / "0" / "reproduce.py").read_text()
+    assert json.load(open(tmp_path / "0" / "reproduce.json"))["guidance_scale"] == 0
 
 
 # --- --summarize / --compare ------------------------------------------------------------------------
@@ -236,8 +243,8 @@ def test_reproduce_py_of_a_pipeline_folder_loads_it_with_from_pretrained(tmp_pat
     _sample(["--pretrained", "assets/tinyworld/pipeline_early", "--resolution", "32", "--t5=False",
              "--mixed_precision", "no", "--prompt", "a red circle on the left", "a blue square at the top",
              "--n_per_prompt", "2", "--num_steps", "6", "--guidance_scale", "3.0", "--out", str(tmp_path / "ev")])
-    text = (tmp_path / "ev" / "reproduce.py").read_text()
-    assert "StableDiffusion3Pipeline.from_pretrained(" in text and "LORA = None" in text
-    assert "MAX_SEQUENCE_LENGTH, RESOLUTION, T5, DTYPE = 1, 32, False" in text
+    text, settings = (tmp_path / "ev" / "reproduce.py").read_text(), json.load(open(tmp_path / "ev" / "reproduce.json"))
+    assert "StableDiffusion3Pipeline.from_pretrained(" in text and settings["lora"] is None
+    assert [settings[k] for k in ("max_sequence_length", "resolution", "t5")] == [1, 32, False]
     _reproduce(tmp_path / "ev" / "reproduce.py", tmp_path / "again")
     assert np.abs(_pngs(tmp_path / "again")[1] - _pngs(tmp_path / "ev")[1]).max() <= 1
