@@ -38,6 +38,7 @@ Where we depart from the published code, and why
 """
 import inspect
 import math
+import os
 
 import timm
 import torch
@@ -45,6 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import configurator
 import scorers
 import tinyworld
 from scorers import CLIPScorer, load_clip
@@ -671,6 +673,41 @@ def check_config(cfg):
                f"schedule 'paper' trains it where (epoch + 1) % d_times = 0 (d_times = {cfg.d_times})")
         warnings.append(f"the generator will never be trained (0 G steps): {why}; only the discriminator learns")
     return None, warnings
+
+
+def missing_weights(cfg):
+    """The outside models the chosen rewards need that cannot be had offline (HF_HUB_OFFLINE=1 and not in
+    the hub or torch cache): lines for train.py to say with the other missing inputs, before the generator
+    loads. Online, what is missing is downloaded."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("", "0", "false", "no", "off"):
+        return []
+    out, names = [], set(cfg.reward)
+
+    def cached(repo, *files):
+        return (os.path.isdir(repo) or repo.startswith("random:")
+                or any(configurator.hub_file(repo, f) for f in files))
+    if "phi" in needs(cfg.reward) and not cfg.dino_weights and not cfg.dino_backbone.startswith("random:"):
+        try:
+            repo = timm.models.get_pretrained_cfg(cfg.dino_backbone).hf_hub_id
+        except (AttributeError, RuntimeError):
+            repo = None
+        if not repo:
+            out.append(f"feature backbone (dino_backbone): timm knows no weights named {cfg.dino_backbone!r}")
+        elif not cached(repo, "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            out.append(f"feature backbone (dino_backbone): {repo} is not in the hub cache: `hf download "
+                       f"{repo}`, or --dino_weights=/path/to/model.safetensors")
+    for used, key in (({"pickscore", "pickscore_adv"}, "pickscore_model"),
+                      ({"pickscore", "pickscore_adv"}, "pickscore_processor"),
+                      ({"clip_score", "clip_sim", "aesthetic"}, "clip_model")):
+        repo = getattr(cfg, key)
+        if names & used and not cached(repo, "config.json", "tokenizer_config.json"):
+            out.append(f"{key}: {repo} is not in the hub cache: `hf download {repo}`, or a local folder")
+    url = cfg.aesthetic_weights
+    if "aesthetic" in names and url.startswith("http") and not os.path.isfile(
+            os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))):
+        out.append(f"aesthetic_weights: {os.path.basename(url)} is not in torch's hub cache: download {url} "
+                   "and pass --aesthetic_weights=/path/to/it")
+    return out
 
 
 def needs(spec):

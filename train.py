@@ -481,7 +481,7 @@ def check_inputs(cfg, world, master=True):
         raise SystemExit(f"config error: {bad}")
     for line in warnings if master else ():
         print(f"WARNING {line}", flush=True)
-    missing, prompts, test_prompts, references = missing_weights(cfg), [], [], None  # all said at once
+    missing, prompts, test_prompts, references = missing_weights(cfg) + R.missing_weights(cfg), [], [], None
     try:
         prompts = data.load_prompts(cfg.train_prompts)
     except ValueError as e:

@@ -37,3 +37,15 @@ def test_prepare_help_exits_zero_and_old_commands_say_where_they_went():
         with pytest.raises(SystemExit) as e:
             runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
         assert where in str(e.value)
+
+
+def test_reward_weights_missing_offline_are_listed_with_the_other_inputs_before_the_generator(monkeypatch,
+                                                                                             tmp_path):
+    import model as M
+    monkeypatch.setattr(M, "build_generator", lambda *a, **k: pytest.fail("the generator was loaded"))
+    p = run_main("train.py", ["config/tiny_random_adv.py", "--dino_backbone=vit_small_patch14_dinov2.lvd142m",
+                              "--dino_image_size=28", "--train_prompts=nope.txt", f"--out_dir={tmp_path}"],
+                 ok=False)
+    assert "prompt file nope.txt does not exist" in p.stderr
+    assert ("feature backbone (dino_backbone): timm/vit_small_patch14_dinov2.lvd142m is not in the hub cache"
+            in p.stderr)
