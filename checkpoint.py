@@ -231,6 +231,32 @@ def read_lora(folder, what="init_lora"):
     return settings, weights
 
 
+def lora_settings(folder, what="init_lora"):
+    """(rank, alpha, target modules or None) of a LoRA folder: its own config, else the weights' shapes
+    (rank) and diffusers' assumption alpha = rank."""
+    theirs, weights = read_lora(folder, what)
+    ranks = {v.shape[0] for k, v in weights.items() if ".lora_A." in k}
+    if not (theirs["r"] or ranks):
+        raise SystemExit(f"{what} {folder}: no rank in its config and no lora_A weights")
+    rank = theirs["r"] or max(ranks)
+    if not (isinstance(rank, int) and rank > 0) or not (theirs["lora_alpha"] is None or (
+            isinstance(theirs["lora_alpha"], (int, float)) and theirs["lora_alpha"] > 0)):
+        raise SystemExit(f"{what} {folder}: rank {rank!r} / lora_alpha {theirs['lora_alpha']!r} must be "
+                         "positive numbers (an integer rank)")
+    return rank, theirs["lora_alpha"] or rank, theirs["target_modules"]
+
+
+def adopt_lora(cfg, master=True):
+    """init_lora: the run's LoRA becomes the adapter's (its rank, alpha and target modules), said once."""
+    rank, alpha, targets = lora_settings(cfg.init_lora)
+    targets = sorted(targets) if targets else cfg.lora_targets
+    if (rank, alpha, targets) != (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets):
+        cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = rank, alpha, targets
+        if master:
+            print(f"init_lora {cfg.init_lora}: its rank {rank}, alpha {alpha}, targets "
+                  f"{targets or 'the recipe'} are this run's", flush=True)
+
+
 def load_lora(transformer, folder, what="init_lora"):
     """Set our adapter to a LoRA folder of either format (`read_lora`), refusing one of another rank,
     alpha or target modules, or with weights for other layers, in one line."""
@@ -244,7 +270,7 @@ def load_lora(transformer, folder, what="init_lora"):
                          f"set --lora_rank={r} --lora_alpha={alpha}")
     if theirs["target_modules"] and set(theirs["target_modules"]) != set(ours.target_modules):
         raise SystemExit(f"{what} {folder} adapts {theirs['target_modules']}, this run "
-                         f"{sorted(ours.target_modules)} (model.LORA_TARGETS)")
+                         f"{sorted(ours.target_modules)}: --lora_targets=\"{theirs['target_modules']}\"")
     try:
         result = set_peft_model_state_dict(transformer, weights, adapter_name="default")
     except RuntimeError as e:  # shape mismatch: another rank than its metadata says

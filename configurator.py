@@ -93,10 +93,12 @@ class Config:
     resolution: int = 512            # image side in pixels (square)
     lora_rank: int = 32               # 0 = full fine-tuning
     lora_alpha: int = 64              # LoRA scale alpha / rank (the recipe: 64 / 32 = 2)
+    lora_targets: list = field(default_factory=list)  # modules the LoRA adapts (peft name suffixes); [] = the
+                                      # recipe's joint attention (model.LORA_TARGETS); init_lora: its own
     init_lora: str = ""               # start from a LoRA folder: diffusers' format (our checkpoints' lora/)
                                       # or PEFT's (adapter_config.json + adapter_model.safetensors: the
-                                      # released Adv-GRPO LoRAs, Flow-GRPO's lora_path); rank, alpha and
-                                      # target modules must be this run's
+                                      # released Adv-GRPO LoRAs, Flow-GRPO's lora_path); its rank, alpha and
+                                      # target modules are taken (said at start)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for time)
     compile: bool = False             # torch.compile the transformer
     low_mem: bool = False             # 24 GB GPUs: every prompt encoded once at start-up, then the text

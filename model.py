@@ -137,7 +137,8 @@ def load_pipeline(name_or_path, t5=True, device="cpu", dtype=torch.float32):
 # Trainable parameters: LoRA or full fine-tuning
 
 def add_lora(transformer, rank, alpha, targets=LORA_TARGETS, init="gaussian"):
-    """Freeze the transformer and attach a LoRA adapter (peft, the format diffusers exports).
+    """Freeze the transformer and attach a LoRA adapter (peft, the format diffusers exports) on `targets`
+    (peft name suffixes; a target the model lacks is refused in one line).
 
     rank=0 means full fine-tuning: every transformer weight trains, no adapter."""
     if rank == 0:
@@ -145,8 +146,11 @@ def add_lora(transformer, rank, alpha, targets=LORA_TARGETS, init="gaussian"):
         return transformer
     from peft import LoraConfig
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
-                                       target_modules=list(targets)))
+    try:
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
+                                           target_modules=list(targets or LORA_TARGETS)))
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        raise SystemExit(f"LoRA targets {list(targets)}: {str(e)[:200]}") from None
     return transformer
 
 
@@ -322,7 +326,7 @@ def build_generator(cfg, device, world=1):
     if cfg.resolution % f:
         raise SystemExit(f"config error: resolution {cfg.resolution} must be a multiple of {f} "
                          f"(VAE factor × patch size of {cfg.pretrained})")
-    transformer = add_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha)
+    transformer = add_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if cfg.init_lora:
         C.load_lora(transformer, cfg.init_lora)
     params = trainable_parameters(transformer)

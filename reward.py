@@ -700,6 +700,8 @@ def missing_weights(cfg):
                       ({"pickscore", "pickscore_adv"}, "pickscore_processor"),
                       ({"clip_score", "clip_sim", "aesthetic"}, "clip_model")):
         repo = getattr(cfg, key)
+        if key == "pickscore_processor" and cfg.pickscore_model.startswith("random:"):
+            continue  # a random CLIP brings its own tokenizer
         if names & used and not cached(repo, "config.json", "tokenizer_config.json"):
             out.append(f"{key}: {repo} is not in the hub cache: `hf download {repo}`, or a local folder")
     url = cfg.aesthetic_weights

@@ -228,18 +228,13 @@ def load_checkpoint_config(path):
 def pretrained_config(args):
     """The Config of a base model plus a LoRA folder (--pretrained, --lora), from the LoRA's own rank,
     alpha and target modules; refused in one line before any weights load when it cannot be evaluated."""
-    rank, alpha = configurator.Config.lora_rank, configurator.Config.lora_alpha  # no LoRA: an inert one
-    if args.lora:
-        theirs, weights = C.read_lora(args.lora, "--lora")
-        rank = theirs["r"] or next(v.shape[0] for k, v in weights.items() if ".lora_A." in k)
-        alpha = theirs["lora_alpha"] or rank  # diffusers' assumption when a file does not say
-        if theirs["target_modules"] and set(theirs["target_modules"]) != set(M.LORA_TARGETS):
-            raise SystemExit(f"--lora {args.lora} adapts {theirs['target_modules']}; this project's LoRA "
-                             f"adapts {sorted(M.LORA_TARGETS)} (model.LORA_TARGETS)")
+    rank, alpha, targets = configurator.Config.lora_rank, configurator.Config.lora_alpha, None  # inert
+    if args.lora:  # what the adapter adapts, at its rank and alpha
+        rank, alpha, targets = C.lora_settings(args.lora, "--lora")
     cfg = configurator.Config(pretrained=args.pretrained, t5=args.t5, resolution=args.resolution,
                               max_sequence_length=args.max_sequence_length,
                               mixed_precision=args.mixed_precision, lora_rank=rank, lora_alpha=alpha,
-                              init_lora=args.lora, eval_max_prompts=0)
+                              lora_targets=sorted(targets or []), init_lora=args.lora, eval_max_prompts=0)
     configurator.resolve_defaults(cfg)
     bad = configurator.check_ranges(cfg)
     if cfg.mixed_precision not in ("bf16", "no"):

@@ -475,6 +475,8 @@ def epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device):
 def check_inputs(cfg, world, master=True):
     """Everything the user gave us, checked before the (slow) model load, so a mistake costs seconds.
     Returns (training prompts, held-out prompts, references or None, checkpoint to resume from or None)."""
+    if cfg.init_lora:  # its rank, alpha and targets become the run's (before config.json is written)
+        C.adopt_lora(cfg, master)
     validate(cfg, world, warn=print if master else None)  # refuses in one line, or warns
     bad, warnings = R.check_config(cfg)                   # what only the rewards know
     if bad:
