@@ -126,6 +126,8 @@ class Config:
     updates_per_epoch: int = 2        # optimizer steps per epoch; gradients accumulate in between
     # GRPO
     lr: float = 3e-4                  # AdamW learning rate of the generator
+    lr_half_life: int = 0             # beyond the paper: the generator's lr halves every this many optimizer
+                                      # steps (0: constant, the paper)
     weight_decay: float = 1e-4        # AdamW weight decay
     max_grad_norm: float = 1.0        # gradient clipping (global norm)
     clip_range: float | None = None   # ε of the ratio clip; None: by sde_kind (cps 1e-5: its log-prob is
@@ -245,7 +247,8 @@ AT_LEAST_1 = ("num_steps", "prompts_per_epoch", "sample_batch_size", "train_batc
               "eval_num_steps", "eval_n_per_prompt", "dino_image_size", "resolution", "max_sequence_length",
               "lora_alpha", "d_hidden", "d_patches")
 POSITIVE = ("lr", "d_lr", "pickscore_lr", "max_grad_norm", "clip_range", "adv_clip", "nft_beta")
-NON_NEGATIVE = ("lora_rank", "weight_decay", "beta_kl", "d_warmup", "d_steps_max", "d_replay", "d_r1", "eval_every", "eval_max_prompts",
+NON_NEGATIVE = ("lora_rank", "weight_decay", "beta_kl", "d_warmup", "d_steps_max", "d_replay", "d_r1",
+                "lr_half_life", "eval_every", "eval_max_prompts",
                 "pickscore_train_last_k", "nft_eta_rate", "d_patch_loss")
 UNIT_INTERVAL = ("noise_level", "ema_decay", "nft_t_fraction", "d_cls_weight", "g_beta1")
 

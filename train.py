@@ -367,10 +367,13 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
 
 def optimizer_step(cfg, epoch, gen, counters, rank=0):
     """One generator step on the accumulated gradients: clip (the norm of all-reduced gradients, so every
-    rank decides alike), step, EMA; a non-finite norm skips the step (count_update). True if taken."""
+    rank decides alike), step (lr halved every lr_half_life steps when set), EMA; a non-finite norm skips
+    the step (count_update). True if taken."""
     gnorm = torch.nn.utils.clip_grad_norm_(list(gen.params.values()), cfg.max_grad_norm)
     ok = bool(torch.isfinite(gnorm))
     if ok:
+        for group in gen.opt.param_groups:
+            group["lr"] = cfg.lr * 0.5 ** (counters["g_steps"] / cfg.lr_half_life if cfg.lr_half_life else 0)
         gen.opt.step()
         counters["g_steps"] += 1
         gen.ema.update(gen.params, counters["g_steps"])

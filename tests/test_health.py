@@ -175,3 +175,16 @@ def test_resume_is_exact_with_every_health_option_on(tmp_path):
     assert len(sa["adversary"]["pool"]) == 4 and all(
         torch.equal(x, y) for x, y in zip(sa["adversary"]["pool"], sb["adversary"]["pool"]))
     assert sa["counters"] == sb["counters"]
+
+
+def test_lr_half_life_halves_the_generators_lr_and_resumes_it(tmp_path):
+    cfg = types.SimpleNamespace(lr=1e-3, lr_half_life=2, max_grad_norm=1.0, max_bad_updates=5)
+    p = torch.nn.Parameter(torch.zeros(3))
+    gen = types.SimpleNamespace(params={"p": p}, opt=torch.optim.AdamW([p], lr=1e-3),
+                                ema=types.SimpleNamespace(update=lambda *a: None))
+    counters, lrs = dict(g_steps=0, bad_updates=0), []
+    for _ in range(5):
+        p.grad = torch.ones(3)
+        T.optimizer_step(cfg, 0, gen, counters)
+        lrs.append(gen.opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1e-3 * 0.5 ** (s / 2) for s in range(5)])
