@@ -452,8 +452,12 @@ def epoch_line(s):
     for key, name, fmt in (("d_real", "| ref", "+.3f"), ("d_fake", "gen", "+.3f"), ("d_acc", "D acc", ".2f"),
                            ("d_signal", "signal", ".2f")):  # what the adversary reported
         line += f" {name} {s[key]:{fmt}}" if key in s else ""
-    if "clipfrac" in s:
-        line += f" | clipfrac {s['clipfrac']:.3f} kl {s['approx_kl']:.1e}"
+    if "clipfrac" in s and s.get("updates_per_epoch") == 1:  # every ratio is 1: nothing to clip
+        line += " | 1 G step an epoch: ratio 1, no clip"
+    elif "clipfrac" in s:
+        line += f" | clipfrac {s['clipfrac']:.3f} approx_kl {s['approx_kl']:.1e}"
+    if "kl" in s:  # beta_kl's term: the KL to the frozen base
+        line += f" | kl to base {s['kl']:.1e}"
     eta = int(s.get("eta_s", 0))
     line += (f" | {s['seconds']:.1f}s {s['images_per_s']:.1f} img/s"
              f" | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
@@ -464,7 +468,8 @@ def epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device):
     """What one epoch logs: `info` averaged over ranks, reward statistics, counters, time and memory."""
     stats = all_mean(info, device)
     r = all_rewards.cpu().double().numpy().reshape(-1, cfg.group_size)
-    stats.update(epoch=epoch, epochs=cfg.epochs, reward_mean=float(r.mean()), reward_std=float(r.std()),
+    stats.update(epoch=epoch, epochs=cfg.epochs, updates_per_epoch=cfg.updates_per_epoch,
+                 reward_mean=float(r.mean()), reward_std=float(r.std()),
                  zero_std_groups=float((r.std(1) < 1e-8).mean()), seconds=time.time() - t0,
                  images_per_s=len(all_rewards) / (time.time() - t0), **counters)
     if device.type == "cuda":  # this rank's peak since start-up (torch.cuda.max_memory_allocated)

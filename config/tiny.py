@@ -29,7 +29,8 @@ group_size = 16                  # 16 images a prompt: the group statistics carr
 prompts_per_epoch = 6            # 96 images an epoch: the demo fits in 10 minutes on 2 cores
 sample_batch_size = 32
 train_batch_size = 32
-updates_per_epoch = 1            # one optimizer step on all 96 images of an epoch
+updates_per_epoch = 1            # one optimizer step on all 96 images of an epoch: every ratio is 1 and
+                                 # the clip never acts (the epoch line says so); GRPO is then REINFORCE
 lora_rank = 8
 lora_alpha = 16
 lr = 1e-3                        # the fixed reward (tiny_frozen.py) is hacked within 30 epochs; at 3e-4

@@ -1,5 +1,7 @@
 """What a new user and a red team tripped on (third round), each a line that says what is wrong or a
 number that shows it is right."""
+import contextlib
+import io
 import os
 import runpy
 
@@ -34,9 +36,9 @@ def test_prepare_help_exits_zero_and_old_commands_say_where_they_went():
     p = run_main("prepare.py", ["--help"])
     assert p.returncode == 0 and "import_prompts" in p.stdout
     for script, where in (("eval.py", "sample.py"), ("data.py", "prepare.py")):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as out:
             runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-        assert where in str(e.value)
+        assert e.value.code == 1 and where in out.getvalue()
 
 
 def test_reward_weights_missing_offline_are_listed_with_the_other_inputs_before_the_generator(monkeypatch,
