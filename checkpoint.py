@@ -13,16 +13,10 @@ Owns
 - `resume_point`, `load`, `load_weights`, `config_changes`: restore a run exactly (or, for sample.py, its
   weights); say which keys changed since the checkpoint, and refuse the changes that make it another
   experiment; a finished run says so and exits 0.
-- `claim_out_dir`: one run per folder (a lock file); a used folder is resumed or explicitly overwritten,
-  never mixed; `--overwrite` removes only the files a run of ours wrote, never a user's.
-- `open_metrics`: metrics.jsonl in append mode; a line torn by a kill is dropped, not fatal; a full disk
-  is one line.
-  `external_logger`: the same rows to wandb or tensorboard when asked for (neither is a dependency).
-- `export_lora` / `load_lora`: the LoRA in diffusers' format, written into every checkpoint (its `lora/`);
-  `init_lora` and sample.py's `--lora` read it back, or a PEFT adapter folder (the released Adv-GRPO and
-  Flow-GRPO LoRAs), rank / alpha / target modules checked against the run's.
+- every checkpoint also holds the EMA LoRA in diffusers' format (`lora/`, written by model.export_lora).
 
-Leaves out: what is trained (model.py, reward.py) and when to save (train.py).
+Leaves out: what is trained (model.py, reward.py), when to save (train.py), the run folder and its logs
+(outputs.py).
 """
 
 import dataclasses
@@ -36,11 +30,11 @@ import shutil
 
 import numpy as np
 import torch
-from diffusers import StableDiffusion3Pipeline
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import SafetensorError, safe_open
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
+import eval as E
+import model as M
 
 MANIFEST = "manifest.json"
 NAME = re.compile(r"^epoch_(\d{6})$")
@@ -52,13 +46,7 @@ SAME_EXPERIMENT = ("pretrained", "t5", "max_sequence_length", "resolution", "lor
                    "dino_weights", "dino_kwargs", "dino_image_size", "pickscore_model",
                    "pickscore_train_last_k", "seed", "objective")
 # Keys that change the shapes of the trained tensors: no checkpoint can continue under another value
-SHAPES = ("lora_rank", "d_hidden")
-RUN_FILES = ("metrics.jsonl", "checkpoints", "samples", "summary.json", "curves.png", "config.json",
-             "tensorboard")  # the names that mark a folder as used by a run
-# The files a run writes in out_dir itself, beside samples/epoch_N.png, tensorboard/events.out.tfevents.*
-# and the checkpoints
-REPORT = ("config.json", "config.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "summary.json",
-          "curves.png")
+SHAPES = ("lora_rank", "lora_targets", "d_hidden")
 SAVED = ("trainable.safetensors", "ema.safetensors", "old.safetensors", "state.pt", "config.json",
          os.path.join("lora", "pytorch_lora_weights.safetensors"))  # what `save` writes in a checkpoint
 STATE = dict(epoch=int, counters=dict, config=dict, optimizer=dict, rng_cpu=torch.Tensor)  # state.pt's keys
@@ -120,7 +108,7 @@ def save(cfg, epochs_done, gen, adversary, counters):
         torch.save(state, writing)
         if cfg.lora_rank > 0:
             writing = os.path.join(tmp, "lora")
-            export_lora(gen, writing)
+            M.export_lora(gen, writing)
         writing = os.path.join(tmp, "config.json")
         with open(writing, "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -134,7 +122,7 @@ def save(cfg, epochs_done, gen, adversary, counters):
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
         writing = final
-        keep_users_files(final, tmp, cfg.out_dir)  # saved again (resumed from an older one): a user's file stays
+        keep_users_files(final, tmp)  # saved again (resumed from an older one): a user's file stays
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
@@ -145,21 +133,36 @@ def save(cfg, epochs_done, gen, adversary, counters):
         if disk_full(e):
             raise SystemExit(full_disk_message(writing, cfg.out_dir) + f"; {tmp} was removed") from None
         raise
-    intact = [p for p in checkpoints(cfg.out_dir) if verify(p) is None]
-    ours = set(our_files(cfg.out_dir))
-    for old in intact[:-cfg.keep_last]:  # prune only intact ones older than the newest keep_last,
-        if all(os.path.join(old, n) in ours for n in _files(old)):  # and never one holding a user's file
+    # prune the complete ones (a manifest) older than the newest keep_last, never one holding a user's file;
+    # no re-hashing: the newest was just written and checked, and damage in an older one only makes it go
+    complete = [p for p in checkpoints(cfg.out_dir) if _manifest(p)[0] is not None]
+    for old in complete[:-cfg.keep_last]:
+        if not users_files(old):
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def keep_users_files(final, tmp, out_dir):
-    """Before checkpoint folder `final` is replaced by `tmp`: move into `tmp` every file of `final` that
-    this project did not write (our_files), so that replacing a checkpoint never deletes a user's file."""
-    ours = set(our_files(out_dir))
-    for name in _files(final) if os.path.isdir(final) else []:
+def ours(folder):
+    """The files of checkpoint folder `folder` that a save wrote: what its manifest lists and the manifest
+    (a half-written epoch_N.tmp: the names a save writes); none when it has no manifest of ours."""
+    if folder.endswith(".tmp"):
+        listed = [*SAVED, MANIFEST]
+    else:
+        manifest = _manifest(folder)[0]
+        listed = [*manifest, MANIFEST] if manifest else []
+    return [n for n in listed if os.path.isfile(os.path.join(folder, n))]
+
+
+def users_files(folder):
+    """The files in checkpoint folder `folder` that no save wrote (a user's): never deleted."""
+    return [n for n in (_files(folder) if os.path.isdir(folder) else []) if n not in set(ours(folder))]
+
+
+def keep_users_files(final, tmp):
+    """Before checkpoint folder `final` is replaced by `tmp`: move a user's files of `final` into `tmp`."""
+    for name in users_files(final):
         src, dst = os.path.join(final, name), os.path.join(tmp, name)
-        if src not in ours and not os.path.exists(dst):
+        if not os.path.exists(dst):
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             os.replace(src, dst)
 
@@ -178,111 +181,6 @@ def full_disk_message(path, out_dir):
     intact = latest(out_dir, warn=lambda msg: None)
     return (f"disk full while writing {path}; the last intact checkpoint is "
             f"{intact or 'none (nothing to --resume from yet)'}")
-
-
-def export_lora(gen, path):
-    """The EMA LoRA in diffusers' format: `StableDiffusion3Pipeline.from_pretrained(base)
-    .load_lora_weights(path)` then samples what our eval samples (a test checks it)."""
-    tr = gen.transformer
-    with gen.ema.applied(gen.params):
-        layers = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(tr).items()}
-    # the metadata carries lora_alpha: without it diffusers assumes alpha = rank (a 2x wrong scale here)
-    StableDiffusion3Pipeline.save_lora_weights(
-        path, transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
-
-
-def read_lora(folder, what="init_lora"):
-    """A LoRA folder in either published format: diffusers' (`pytorch_lora_weights.safetensors`, keys
-    "transformer.<module>.lora_A.weight", rank and alpha in its metadata) or PEFT's (`adapter_config.json` +
-    `adapter_model.safetensors`, keys "base_model.model.<module>.lora_A.weight": the released Adv-GRPO and
-    Flow-GRPO LoRAs). Returns (settings {r, lora_alpha, target_modules}, where each is None when the file
-    does not say, weights {"<module>.lora_A.weight": tensor}); refuses what it cannot read in one line."""
-    diffusers_file = os.path.join(folder, "pytorch_lora_weights.safetensors")
-    config_file = os.path.join(folder, "adapter_config.json")
-    where = config_file
-    try:
-        if os.path.isfile(diffusers_file):
-            with safe_open(diffusers_file, "pt") as f:
-                meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-            settings = {k: meta.get(f"transformer.{k}") for k in ("r", "lora_alpha", "target_modules")}
-            prefix, weights_file = "transformer.", diffusers_file
-        elif os.path.isfile(config_file):
-            settings = json.load(open(config_file))
-            if not isinstance(settings, dict):
-                raise ValueError("not a JSON object")
-            weights_file = os.path.join(folder, "adapter_model.safetensors")
-            prefix = "base_model.model."
-            unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
-                                       "modules_to_save", "layers_to_transform") if settings.get(k)]
-            if settings.get("peft_type", "LORA") != "LORA" or unsupported:  # each changes the update's maths
-                raise SystemExit(f"{what} {config_file}: a {settings.get('peft_type')} adapter with "
-                                 f"{', '.join(unsupported) or 'another method'}; only plain LoRA loads")
-        else:
-            raise SystemExit(f"{what} {folder}: neither pytorch_lora_weights.safetensors (diffusers) nor "
-                             "adapter_config.json + adapter_model.safetensors (PEFT) is there")
-        where = weights_file
-        weights = {k.removeprefix(prefix): v for k, v in load_file(weights_file).items()}
-    except (OSError, ValueError, SafetensorError) as e:
-        raise SystemExit(f"{what} {where} cannot be read: {type(e).__name__}: {str(e)[:160]}") from None
-    targets = settings.get("target_modules")
-    settings = dict(r=settings.get("r"), lora_alpha=settings.get("lora_alpha"),
-                    target_modules=sorted([targets] if isinstance(targets, str) else targets or []) or None)
-    return settings, weights
-
-
-def lora_settings(folder, what="init_lora"):
-    """(rank, alpha, target modules or None) of a LoRA folder: its own config, else the weights' shapes
-    (rank) and diffusers' assumption alpha = rank."""
-    theirs, weights = read_lora(folder, what)
-    ranks = {v.shape[0] for k, v in weights.items() if ".lora_A." in k}
-    if not (theirs["r"] or ranks):
-        raise SystemExit(f"{what} {folder}: no rank in its config and no lora_A weights")
-    rank = theirs["r"] or max(ranks)
-    if not (isinstance(rank, int) and rank > 0) or not (theirs["lora_alpha"] is None or (
-            isinstance(theirs["lora_alpha"], (int, float)) and theirs["lora_alpha"] > 0)):
-        raise SystemExit(f"{what} {folder}: rank {rank!r} / lora_alpha {theirs['lora_alpha']!r} must be "
-                         "positive numbers (an integer rank)")
-    return rank, theirs["lora_alpha"] or rank, theirs["target_modules"]
-
-
-def adopt_lora(cfg, master=True):
-    """init_lora: the run's LoRA becomes the adapter's (its rank, alpha and target modules), said once."""
-    rank, alpha, targets = lora_settings(cfg.init_lora)
-    targets = sorted(targets) if targets else cfg.lora_targets
-    if (rank, alpha, targets) != (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets):
-        cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = rank, alpha, targets
-        if master:
-            print(f"init_lora {cfg.init_lora}: its rank {rank}, alpha {alpha}, targets "
-                  f"{targets or 'the recipe'} are this run's", flush=True)
-
-
-def load_lora(transformer, folder, what="init_lora"):
-    """Set our adapter to a LoRA folder of either format (`read_lora`), refusing one of another rank,
-    alpha or target modules, or with weights for other layers, in one line."""
-    if not getattr(transformer, "peft_config", None):
-        raise SystemExit(f"{what} needs lora_rank > 0")
-    theirs, weights = read_lora(folder, what)
-    ours = transformer.peft_config["default"]
-    r, alpha = theirs["r"] or ours.r, theirs["lora_alpha"] or ours.lora_alpha
-    if (r, alpha) != (ours.r, ours.lora_alpha):  # another alpha would silently rescale the update
-        raise SystemExit(f"{what} {folder} has rank {r} / alpha {alpha}: "
-                         f"set --lora_rank={r} --lora_alpha={alpha}")
-    if theirs["target_modules"] and set(theirs["target_modules"]) != set(ours.target_modules):
-        raise SystemExit(f"{what} {folder} adapts {theirs['target_modules']}, this run "
-                         f"{sorted(ours.target_modules)}: --lora_targets=\"{theirs['target_modules']}\"")
-    try:
-        result = set_peft_model_state_dict(transformer, weights, adapter_name="default")
-    except RuntimeError as e:  # shape mismatch: another rank than its metadata says
-        raise SystemExit(f"{what} {folder} does not fit lora_rank / targets of this run: "
-                         f"{str(e)[:200]}") from None
-    if getattr(result, "unexpected_keys", None):
-        raise SystemExit(f"{what} {folder} has weights for layers this run does not adapt, e.g. "
-                         f"{result.unexpected_keys[0]}")
-    missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]
-    if missing:
-        raise SystemExit(f"{what} {folder} has no weights for {len(missing)} adapted tensors, "
-                         f"e.g. {missing[0]}")
 
 
 def checkpoints(out_dir):
@@ -455,7 +353,7 @@ def finished(cfg):
     if not cfg.eval_every:
         return True  # no evaluation, no report: the last checkpoint is the end
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    rows = read_metrics(path, warn=lambda msg: None) if os.path.isfile(path) else []
+    rows = E.read_metrics(path, warn=lambda msg: None) if os.path.isfile(path) else []
     evals = [r for r in rows if any(str(k).startswith("eval/") for k in r)]
     report = ["curves.png"] + (["summary.json"] if len(evals) >= 2 else [])
     return (any(r.get("epoch") == cfg.epochs for r in evals)
@@ -542,196 +440,3 @@ def load(path, gen, adversary, counters, cfg):
         raise SystemExit(f"{path}/state.pt does not fit this run (its optimizer or adversary state: "
                          f"{type(e).__name__}: {str(e)[:160]})") from None
     return state["epoch"]
-
-
-# -----------------------------------------------------------------------------------------------
-# The run folder
-
-_LOCKS = {}  # run folder -> its open, locked .lock file, held until the process ends
-
-
-def claim_out_dir(cfg):
-    """Make cfg.out_dir this run's own: refuse a file, a folder that holds the working directory or this
-    code, a folder another live run is writing, or a used folder without --resume; --overwrite removes
-    the files a run of ours wrote there (our_files), nothing else, and is refused on a folder holding no
-    run of ours."""
-    if not cfg.out_dir.strip():
-        raise SystemExit("out_dir is empty: give the run a folder of its own, e.g. --out_dir=out/my_run")
-    out = os.path.abspath(cfg.out_dir)
-    real = os.path.realpath(out)
-    for mine in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))):
-        if os.path.commonpath([os.path.realpath(mine), real]) == real:
-            raise SystemExit(f"out_dir {cfg.out_dir!r} is {real}, which holds {os.path.realpath(mine)}: a "
-                             "run would write among your files; give it a folder of its own, e.g. "
-                             "--out_dir=out/my_run")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"out_dir {out} is a file, not a folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:  # below a file, under /proc, read-only, ...
-        raise SystemExit(f"out_dir {out} cannot be made: {e.strerror} ({e.filename})") from None
-    if out not in _LOCKS:
-        lock = open(os.path.join(out, ".lock"), "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
-            raise SystemExit(f"out_dir {out} is in use by another run (its .lock is held); wait for it or "
-                             "pick another --out_dir") from None
-        _LOCKS[out] = lock
-    for n in RUN_FILES:  # something else in the place of a run's file or folder: say so now, not mid-run
-        p = os.path.join(out, n)
-        if os.path.exists(p) and os.path.isdir(p) != (n in ("checkpoints", "samples", "tensorboard")):
-            raise SystemExit(f"{p} is a {'folder' if os.path.isdir(p) else 'file'}, where a run keeps its "
-                             f"{n}: move it away, or pick another --out_dir")
-    used = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
-    if used and not cfg.resume:
-        if not cfg.overwrite:
-            raise SystemExit(f"out_dir {out} already holds a run ({', '.join(used)}): "
-                             "--resume to continue it, --overwrite=True to clear it first, "
-                             "or another --out_dir")
-        if not our_run(out):
-            raise SystemExit(f"--overwrite: out_dir {out} holds no run of this project (its "
-                             f"{', '.join(used)} are not ours: no config.json written by train.py, no "
-                             f"checkpoint with our {MANIFEST}); nothing was deleted: pick another --out_dir")
-        for f in our_files(out):
-            os.remove(f)
-            d = os.path.dirname(f)
-            while d != out and not os.listdir(d):  # a folder left empty goes; one with a user's file stays
-                os.rmdir(d)
-                d = os.path.dirname(d)
-
-
-def our_run(out):
-    """Whether folder `out` holds a run of this project: its config.json as train.py writes it, or (no
-    readable config.json there) a checkpoint with our manifest."""
-    try:
-        saved = json.load(open(os.path.join(out, "config.json")))
-        return isinstance(saved, dict) and set(saved) >= {"out_dir", "save_every", "keep_last",
-                                                          "allow_config_change"}
-    except (OSError, ValueError):  # none, or torn: the checkpoints decide
-        return any(_manifest(p)[0] is not None for p in checkpoints(out))
-
-
-def our_files(out):
-    """The files a run of this project wrote in folder `out` (what --overwrite removes): its own names in
-    out_dir (REPORT), the grids samples/epoch_N.png, tensorboard's event files, and in each checkpoint
-    what its manifest lists (in a half-written epoch_N.tmp, the names `save` writes). A user's other
-    files, in any of these folders, are never among them."""
-    def matching(folder, pattern):
-        names = os.listdir(folder) if os.path.isdir(folder) else []
-        return [os.path.join(folder, n) for n in sorted(names) if re.match(pattern, n)]
-    files = [os.path.join(out, n) for n in REPORT]
-    files += matching(os.path.join(out, "samples"), r"^epoch_\d{6}\.png$")
-    files += matching(os.path.join(out, "tensorboard"), r"^events\.out\.tfevents\.")
-    for p in matching(os.path.join(out, "checkpoints"), r"^epoch_\d{6}(\.tmp)?$"):
-        if p.endswith(".tmp"):  # a save killed half-way: only the names it writes
-            listed = [*SAVED, MANIFEST]
-        else:
-            manifest = _manifest(p)[0]
-            listed = [*manifest, MANIFEST] if manifest else []  # no manifest of ours: not ours to delete
-        files += [os.path.join(p, n) for n in listed]
-    return [f for f in files if os.path.isfile(f)]
-
-
-def read_metrics(path, warn=print):
-    """The rows (JSON objects) of metrics.jsonl; a torn line (a kill or a full disk mid-write) or one that
-    is not an object is dropped with a warning. A folder in its place is refused in one line."""
-    if os.path.isdir(path):
-        raise SystemExit(f"{path} is a folder, not a run's metrics file")
-    rows = []
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f.read().split(b"\n"), 1):
-            text = raw.decode("utf-8", "replace").strip().strip("\x00")
-            if not text:
-                continue
-            try:
-                row = json.loads(text)
-            except ValueError:
-                warn(f"WARNING {path}:{i}: dropped a torn line ({text[:60]!r})")
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                warn(f"WARNING {path}:{i}: dropped a line that is not a JSON object ({text[:60]!r})")
-    return rows
-
-
-def guarded(path, out_dir, write):
-    """write() — a write of `path` in run folder `out_dir` — with a full disk turned into one line."""
-    try:
-        return write()
-    except OSError as e:
-        if disk_full(e):
-            raise SystemExit(full_disk_message(path, out_dir)) from None
-        raise
-
-
-def write_config(cfg):
-    """out_dir/config.json, the whole config: replaced atomically, since --resume starts from it."""
-    path = os.path.join(cfg.out_dir, "config.json")
-
-    def write():
-        with open(path + ".tmp", "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-        os.replace(path + ".tmp", path)
-    guarded(path, cfg.out_dir, write)
-
-
-class Metrics:
-    """metrics.jsonl open for appending: `write(row)` adds one JSON line and flushes it (an epoch is minutes
-    long: a kill loses nothing); a full disk is one line naming the file and the last intact checkpoint."""
-
-    def __init__(self, path, out_dir):
-        self.path, self.out_dir = path, out_dir
-        self.file = guarded(path, out_dir, lambda: open(path, "a"))
-
-    def write(self, row):
-        guarded(self.path, self.out_dir, lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()))
-
-
-def open_metrics(out_dir, start):
-    """metrics.jsonl (a Metrics); on resume, keep only the lines of epochs before `start` (rewritten
-    atomically), so redone epochs are not logged twice and a torn last line is gone."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        keep = [r for r in read_metrics(path) if isinstance(r.get("epoch"), int) and r["epoch"] < start]
-
-        def rewrite():
-            with open(path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
-            os.replace(path + ".tmp", path)
-        guarded(path, out_dir, rewrite)
-    return Metrics(path, out_dir)
-
-
-def external_logger(cfg):
-    """log(stats, grid=None) for wandb / tensorboard, when asked for: the scalars of `stats`, and the held-out
-    sample grid (a PNG path) when an evaluation made one. A clear stop when the package is not installed."""
-    if not cfg.log_to:
-        return lambda stats, grid=None: None
-    try:
-        if cfg.log_to == "wandb":
-            import wandb
-            run = wandb.init(project="nanoAdvGRPO", name=os.path.basename(cfg.out_dir.rstrip("/")),
-                             config=dataclasses.asdict(cfg), resume="allow")
-
-            def log(stats, grid=None):
-                run.log({**stats, **({"samples": wandb.Image(grid)} if grid else {})}, step=stats["epoch"])
-            return log
-        if cfg.log_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-
-            def log(stats, grid=None):
-                for k, v in stats.items():
-                    if isinstance(v, (int, float)) and k != "epoch":
-                        writer.add_scalar(k, v, stats["epoch"])
-                if grid:
-                    writer.add_image("samples", np.asarray(Image.open(grid).convert("RGB")), stats["epoch"],
-                                     dataformats="HWC")
-                writer.flush()  # an epoch is minutes long: flush, so a killed run loses nothing
-            return log
-    except ImportError as e:
-        raise SystemExit(f"log_to={cfg.log_to!r} needs its package: pip install {cfg.log_to} ({e})") from None
-    raise SystemExit(f"config error: log_to must be '', 'wandb' or 'tensorboard', got {cfg.log_to!r}")

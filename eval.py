@@ -37,7 +37,6 @@ import reward as R
 import sampler as S
 import scorers
 import tinyworld as tw
-from checkpoint import read_metrics
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
@@ -217,6 +216,29 @@ def hacking_warning(history, window=3):
                 + ", ".join(f"{k} {old[1][k]:.3f} → {new[1][k]:.3f}" for k in worse)
                 + f" over the last {len(same)} evaluations")
     return None
+
+
+def read_metrics(path, warn=print):
+    """The rows (JSON objects) of metrics.jsonl; a torn line (a kill or a full disk mid-write) or one that
+    is not an object is dropped with a warning. A folder in its place is refused in one line."""
+    if os.path.isdir(path):
+        raise SystemExit(f"{path} is a folder, not a run's metrics file")
+    rows = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f.read().split(b"\n"), 1):
+            text = raw.decode("utf-8", "replace").strip().strip("\x00")
+            if not text:
+                continue
+            try:
+                row = json.loads(text)
+            except ValueError:
+                warn(f"WARNING {path}:{i}: dropped a torn line ({text[:60]!r})")
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                warn(f"WARNING {path}:{i}: dropped a line that is not a JSON object ({text[:60]!r})")
+    return rows
 
 
 # -----------------------------------------------------------------------------------------------

@@ -11,8 +11,12 @@ Owns
   unconditional branch) is encoded once and reused forever.
 - `EMA` of the trainable parameters.
 
-Leaves out: sampling maths (sampler.py), rewards (reward.py), DDP (train.py), LoRA and checkpoint files
-(checkpoint.py: `init_lora` is read there).
+- LoRA files: `export_lora` (diffusers' format, in every checkpoint's lora/), `read_lora` / `load_lora`
+  (ours, or a PEFT adapter folder: the released Adv-GRPO and Flow-GRPO LoRAs), `adopt_lora` (init_lora's
+  rank, alpha and target modules become the run's).
+
+Leaves out: sampling maths (sampler.py), rewards (reward.py), the DDP set-up (train.py; build_generator
+wraps the transformer once it is there), checkpoint files (checkpoint.py).
 
 Departs from the published code: random-weight construction of the real SD3.5-M component configs
 (no download needed to benchmark), and the T5 encoder can be dropped (`t5=False`): SD3 then feeds
@@ -28,9 +32,11 @@ import torch
 import torch.nn as nn
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                        StableDiffusion3Pipeline)
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
-import checkpoint as C
 import sampler as S
 from configurator import ARCHS, SETTINGS_FILE, pipeline_settings  # plain data: --help loads no torch
 
@@ -232,6 +238,114 @@ class EMA(Shadow):
 
 
 # -----------------------------------------------------------------------------------------------
+# LoRA files: ours in diffusers' format (every checkpoint's lora/), PEFT's (the released LoRAs)
+
+def export_lora(gen, path):
+    """The EMA LoRA in diffusers' format: `StableDiffusion3Pipeline.from_pretrained(base)
+    .load_lora_weights(path)` then samples what our eval samples (a test checks it)."""
+    tr = gen.transformer
+    with gen.ema.applied(gen.params):
+        layers = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(tr).items()}
+    # the metadata carries lora_alpha: without it diffusers assumes alpha = rank (a 2x wrong scale here)
+    StableDiffusion3Pipeline.save_lora_weights(
+        path, transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
+
+
+def read_lora(folder, what="init_lora"):
+    """A LoRA folder in either published format: diffusers' (`pytorch_lora_weights.safetensors`, keys
+    "transformer.<module>.lora_A.weight", rank and alpha in its metadata) or PEFT's (`adapter_config.json` +
+    `adapter_model.safetensors`, keys "base_model.model.<module>.lora_A.weight": the released Adv-GRPO and
+    Flow-GRPO LoRAs). Returns (settings {r, lora_alpha, target_modules}, where each is None when the file
+    does not say, weights {"<module>.lora_A.weight": tensor}); refuses what it cannot read in one line."""
+    diffusers_file = os.path.join(folder, "pytorch_lora_weights.safetensors")
+    config_file = os.path.join(folder, "adapter_config.json")
+    where = config_file
+    try:
+        if os.path.isfile(diffusers_file):
+            with safe_open(diffusers_file, "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+            settings = {k: meta.get(f"transformer.{k}") for k in ("r", "lora_alpha", "target_modules")}
+            prefix, weights_file = "transformer.", diffusers_file
+        elif os.path.isfile(config_file):
+            settings = json.load(open(config_file))
+            if not isinstance(settings, dict):
+                raise ValueError("not a JSON object")
+            weights_file = os.path.join(folder, "adapter_model.safetensors")
+            prefix = "base_model.model."
+            unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
+                                       "modules_to_save", "layers_to_transform") if settings.get(k)]
+            if settings.get("peft_type", "LORA") != "LORA" or unsupported:  # each changes the update's maths
+                raise SystemExit(f"{what} {config_file}: a {settings.get('peft_type')} adapter with "
+                                 f"{', '.join(unsupported) or 'another method'}; only plain LoRA loads")
+        else:
+            raise SystemExit(f"{what} {folder}: neither pytorch_lora_weights.safetensors (diffusers) nor "
+                             "adapter_config.json + adapter_model.safetensors (PEFT) is there")
+        where = weights_file
+        weights = {k.removeprefix(prefix): v for k, v in load_file(weights_file).items()}
+    except (OSError, ValueError, SafetensorError) as e:
+        raise SystemExit(f"{what} {where} cannot be read: {type(e).__name__}: {str(e)[:160]}") from None
+    targets = settings.get("target_modules")
+    settings = dict(r=settings.get("r"), lora_alpha=settings.get("lora_alpha"),
+                    target_modules=sorted([targets] if isinstance(targets, str) else targets or []) or None)
+    return settings, weights
+
+
+def lora_settings(folder, what="init_lora"):
+    """(rank, alpha, target modules or None) of a LoRA folder: its own config, else the weights' shapes
+    (rank) and diffusers' assumption alpha = rank."""
+    theirs, weights = read_lora(folder, what)
+    ranks = {v.shape[0] for k, v in weights.items() if ".lora_A." in k}
+    if not (theirs["r"] or ranks):
+        raise SystemExit(f"{what} {folder}: no rank in its config and no lora_A weights")
+    rank = theirs["r"] or max(ranks)
+    if not (isinstance(rank, int) and rank > 0) or not (theirs["lora_alpha"] is None or (
+            isinstance(theirs["lora_alpha"], (int, float)) and theirs["lora_alpha"] > 0)):
+        raise SystemExit(f"{what} {folder}: rank {rank!r} / lora_alpha {theirs['lora_alpha']!r} must be "
+                         "positive numbers (an integer rank)")
+    return rank, theirs["lora_alpha"] or rank, theirs["target_modules"]
+
+
+def adopt_lora(cfg, master=True):
+    """init_lora: the run's LoRA becomes the adapter's (its rank, alpha and target modules), said once."""
+    rank, alpha, targets = lora_settings(cfg.init_lora)
+    targets = sorted(targets) if targets else cfg.lora_targets
+    if (rank, alpha, targets) != (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets):
+        cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = rank, alpha, targets
+        if master:
+            print(f"init_lora {cfg.init_lora}: its rank {rank}, alpha {alpha}, targets "
+                  f"{targets or 'the recipe'} are this run's", flush=True)
+
+
+def load_lora(transformer, folder, what="init_lora"):
+    """Set our adapter to a LoRA folder of either format (`read_lora`), refusing one of another rank,
+    alpha or target modules, or with weights for other layers, in one line."""
+    if not getattr(transformer, "peft_config", None):
+        raise SystemExit(f"{what} needs lora_rank > 0")
+    theirs, weights = read_lora(folder, what)
+    ours = transformer.peft_config["default"]
+    r, alpha = theirs["r"] or ours.r, theirs["lora_alpha"] or ours.lora_alpha
+    if (r, alpha) != (ours.r, ours.lora_alpha):  # another alpha would silently rescale the update
+        raise SystemExit(f"{what} {folder} has rank {r} / alpha {alpha}: "
+                         f"set --lora_rank={r} --lora_alpha={alpha}")
+    if theirs["target_modules"] and set(theirs["target_modules"]) != set(ours.target_modules):
+        raise SystemExit(f"{what} {folder} adapts {theirs['target_modules']}, this run "
+                         f"{sorted(ours.target_modules)}: --lora_targets=\"{theirs['target_modules']}\"")
+    try:
+        result = set_peft_model_state_dict(transformer, weights, adapter_name="default")
+    except RuntimeError as e:  # shape mismatch: another rank than its metadata says
+        raise SystemExit(f"{what} {folder} does not fit lora_rank / targets of this run: "
+                         f"{str(e)[:200]}") from None
+    if getattr(result, "unexpected_keys", None):
+        raise SystemExit(f"{what} {folder} has weights for layers this run does not adapt, e.g. "
+                         f"{result.unexpected_keys[0]}")
+    missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k]
+    if missing:
+        raise SystemExit(f"{what} {folder} has no weights for {len(missing)} adapted tensors, "
+                         f"e.g. {missing[0]}")
+
+
+# -----------------------------------------------------------------------------------------------
 # Prompt embeddings
 
 class PromptEncoder:
@@ -328,7 +442,7 @@ def build_generator(cfg, device, world=1):
                          f"(VAE factor × patch size of {cfg.pretrained})")
     transformer = add_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if cfg.init_lora:
-        C.load_lora(transformer, cfg.init_lora)
+        load_lora(transformer, cfg.init_lora)
     params = trainable_parameters(transformer)
     for p in params.values():
         p.data = p.data.float()

@@ -76,7 +76,7 @@ def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_rewa
     for d, s in [(d, read_summary(d, "--compare")) for d in run_dirs]:  # every summary checked first
         log = os.path.join(d, "metrics.jsonl")
         rows.append((os.path.basename(os.path.normpath(d)), s,
-                     C.read_metrics(log) if os.path.isfile(log) else []))
+                     E.read_metrics(log) if os.path.isfile(log) else []))
     print(f"{'held-out (train_reward: training)':36s}" + "".join(f"{name:>24s}" for name, _, _ in rows))
     for k in keys:
         cells = [f"{s[k]['before']:.3f} → {s[k]['after']:.3f}" if k in s else "—" for _, s, _ in rows]
@@ -230,7 +230,7 @@ def pretrained_config(args):
     alpha and target modules; refused in one line before any weights load when it cannot be evaluated."""
     rank, alpha, targets = configurator.Config.lora_rank, configurator.Config.lora_alpha, None  # inert
     if args.lora:  # what the adapter adapts, at its rank and alpha
-        rank, alpha, targets = C.lora_settings(args.lora, "--lora")
+        rank, alpha, targets = M.lora_settings(args.lora, "--lora")
     cfg = configurator.Config(pretrained=args.pretrained, t5=args.t5, resolution=args.resolution,
                               max_sequence_length=args.max_sequence_length,
                               mixed_precision=args.mixed_precision, lora_rank=rank, lora_alpha=alpha,

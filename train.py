@@ -53,6 +53,7 @@ import data
 import eval as E
 import model as M
 import nft
+import outputs as O
 import reward as R
 import sampler as S
 from configurator import Config, missing_weights, parse_args, step_chunks, timesteps_per_image, validate
@@ -402,7 +403,7 @@ def count_update(cfg, counters, ok, master, msg):
 def announce(cfg, world, prompts, gen, resume_from, start):
     """What rank 0 says before the first epoch. The whole config goes to out_dir/config.json; stdout gets
     the keys that differ from the defaults (the paper's recipe) and the batch arithmetic."""
-    C.write_config(cfg)  # what --resume starts from
+    O.write_config(cfg)  # what --resume starts from
     default = dataclasses.asdict(parse_args([]))
     changed = [f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items() if v != default[k]]
     print(f"config ({cfg.out_dir}/config.json); differs from the paper's recipe in: "
@@ -441,7 +442,7 @@ def final_evaluation(cfg, evaluate, history, since_eval, counters, log):
     if log is not None:
         monitor(history, since_eval, since_eval[-1][1] if since_eval else None, final)
         log.write(final)
-        C.guarded(os.path.join(cfg.out_dir, "curves.png and summary.json"), cfg.out_dir,  # a full disk: one line
+        O.guarded(os.path.join(cfg.out_dir, "curves.png and summary.json"), cfg.out_dir,  # a full disk: one line
                   lambda: E.report(cfg.out_dir, counters["g_steps"]))
 
 
@@ -484,7 +485,7 @@ def check_inputs(cfg, world, master=True):
     """Everything the user gave us, checked before the (slow) model load, so a mistake costs seconds.
     Returns (training prompts, held-out prompts, references or None, checkpoint to resume from or None)."""
     if cfg.init_lora:  # its rank, alpha and targets become the run's (before config.json is written)
-        C.adopt_lora(cfg, master)
+        M.adopt_lora(cfg, master)
     validate(cfg, world, warn=print if master else None)  # refuses in one line, or warns
     bad, warnings = R.check_config(cfg)                   # what only the rewards know
     if bad:
@@ -513,7 +514,7 @@ def check_inputs(cfg, world, master=True):
                 "weights: see README. To try the method on a laptop: `make demo`.)")
         raise SystemExit("\n".join(missing) + (hint if cfg.train_prompts == Config.train_prompts else ""))
     if master:
-        C.claim_out_dir(cfg)  # one run per folder; a used one is resumed or explicitly overwritten
+        O.claim_out_dir(cfg)  # one run per folder; a used one is resumed or explicitly overwritten
     # --resume: the newest intact checkpoint, the keys changed since it checked; a finished run exits 0
     resume_from = C.resume_point(cfg, master) if cfg.resume else None
     return prompts, test_prompts, references, resume_from
@@ -539,9 +540,9 @@ def train(cfg):
     start = C.load(resume_from, gen, adversary, counters, cfg) if resume_from else 0
     log, extra_log = None, None
     if master:  # the external logger may refuse (log_to): before config.json and metrics.jsonl are written
-        extra_log = C.external_logger(cfg)
+        extra_log = O.external_logger(cfg)
         announce(cfg, world, prompts, gen, resume_from, start)
-        log = C.open_metrics(cfg.out_dir, start)
+        log = O.open_metrics(cfg.out_dir, start)
     evaluate = functools.partial(E.evaluate, cfg, gen, phi, references, test_prompts, rank=rank)
     # SIGTERM (preemption): finish the epoch, save, exit 0. The flag is all-reduced so ranks agree.
     stop = torch.zeros(1, device=device)

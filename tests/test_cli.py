@@ -11,6 +11,7 @@ import torch
 
 import configurator
 import checkpoint as C
+import outputs as O
 import data
 import model as M
 import prepare
@@ -132,7 +133,7 @@ def test_the_sample_grid_goes_to_wandb_with_the_scalars(monkeypatch, tmp_path):
         init=lambda **kw: types.SimpleNamespace(log=lambda d, step: calls.append((d, step))),
         Image=lambda path: ("image", path))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    log = C.external_logger(tiny_cfg(log_to="wandb", out_dir=str(tmp_path)))
+    log = O.external_logger(tiny_cfg(log_to="wandb", out_dir=str(tmp_path)))
     log({"epoch": 4, "reward_mean": 0.5}, str(tmp_path / "grid.png"))
     assert calls == [({"epoch": 4, "reward_mean": 0.5, "samples": ("image", str(tmp_path / "grid.png"))}, 4)]
 

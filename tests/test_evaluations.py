@@ -81,16 +81,16 @@ def test_init_lora_takes_a_peft_folder_and_refuses_other_settings(tmp_path):
     transformer = M.add_lora(M.random_pipeline("tiny").transformer, 4, 8)
     peft_adapter(tmp_path / "r8", rank=8, alpha=16)
     with pytest.raises(SystemExit, match=r"rank 8 / alpha 16: set --lora_rank=8 --lora_alpha=16$"):
-        C.load_lora(transformer, str(tmp_path / "r8"))
+        M.load_lora(transformer, str(tmp_path / "r8"))
     peft_adapter(tmp_path / "q_only", targets=("attn.to_q",))  # a run that did not adopt it: one line
     with pytest.raises(SystemExit, match=r"adapts \['attn.to_q'\], this run \['attn.add_k_proj'.*--lora_targets"):
-        C.load_lora(transformer, str(tmp_path / "q_only"))
+        M.load_lora(transformer, str(tmp_path / "q_only"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="neither pytorch_lora_weights.safetensors .* nor adapter_config"):
-        C.load_lora(transformer, str(tmp_path / "empty"))
+        M.load_lora(transformer, str(tmp_path / "empty"))
     (tmp_path / "r8" / "adapter_model.safetensors").write_bytes(b"junk")
     with pytest.raises(SystemExit, match=r"r8/adapter_model.safetensors cannot be read"):
-        C.load_lora(transformer, str(tmp_path / "r8"))
+        M.load_lora(transformer, str(tmp_path / "r8"))
 
 
 def test_sample_evaluates_a_base_plus_a_peft_lora_as_peft_applies_it(tmp_path):
@@ -136,7 +136,7 @@ def test_a_lora_on_a_subset_of_the_targets_evaluates_and_starts_a_run(tmp_path, 
                               output_type="np").images[0]) * 255).round()
     assert np.abs(_pngs(tmp_path / "ev")[1][0] - theirs).max() <= 1
     cfg = tiny_cfg(init_lora=str(tmp_path / "qkvo"))
-    C.adopt_lora(cfg)
+    M.adopt_lora(cfg)
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) == (8, 8, sorted(qkvo))
     assert "its rank 8, alpha 8, targets" in capsys.readouterr().out
     gen = M.build_generator(cfg, torch.device("cpu"))

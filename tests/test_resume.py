@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint as C
+import outputs as O
 import configurator
 import eval as E
 import train as T
@@ -186,16 +187,16 @@ def _built_run():
 def test_metrics_lines_that_are_not_objects_are_dropped_and_a_folder_in_its_place_refused(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 0, "reward_mean": 1}\n[1, 2]\n3\n"text"\n{"epoch": 1}\n{"epoch": "x"}\n')
-    assert C.read_metrics(str(path)) == [{"epoch": 0, "reward_mean": 1}, {"epoch": 1}, {"epoch": "x"}]
+    assert E.read_metrics(str(path)) == [{"epoch": 0, "reward_mean": 1}, {"epoch": 1}, {"epoch": "x"}]
     assert f"{path}:2: dropped a line that is not a JSON object" in capsys.readouterr().out
-    C.open_metrics(str(tmp_path), 1).write({"epoch": 1})  # on resume: the rows of epochs before 1, then this
+    O.open_metrics(str(tmp_path), 1).write({"epoch": 1})  # on resume: the rows of epochs before 1, then this
     assert [json.loads(line) for line in open(path)] == [{"epoch": 0, "reward_mean": 1}, {"epoch": 1}]
     os.remove(path)
     os.makedirs(path)
     with pytest.raises(SystemExit, match="metrics.jsonl is a folder, not a run's metrics file"):
-        C.read_metrics(str(path))
+        E.read_metrics(str(path))
     with pytest.raises(SystemExit, match=r"metrics.jsonl is a folder, where a run keeps its metrics.jsonl"):
-        C.claim_out_dir(configurator.Config(out_dir=str(tmp_path), resume=True))
+        O.claim_out_dir(configurator.Config(out_dir=str(tmp_path), resume=True))
 
 
 # --- --overwrite deletes only what a run of ours wrote ------------------------------------------
@@ -211,7 +212,7 @@ def test_overwrite_removes_only_the_files_of_our_run(tmp_path):
         os.makedirs((out / name).parent, exist_ok=True)
         (out / name).write_text("x")
     old = C.checkpoints(str(out))
-    assert C.our_run(str(out)) and set(map(str, (out / n for n in ours))) <= set(C.our_files(str(out)))
+    assert O.our_run(str(out)) and set(map(str, (out / n for n in ours))) <= set(O.our_files(str(out)))
     _run([f"--out_dir={out}", "--epochs=1", "--overwrite=True"])
     assert all((out / n).read_text() == "x" for n in mine)                  # the user's: all kept
     assert not any((out / n).exists() for n in ours)                        # ours: gone
@@ -239,7 +240,7 @@ def test_an_out_dir_that_holds_the_working_directory_or_the_code_is_refused(tmp_
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(here)
         with pytest.raises(SystemExit, match=msg):
-            C.claim_out_dir(configurator.Config(out_dir=out_dir, overwrite=True))
+            O.claim_out_dir(configurator.Config(out_dir=out_dir, overwrite=True))
     assert not any(p.name == ".lock" for p in tmp_path.rglob("*")) and not os.path.exists(
         os.path.join(ROOT, ".lock"))
 
@@ -275,7 +276,7 @@ def test_a_full_disk_while_saving_or_logging_is_one_line_and_leaves_no_tmp(tmp_p
     class FullFile:
         def write(self, text):
             raise OSError(errno.ENOSPC, "No space left on device")
-    log = C.open_metrics(str(tmp_path), 0)
+    log = O.open_metrics(str(tmp_path), 0)
     log.file = FullFile()
     with pytest.raises(SystemExit) as e:
         log.write({"epoch": 0})
@@ -313,7 +314,7 @@ def straight(tmp_path_factory):
 
 
 def _final(out):
-    rows = C.read_metrics(os.path.join(out, "metrics.jsonl"))
+    rows = E.read_metrics(os.path.join(out, "metrics.jsonl"))
     return {k: v for k, v in rows[-1].items() if k.startswith("eval/") or k == "epoch"}
 
 

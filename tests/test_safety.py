@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint as C
+import outputs as O
 import configurator
 import data
 import train as T
@@ -99,14 +100,14 @@ def test_a_used_out_dir_is_resumed_or_overwritten_never_mixed(tmp_path):
 
 def test_a_second_live_run_on_one_folder_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.');"
-                               "import checkpoint as C, configurator as K;"
-                               f"C.claim_out_dir(K.Config(out_dir={str(tmp_path)!r}));"
+                               "import outputs as O, configurator as K;"
+                               f"O.claim_out_dir(K.Config(out_dir={str(tmp_path)!r}));"
                                " print('held', flush=True);"
                                "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit, match="in use by another run"):
-            C.claim_out_dir(configurator.Config(out_dir=str(tmp_path)))
+            O.claim_out_dir(configurator.Config(out_dir=str(tmp_path)))
     finally:
         holder.kill()
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoint as C
+import outputs as O
 import data
 import model as M
 import reward as R
@@ -284,7 +285,7 @@ def test_d_warmup_then_frozen_discriminator(tmp_path):
 
 
 def test_external_logger_off_by_default_and_clear_when_missing(monkeypatch):
-    assert C.external_logger(tiny_cfg())({"epoch": 0}) is None
+    assert O.external_logger(tiny_cfg())({"epoch": 0}) is None
     import builtins
     real_import = builtins.__import__
 
@@ -294,9 +295,9 @@ def test_external_logger_off_by_default_and_clear_when_missing(monkeypatch):
         return real_import(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(SystemExit, match="pip install wandb"):
-        C.external_logger(tiny_cfg(log_to="wandb"))
+        O.external_logger(tiny_cfg(log_to="wandb"))
     with pytest.raises(SystemExit, match="log_to must be"):
-        C.external_logger(tiny_cfg(log_to="mlflow"))
+        O.external_logger(tiny_cfg(log_to="mlflow"))
 
 
 def test_low_mem_frees_text_encoders_and_trains_like_the_default(tmp_path):
@@ -351,7 +352,7 @@ def test_external_logger_calls_wandb_as_documented(monkeypatch, tmp_path):
     fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or run)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = tiny_cfg(log_to="wandb", out_dir=str(tmp_path / "run_a"))
-    log = C.external_logger(cfg)
+    log = O.external_logger(cfg)
     log({"epoch": 3, "reward_mean": 0.5})
     assert calls[0][0] == "init" and calls[0][1]["name"] == "run_a" and calls[0][1]["config"]["lr"] == cfg.lr
     assert calls[1] == ("log", {"epoch": 3, "reward_mean": 0.5}, 3)
@@ -362,7 +363,7 @@ def test_external_logger_writes_tensorboard_scalars(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = tiny_cfg(log_to="tensorboard", out_dir=str(tmp_path))
-    log = C.external_logger(cfg)
+    log = O.external_logger(cfg)
     log({"epoch": 0, "reward_mean": 0.25, "note": "text is skipped"})
     log({"epoch": 1, "reward_mean": 0.75, "g_steps": 2})
     acc = EventAccumulator(str(tmp_path / "tensorboard"))

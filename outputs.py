@@ -1,0 +1,189 @@
+"""
+outputs.py — a run's folder: claiming it (one run per folder, a lock, --overwrite that removes only what a
+run of ours wrote), and what the run writes there besides its checkpoints — config.json, metrics.jsonl
+(a line per epoch; a line torn by a kill is dropped, not fatal) and, when asked for, the same rows to
+wandb or tensorboard (neither is a dependency). A full disk is one line naming the last intact checkpoint.
+
+Leaves out: the checkpoints themselves (checkpoint.py), reading metrics.jsonl (eval.read_metrics), the
+report drawn from it (eval.report).
+"""
+import dataclasses
+import fcntl
+import json
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+import checkpoint as C
+import eval as E
+
+# The names that mark a folder as used by a run
+RUN_FILES = ("metrics.jsonl", "checkpoints", "samples", "summary.json", "curves.png", "config.json",
+             "tensorboard")
+# The files a run writes in out_dir itself, beside samples/epoch_N.png, tensorboard/events.out.tfevents.*
+# and the checkpoints
+REPORT = ("config.json", "config.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "summary.json",
+          "curves.png")
+
+_LOCKS = {}  # run folder -> its open, locked .lock file, held until the process ends
+
+
+def claim_out_dir(cfg):
+    """Make cfg.out_dir this run's own: refuse a file, a folder that holds the working directory or this
+    code, a folder another live run is writing, or a used folder without --resume; --overwrite removes
+    the files a run of ours wrote there (our_files), nothing else, and is refused on a folder holding no
+    run of ours."""
+    if not cfg.out_dir.strip():
+        raise SystemExit("out_dir is empty: give the run a folder of its own, e.g. --out_dir=out/my_run")
+    out = os.path.abspath(cfg.out_dir)
+    real = os.path.realpath(out)
+    for mine in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))):
+        if os.path.commonpath([os.path.realpath(mine), real]) == real:
+            raise SystemExit(f"out_dir {cfg.out_dir!r} is {real}, which holds {os.path.realpath(mine)}: a "
+                             "run would write among your files; give it a folder of its own, e.g. "
+                             "--out_dir=out/my_run")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"out_dir {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # below a file, under /proc, read-only, ...
+        raise SystemExit(f"out_dir {out} cannot be made: {e.strerror} ({e.filename})") from None
+    if out not in _LOCKS:
+        lock = open(os.path.join(out, ".lock"), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise SystemExit(f"out_dir {out} is in use by another run (its .lock is held); wait for it or "
+                             "pick another --out_dir") from None
+        _LOCKS[out] = lock
+    for n in RUN_FILES:  # something else in the place of a run's file or folder: say so now, not mid-run
+        p = os.path.join(out, n)
+        if os.path.exists(p) and os.path.isdir(p) != (n in ("checkpoints", "samples", "tensorboard")):
+            raise SystemExit(f"{p} is a {'folder' if os.path.isdir(p) else 'file'}, where a run keeps its "
+                             f"{n}: move it away, or pick another --out_dir")
+    used = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
+    if used and not cfg.resume:
+        if not cfg.overwrite:
+            raise SystemExit(f"out_dir {out} already holds a run ({', '.join(used)}): "
+                             "--resume to continue it, --overwrite=True to clear it first, "
+                             "or another --out_dir")
+        if not our_run(out):
+            raise SystemExit(f"--overwrite: out_dir {out} holds no run of this project (its "
+                             f"{', '.join(used)} are not ours: no config.json written by train.py, no "
+                             f"checkpoint with our {C.MANIFEST}); nothing was deleted: pick another --out_dir")
+        for f in our_files(out):
+            os.remove(f)
+            d = os.path.dirname(f)
+            while d != out and not os.listdir(d):  # a folder left empty goes; one with a user's file stays
+                os.rmdir(d)
+                d = os.path.dirname(d)
+
+
+def our_run(out):
+    """Whether folder `out` holds a run of this project: its config.json as train.py writes it, or (no
+    readable config.json there) a checkpoint with our manifest."""
+    try:
+        saved = json.load(open(os.path.join(out, "config.json")))
+        return isinstance(saved, dict) and set(saved) >= {"out_dir", "save_every", "keep_last",
+                                                          "allow_config_change"}
+    except (OSError, ValueError):  # none, or torn: the checkpoints decide
+        return any(C._manifest(p)[0] is not None for p in C.checkpoints(out))
+
+
+def our_files(out):
+    """The files a run of this project wrote in folder `out` (what --overwrite removes): its own names in
+    out_dir (REPORT), the grids samples/epoch_N.png, tensorboard's event files, and in each checkpoint
+    what its manifest lists (checkpoint.ours). A user's other files, in any of these folders, are never
+    among them."""
+    def matching(folder, pattern):
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        return [os.path.join(folder, n) for n in sorted(names) if re.match(pattern, n)]
+    files = [os.path.join(out, n) for n in REPORT]
+    files += matching(os.path.join(out, "samples"), r"^epoch_\d{6}\.png$")
+    files += matching(os.path.join(out, "tensorboard"), r"^events\.out\.tfevents\.")
+    files += [os.path.join(p, n) for p in matching(os.path.join(out, "checkpoints"), r"^epoch_\d{6}(\.tmp)?$")
+              for n in C.ours(p)]
+    return [f for f in files if os.path.isfile(f)]
+
+
+def guarded(path, out_dir, write):
+    """write() — a write of `path` in run folder `out_dir` — with a full disk turned into one line."""
+    try:
+        return write()
+    except OSError as e:
+        if C.disk_full(e):
+            raise SystemExit(C.full_disk_message(path, out_dir)) from None
+        raise
+
+
+def write_config(cfg):
+    """out_dir/config.json, the whole config: replaced atomically, since --resume starts from it."""
+    path = os.path.join(cfg.out_dir, "config.json")
+
+    def write():
+        with open(path + ".tmp", "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        os.replace(path + ".tmp", path)
+    guarded(path, cfg.out_dir, write)
+
+
+class Metrics:
+    """metrics.jsonl open for appending: `write(row)` adds one JSON line and flushes it (an epoch is minutes
+    long: a kill loses nothing); a full disk is one line naming the file and the last intact checkpoint."""
+
+    def __init__(self, path, out_dir):
+        self.path, self.out_dir = path, out_dir
+        self.file = guarded(path, out_dir, lambda: open(path, "a"))
+
+    def write(self, row):
+        guarded(self.path, self.out_dir, lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()))
+
+
+def open_metrics(out_dir, start):
+    """metrics.jsonl (a Metrics); on resume, keep only the lines of epochs before `start` (rewritten
+    atomically), so redone epochs are not logged twice and a torn last line is gone."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        keep = [r for r in E.read_metrics(path) if isinstance(r.get("epoch"), int) and r["epoch"] < start]
+
+        def rewrite():
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(path + ".tmp", path)
+        guarded(path, out_dir, rewrite)
+    return Metrics(path, out_dir)
+
+
+def external_logger(cfg):
+    """log(stats, grid=None) for wandb / tensorboard, when asked for: the scalars of `stats`, and the held-out
+    sample grid (a PNG path) when an evaluation made one. A clear stop when the package is not installed."""
+    if not cfg.log_to:
+        return lambda stats, grid=None: None
+    try:
+        if cfg.log_to == "wandb":
+            import wandb
+            run = wandb.init(project="nanoAdvGRPO", name=os.path.basename(cfg.out_dir.rstrip("/")),
+                             config=dataclasses.asdict(cfg), resume="allow")
+
+            def log(stats, grid=None):
+                run.log({**stats, **({"samples": wandb.Image(grid)} if grid else {})}, step=stats["epoch"])
+            return log
+        if cfg.log_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+
+            def log(stats, grid=None):
+                for k, v in stats.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        writer.add_scalar(k, v, stats["epoch"])
+                if grid:
+                    writer.add_image("samples", np.asarray(Image.open(grid).convert("RGB")), stats["epoch"],
+                                     dataformats="HWC")
+                writer.flush()  # an epoch is minutes long: flush, so a killed run loses nothing
+            return log
+    except ImportError as e:
+        raise SystemExit(f"log_to={cfg.log_to!r} needs its package: pip install {cfg.log_to} ({e})") from None
+    raise SystemExit(f"config error: log_to must be '', 'wandb' or 'tensorboard', got {cfg.log_to!r}")
