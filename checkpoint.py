@@ -27,12 +27,14 @@ import json
 import os
 import re
 import shutil
+import typing
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import configurator
 import eval as E
 import model as M
 
@@ -332,7 +334,11 @@ def config_changes(saved: dict, cfg, allow=False):
     if unknown:
         raise SystemExit(f"--resume: the checkpoint's config has keys this version does not know: {unknown}")
     ignore = ("resume", "overwrite", "allow_config_change", "epochs")
-    changed = [k for k in now if k not in ignore and k in saved and saved[k] != now[k]]
+    def same(k):  # a reward's weight may be written w or {"weight": w}: one reward
+        canon = [{n: w if isinstance(w, dict) else {"weight": w} for n, w in v.items()}
+                 if k == "reward" and isinstance(v, dict) else v for v in (saved[k], now[k])]
+        return canon[0] == canon[1]
+    changed = [k for k in now if k not in ignore and k in saved and not same(k)]
     lines = [f"  {k}: {saved[k]!r} → {now[k]!r}" for k in changed]
     fatal = [k for k in changed if k in SAME_EXPERIMENT]
     if fatal and not allow:
@@ -440,3 +446,50 @@ def load(path, gen, adversary, counters, cfg):
         raise SystemExit(f"{path}/state.pt does not fit this run (its optimizer or adversary state: "
                          f"{type(e).__name__}: {str(e)[:160]})") from None
     return state["epoch"]
+
+
+# --resume: the run's own config.json is where it starts; the --key=value arguments are the only changes
+# (config_changes prints and checks them), and the presets on the command line only name the run folder.
+# These keys are this command's, never the saved run's; those re-derived when the key they follow changes:
+THIS_COMMAND = ("out_dir", "resume", "overwrite", "allow_config_change")
+DERIVED = {"sde_kind": ("noise_level", "clip_range"), "pretrained": ("max_sequence_length",)}
+
+
+def is_run_config(saved):
+    """Whether a loaded config.json is a run's, as train.py writes it."""
+    return isinstance(saved, dict) and {"out_dir", "save_every", "keep_last", "allow_config_change"} <= set(saved)
+
+
+def resume_config(cfg, argv):
+    """The config of `--resume`: out_dir/config.json (if it is gone, the newest checkpoint's) with the keys
+    given as --key=value in `argv` on top; a key restated with its saved value changes nothing. `cfg` (as
+    parsed) when the folder holds no readable config: train.py then says what is missing."""
+    for path in [os.path.join(cfg.out_dir, "config.json"),
+                 *(os.path.join(p, "config.json") for p in reversed(checkpoints(cfg.out_dir)))]:
+        try:
+            saved = json.load(open(path))
+        except (OSError, ValueError):
+            continue
+        if is_run_config(saved):
+            break
+    else:
+        return cfg
+    hints = typing.get_type_hints(configurator.Config)
+    given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    out = configurator.Config()
+    for key, value in saved.items():
+        if key in hints:  # keys this version does not know are refused by config_changes
+            setattr(out, key, configurator._coerce(hints[key], key, value, path))
+    for key in given.union(THIS_COMMAND):
+        setattr(out, key, getattr(cfg, key))
+    for key, derived in DERIVED.items():
+        for d in derived:
+            if key in given and d not in given and getattr(cfg, key) != saved.get(key):
+                setattr(out, d, None)  # re-derived from the new value by resolve_defaults
+    presets = {k for a in argv if a.endswith(".py") and not a.startswith("--") for k in configurator.run_preset(a)}
+    aside = [f"{k}={getattr(cfg, k)!r}" for k in hints if k in presets and k not in given
+             and k not in THIS_COMMAND and getattr(cfg, k) != getattr(out, k)]
+    if aside and os.environ.get("RANK", "0") == "0":
+        print(f"--resume: the run continues from {path}; its presets' {', '.join(aside)} are not applied "
+              "(give --key=value to change a key)", flush=True)
+    return configurator.resolve_defaults(out)

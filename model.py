@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 import sampler as S
-from configurator import ARCHS, SETTINGS_FILE, pipeline_settings  # plain data: --help loads no torch
+from archs import ARCHS, SETTINGS_FILE, pipeline_settings  # plain data: --help loads no torch
 
 # -----------------------------------------------------------------------------------------------
 # The LoRA targets of the published recipe: every projection of the *joint* attention (`attn`) of both

@@ -86,9 +86,7 @@ def our_run(out):
     """Whether folder `out` holds a run of this project: its config.json as train.py writes it, or (no
     readable config.json there) a checkpoint with our manifest."""
     try:
-        saved = json.load(open(os.path.join(out, "config.json")))
-        return isinstance(saved, dict) and set(saved) >= {"out_dir", "save_every", "keep_last",
-                                                          "allow_config_change"}
+        return C.is_run_config(json.load(open(os.path.join(out, "config.json"))))
     except (OSError, ValueError):  # none, or torn: the checkpoints decide
         return any(C._manifest(p)[0] is not None for p in C.checkpoints(out))
 

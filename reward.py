@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import configurator
+import archs
 import scorers
 import tinyworld
 from scorers import CLIPScorer, load_clip
@@ -685,7 +685,7 @@ def missing_weights(cfg):
 
     def cached(repo, *files):
         return (os.path.isdir(repo) or repo.startswith("random:")
-                or any(configurator.hub_file(repo, f) for f in files))
+                or any(archs.hub_file(repo, f) for f in files))
     if "phi" in needs(cfg.reward) and not cfg.dino_weights and not cfg.dino_backbone.startswith("random:"):
         try:
             repo = timm.models.get_pretrained_cfg(cfg.dino_backbone).hf_hub_id

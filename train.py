@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+import archs
 import checkpoint as C
 import data
 import eval as E
@@ -56,7 +57,7 @@ import nft
 import outputs as O
 import reward as R
 import sampler as S
-from configurator import Config, missing_weights, parse_args, step_chunks, timesteps_per_image, validate
+from configurator import Config, step_chunks, timesteps_per_image, validate
 
 # Named random streams: seed_of(cfg.seed, epoch, image, S) for the adversary's draws (DINO: its patch tokens)
 # and the reference drawn per image, (seed, epoch, block, ORDER) for the micro-batch order (training_passes);
@@ -404,7 +405,7 @@ def announce(cfg, world, prompts, gen, resume_from, start):
     """What rank 0 says before the first epoch. The whole config goes to out_dir/config.json; stdout gets
     the keys that differ from the defaults (the paper's recipe) and the batch arithmetic."""
     O.write_config(cfg)  # what --resume starts from
-    default = dataclasses.asdict(parse_args([]))
+    default = dataclasses.asdict(configurator.parse_args([]))
     changed = [f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items() if v != default[k]]
     print(f"config ({cfg.out_dir}/config.json); differs from the paper's recipe in: "
           f"{', '.join(changed) or '-'}")
@@ -492,7 +493,7 @@ def check_inputs(cfg, world, master=True):
         raise SystemExit(f"config error: {bad}")
     for line in warnings if master else ():
         print(f"WARNING {line}", flush=True)
-    missing, prompts, test_prompts, references = missing_weights(cfg) + R.missing_weights(cfg), [], [], None
+    missing, prompts, test_prompts, references = archs.missing_weights(cfg) + R.missing_weights(cfg), [], [], None
     try:
         prompts = data.load_prompts(cfg.train_prompts)
     except ValueError as e:
@@ -612,6 +613,13 @@ def train(cfg):
     if dist.is_initialized():
         dist.destroy_process_group()
     return gen, adversary, counters
+
+
+def parse_args(argv):
+    """The config of a command line: presets and --key=value (configurator.parse_args), or with --resume
+    the run's saved config with the given keys on top (checkpoint.resume_config)."""
+    cfg = configurator.parse_args(argv)
+    return C.resume_config(cfg, argv) if cfg.resume else cfg
 
 
 def main(argv=None):
