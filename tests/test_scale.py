@@ -71,7 +71,7 @@ def test_the_recipe_runs_and_resumes_bitwise_at_sd35m_shapes(tmp_path, kind):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     sa, sb = (torch.load(tmp_path / d / "checkpoints" / "epoch_000002" / "state.pt", weights_only=True)
               for d in "ab")
-    assert sa["counters"] == sb["counters"] and sa["counters"]["g_steps"] == 1
+    assert sa["counters"] == sb["counters"] and sa["counters"]["g_steps"] >= 1  # pickscore: by its trigger
     print(f"\n{kind}: 2 epochs straight in {minutes:.1f} min\n{straight[-600:]}")
     if kind == "grpo":  # the exported LoRA in plain diffusers
         import model as M
