@@ -28,9 +28,9 @@ import torch
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
+import archs
 import configurator
 import data
-import model as M
 import scorers
 
 # -----------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0,
                     batch_size=4, device=None):
     """n images per prompt from any diffusers pipeline. `size` defaults to the folder's sample_settings.json
     resolution (pipelines this project writes), else 512; its text length is honoured the same way."""
-    settings = M.pipeline_settings(model)
+    settings = archs.pipeline_settings(model)
     size = size or settings.get("resolution", 512)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -96,41 +96,71 @@ def make_references(model, prompts_file, out, n=8, steps=50, guidance_scale=4.0,
 # ocr/{train,test}.txt. References: the published generation script writes prompt2img_node<N>.json
 # ({prompt: [file names]}) per node beside the images.
 
+MAX_BYTES = 1 << 28  # a prompt file or index larger than 256 MB is not one (e.g. a link to /dev/zero)
+
+
+def read_text(path):
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read(MAX_BYTES + 1)
+    if len(text) > MAX_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_BYTES >> 20} MB, not a prompt file or index")
+    return text
+
+
+def replace_file(out, write, check=lambda path: None):
+    """Write `out` through a temporary file beside it, check that file, then rename: a failure leaves the
+    user's earlier `out` as it was (and no temporary file)."""
+    folder, name = os.path.split(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp.{name}")  # the same extension: the check reads it as `out`
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+        check(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def import_prompts(src, out):
     """A downloaded prompt file (.txt, or .jsonl with "prompt") rewritten in our strict format: stripped,
     blank lines dropped (we refuse them), metadata kept (.jsonl). Returns (kept, dropped)."""
     ext = os.path.splitext(src)[1].lower()
-    with open(src, encoding="utf-8-sig") as f:
-        raw = [line.strip() for line in f.read().removesuffix("\n").split("\n")]
+    raw = [line.strip() for line in read_text(src).removesuffix("\n").split("\n")]
     rows = [json.loads(line) if ext == ".jsonl" else {"prompt": line} for line in raw if line]
-    rows = [r for r in rows if str(r.get("prompt", "")).strip()]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write((json.dumps({**r, "prompt": r["prompt"].strip()}, ensure_ascii=False)
-                     if out.endswith(".jsonl")
-                     else r["prompt"].strip().replace("\n", " ")) + "\n")
-    data.load_prompts(out)  # what we wrote must read back
+    rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)
+            and r["prompt"].strip()]
+    if not rows:
+        raise ValueError(f"{src}: no prompts (a .jsonl needs a \"prompt\" string on each line)")
+    replace_file(out, lambda f: f.writelines(
+        (json.dumps({**r, "prompt": r["prompt"].strip()}, ensure_ascii=False) if out.endswith(".jsonl")
+         else r["prompt"].strip().replace("\n", " ")) + "\n" for r in rows),
+        check=data.load_prompts)  # what we wrote must read back
     return len(rows), len(raw) - len(rows)
 
 
 def import_references(indexes, images, out):
     """Merge published {prompt: [file names]} indexes (e.g. prompt2img_node*.json) whose files lie in
     `images` into one index at `out`, paths relative to out's folder. Returns (prompts, files, missing)."""
+    if not indexes:
+        raise ValueError("no --index given: name the published {prompt: [file names]} JSON files")
     merged = {}
     for path in indexes:
-        with open(path, encoding="utf-8") as f:
-            for prompt, names in json.load(f).items():
-                merged.setdefault(prompt, []).extend(n for n in (names if isinstance(names, list)
-                                                                 else [names])
-                                                     if n not in merged.get(prompt, []))
+        index = json.loads(read_text(path))
+        if not isinstance(index, dict):
+            raise ValueError(f"{path}: not a {{prompt: [file names]}} index")
+        for prompt, names in index.items():
+            names = names if isinstance(names, list) else [names]
+            if not all(isinstance(n, str) for n in [prompt, *names]):
+                raise ValueError(f"{path}: {prompt!r}: prompts and file names must be strings")
+            merged.setdefault(prompt, []).extend(n for n in names if n not in merged.get(prompt, []))
     root = os.path.dirname(os.path.abspath(out))
     index = {p: [os.path.relpath(os.path.join(os.path.abspath(images), n), root) for n in names]
              for p, names in merged.items()}
     os.makedirs(root, exist_ok=True)  # before the check: "<root>/../x" resolves only through an existing root
     missing = [f for names in index.values() for f in names if not os.path.isfile(os.path.join(root, f))]
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=1, ensure_ascii=False)
+    replace_file(out, lambda f: json.dump(index, f, indent=1, ensure_ascii=False))
     return len(index), sum(map(len, index.values())), missing
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import configurator
-import checkpoint as C
 import outputs as O
 import data
 import model as M
@@ -54,7 +53,8 @@ def test_train_help_answers_before_torch_loads():
             "    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n"
             "    print('exit', e.code)\nprint('torch loaded:', 'torch' in sys.modules)")
     out = _py(["-c", code]).stdout
-    assert "--lr=0.0003" in out and "exit 0" in out and out.strip().endswith("torch loaded: False"), out[-500:]
+    assert "--lr=0.0003" in out and "exit 0" in out, out[-500:]
+    assert out.strip().endswith("torch loaded: False"), out[-500:]
 
 
 def test_key_value_with_a_space_and_a_clear_type_error():
@@ -161,6 +161,23 @@ def test_the_published_prompt_sets_and_reference_indexes_import(tmp_path):
     refs = data.ReferenceSet.from_index(out, skip_bad=True)
     assert refs.prompts == ["a cat", "a dog"] and len(refs) == 2
     assert configurator.Config().references == "data/refs/index.json"   # where the README puts it
+
+
+def test_a_failed_import_leaves_the_users_file_as_it_was(tmp_path):
+    """A source with no prompts, an index of the wrong shape or no --index at all is refused, and the
+    prompt file or index it would have replaced keeps its content (written through .tmp, renamed last)."""
+    good, index = tmp_path / "train.txt", tmp_path / "index.json"
+    good.write_text("a cat\n")
+    index.write_text('{"a cat": ["cat.png"]}')
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    (tmp_path / "list.json").write_text('["a cat"]')
+    for call in (lambda: prepare.import_prompts(str(tmp_path / "blank.txt"), str(good)),
+                 lambda: prepare.import_references([], str(tmp_path), str(index)),
+                 lambda: prepare.import_references([str(tmp_path / "list.json")], str(tmp_path), str(index))):
+        with pytest.raises(ValueError):
+            call()
+    assert good.read_text() == "a cat\n" and index.read_text() == '{"a cat": ["cat.png"]}'
+    assert sorted(os.listdir(tmp_path)) == ["blank.txt", "index.json", "list.json", "train.txt"]  # no .tmp
 
 
 def test_a_fixed_dino_sim_run_measures_the_held_out_set_with_its_dino(tmp_path):
