@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 import sampler as S
-from archs import ARCHS, SETTINGS_FILE, pipeline_settings  # plain data: --help loads no torch
+from archs import ARCHS  # plain data: --help loads no torch
 
 # -----------------------------------------------------------------------------------------------
 # The LoRA targets of the published recipe: every projection of the *joint* attention (`attn`) of both
@@ -179,8 +179,8 @@ class Shadow:
     """A float32 copy of the trainable tensors that follows them slowly, shadow ← k·shadow + (1 - k)·params
     (`follow`), and can stand in for them: `applied` swaps it into the model in place and back (exact
     copies, no arithmetic), so what runs with it is the very modules the weights run (compiled, DDP-wrapped
-    or not). For a LoRA it holds the LoRA tensors only. The EMA of evaluation and export is one; DiffusionNFT's
-    old model θ_old (nft.py) is another."""
+    or not). For a LoRA it holds the LoRA tensors only. The EMA of evaluation and export is one;
+    DiffusionNFT's old model θ_old (nft.py) is another."""
 
     def __init__(self, params: dict):
         self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
@@ -265,6 +265,8 @@ def read_lora(folder, what="init_lora"):
         if os.path.isfile(diffusers_file):
             with safe_open(diffusers_file, "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+            if not isinstance(meta, dict):
+                raise ValueError("its lora_adapter_metadata is not a JSON object")
             settings = {k: meta.get(f"transformer.{k}") for k in ("r", "lora_alpha", "target_modules")}
             prefix, weights_file = "transformer.", diffusers_file
         elif os.path.isfile(config_file):
@@ -285,10 +287,17 @@ def read_lora(folder, what="init_lora"):
         weights = {k.removeprefix(prefix): v for k, v in load_file(weights_file).items()}
     except (OSError, ValueError, SafetensorError) as e:
         raise SystemExit(f"{what} {where} cannot be read: {type(e).__name__}: {str(e)[:160]}") from None
-    targets = settings.get("target_modules")
-    settings = dict(r=settings.get("r"), lora_alpha=settings.get("lora_alpha"),
-                    target_modules=sorted([targets] if isinstance(targets, str) else targets or []) or None)
-    return settings, weights
+    r, alpha, targets = (settings.get(k) for k in ("r", "lora_alpha", "target_modules"))
+    targets = [targets] if isinstance(targets, str) else targets
+    if not ((r is None or type(r) is int and r > 0) and (alpha is None or type(alpha) in (int, float)
+                                                           and alpha > 0)
+            and (targets is None or isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise SystemExit(f"{what} {folder}: r {r!r}, lora_alpha {alpha!r}, target_modules {targets!r}: "
+                         "r must be a positive integer, lora_alpha a positive number, target_modules names")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # it would sample black images and score them without an error
+        raise SystemExit(f"{what} {where}: non-finite weights in {len(bad)} tensors, e.g. {bad[0]}")
+    return dict(r=r, lora_alpha=alpha, target_modules=sorted(targets or []) or None), weights
 
 
 def lora_settings(folder, what="init_lora"):
@@ -299,10 +308,6 @@ def lora_settings(folder, what="init_lora"):
     if not (theirs["r"] or ranks):
         raise SystemExit(f"{what} {folder}: no rank in its config and no lora_A weights")
     rank = theirs["r"] or max(ranks)
-    if not (isinstance(rank, int) and rank > 0) or not (theirs["lora_alpha"] is None or (
-            isinstance(theirs["lora_alpha"], (int, float)) and theirs["lora_alpha"] > 0)):
-        raise SystemExit(f"{what} {folder}: rank {rank!r} / lora_alpha {theirs['lora_alpha']!r} must be "
-                         "positive numbers (an integer rank)")
     return rank, theirs["lora_alpha"] or rank, theirs["target_modules"]
 
 

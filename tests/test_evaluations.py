@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import checkpoint as C
 import eval as E
 import model as M
 from inproc import run_main
@@ -83,7 +82,8 @@ def test_init_lora_takes_a_peft_folder_and_refuses_other_settings(tmp_path):
     with pytest.raises(SystemExit, match=r"rank 8 / alpha 16: set --lora_rank=8 --lora_alpha=16$"):
         M.load_lora(transformer, str(tmp_path / "r8"))
     peft_adapter(tmp_path / "q_only", targets=("attn.to_q",))  # a run that did not adopt it: one line
-    with pytest.raises(SystemExit, match=r"adapts \['attn.to_q'\], this run \['attn.add_k_proj'.*--lora_targets"):
+    with pytest.raises(SystemExit,
+                       match=r"adapts \['attn.to_q'\], this run \['attn.add_k_proj'.*--lora_targets"):
         M.load_lora(transformer, str(tmp_path / "q_only"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="neither pytorch_lora_weights.safetensors .* nor adapter_config"):
@@ -91,6 +91,28 @@ def test_init_lora_takes_a_peft_folder_and_refuses_other_settings(tmp_path):
     (tmp_path / "r8" / "adapter_model.safetensors").write_bytes(b"junk")
     with pytest.raises(SystemExit, match=r"r8/adapter_model.safetensors cannot be read"):
         M.load_lora(transformer, str(tmp_path / "r8"))
+
+
+def test_a_lora_of_the_wrong_kind_or_with_nan_weights_is_refused_in_one_line(tmp_path):
+    """A NaN weight would sample black images and score them with exit 0; a rank "4", 1.5 or an alpha 0
+    (once taken as the rank) or target_modules 5 are not a LoRA's settings; each is one line naming the
+    folder."""
+    import json
+    from safetensors.torch import save_file
+    transformer = M.add_lora(M.random_pipeline("tiny").transformer, 4, 8)
+    saved = peft_adapter(tmp_path / "nan")
+    save_file({k: v.fill_(float("nan")) if i == 0 else v for i, (k, v) in enumerate(saved.items())},
+              str(tmp_path / "nan" / "adapter_model.safetensors"))
+    with pytest.raises(SystemExit, match=r"nan/adapter_model.safetensors: non-finite weights in 1 tensors"):
+        M.load_lora(transformer, str(tmp_path / "nan"))
+    for name, change in (("r_str", {"r": "4"}), ("r_float", {"r": 1.5}), ("alpha0", {"lora_alpha": 0}),
+                         ("targets", {"target_modules": 5})):
+        peft_adapter(tmp_path / name)
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        for call in (M.load_lora, M.lora_settings):
+            with pytest.raises(SystemExit, match=rf"{name}: r .* must be a positive integer"):
+                call(transformer, str(tmp_path / name)) if call is M.load_lora else call(str(tmp_path / name))
 
 
 def test_sample_evaluates_a_base_plus_a_peft_lora_as_peft_applies_it(tmp_path):
@@ -177,7 +199,8 @@ def test_reproduce_py_makes_the_evaluations_images_in_plain_diffusers(run_dir, t
     text, settings = (out / "reproduce.py").read_text(), json.load(open(out / "reproduce.json"))
     assert "load_lora_weights(LORA" in text and 'manual_seed(S["seed"] * 1_000_003 + i)' in text
     assert [settings[k] for k in ("n_per_prompt", "seed", "num_steps", "guidance_scale")] == [1, 3, 3, 4.5]
-    assert [settings[k] for k in ("max_sequence_length", "resolution", "t5", "dtype")] == [8, 32, False, "float32"]
+    keys = ("max_sequence_length", "resolution", "t5", "dtype")
+    assert [settings[k] for k in keys] == [8, 32, False, "float32"]
     moved = tmp_path / 'a "folder" \\ with """ quotes'   # moved, and its checkpoint pruned: it still works
     shutil.move(str(out), str(moved))
     shutil.rmtree(run / "checkpoints")
@@ -261,8 +284,10 @@ def test_reproduce_py_of_a_pipeline_folder_loads_it_with_from_pretrained(tmp_pat
     """The tiny world's base (a diffusers folder; its 1-token text length from sample_settings.json)."""
     _sample(["--pretrained", "assets/tinyworld/pipeline_early", "--resolution", "32", "--t5=False",
              "--mixed_precision", "no", "--prompt", "a red circle on the left", "a blue square at the top",
-             "--n_per_prompt", "2", "--num_steps", "6", "--guidance_scale", "3.0", "--out", str(tmp_path / "ev")])
-    text, settings = (tmp_path / "ev" / "reproduce.py").read_text(), json.load(open(tmp_path / "ev" / "reproduce.json"))
+             "--n_per_prompt", "2", "--num_steps", "6", "--guidance_scale", "3.0",
+             "--out", str(tmp_path / "ev")])
+    text = (tmp_path / "ev" / "reproduce.py").read_text()
+    settings = json.load(open(tmp_path / "ev" / "reproduce.json"))
     assert "StableDiffusion3Pipeline.from_pretrained(" in text and settings["lora"] is None
     assert [settings[k] for k in ("max_sequence_length", "resolution", "t5")] == [1, 32, False]
     _reproduce(tmp_path / "ev" / "reproduce.py", tmp_path / "again")
