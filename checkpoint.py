@@ -21,7 +21,6 @@ Leaves out: what is trained (model.py, reward.py), when to save (train.py), the 
 
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -29,9 +28,7 @@ import re
 import shutil
 import typing
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import configurator
@@ -292,7 +289,8 @@ _READ = {}
 
 
 def _fingerprint(path):
-    return path, tuple((n, (s := os.stat(os.path.join(path, n))).st_size, s.st_mtime_ns) for n in _files(path))
+    stats = ((n, os.stat(os.path.join(path, n))) for n in _files(path))
+    return path, tuple((n, s.st_size, s.st_mtime_ns) for n, s in stats)
 
 
 def _take(path):
@@ -457,7 +455,8 @@ DERIVED = {"sde_kind": ("noise_level", "clip_range"), "pretrained": ("max_sequen
 
 def is_run_config(saved):
     """Whether a loaded config.json is a run's, as train.py writes it."""
-    return isinstance(saved, dict) and {"out_dir", "save_every", "keep_last", "allow_config_change"} <= set(saved)
+    return isinstance(saved, dict) and {"out_dir", "save_every", "keep_last",
+                                        "allow_config_change"} <= set(saved)
 
 
 def resume_config(cfg, argv):
@@ -486,7 +485,8 @@ def resume_config(cfg, argv):
         for d in derived:
             if key in given and d not in given and getattr(cfg, key) != saved.get(key):
                 setattr(out, d, None)  # re-derived from the new value by resolve_defaults
-    presets = {k for a in argv if a.endswith(".py") and not a.startswith("--") for k in configurator.run_preset(a)}
+    presets = {k for a in argv if a.endswith(".py") and not a.startswith("--")
+               for k in configurator.run_preset(a)}
     aside = [f"{k}={getattr(cfg, k)!r}" for k in hints if k in presets and k not in given
              and k not in THIS_COMMAND and getattr(cfg, k) != getattr(out, k)]
     if aside and os.environ.get("RANK", "0") == "0":

@@ -18,10 +18,8 @@ import ast
 import difflib
 import inspect
 import io
-import json
 import math
 import os
-import re
 import sys
 import tokenize
 import typing
@@ -220,8 +218,8 @@ def check_ranges(cfg):
         if key == "nft_t_fraction" and v == 0:
             return "nft_t_fraction must be in (0, 1]: 0 trains on no time at all"
         if key.endswith("guidance_scale") and not 1 <= v <= 100:
-            return (f"{key} must be in [1, 100] (1 = no classifier-free guidance; far above the usual 3-7 the "
-                    f"guided velocity is no longer finite), got {v}")
+            return (f"{key} must be in [1, 100] (1 = no classifier-free guidance; far above the usual 3-7 "
+                    f"the guided velocity is no longer finite), got {v}")
         if key in ("lr", "d_lr", "pickscore_lr") and v > 1:
             return f"{key} must be ≤ 1 (Adam moves every weight by about lr per step), got {v}"
         if key == "clip_range" and v >= 1:
@@ -259,20 +257,23 @@ def split_error(cfg, world):
     updates_per_epoch optimizer steps, or None."""
     n_global, nft = cfg.prompts_per_epoch * cfg.group_size, cfg.objective == "nft"
     per_image = timesteps_per_image(cfg) if nft else cfg.window_size  # training passes per image
+    near_rank = _multiples_near(cfg.prompts_per_epoch, world // math.gcd(cfg.group_size, world))
+    near_sample, near_train = (_divisors_near(n_global // world, b) for b in (cfg.sample_batch_size,
+                                                                              cfg.train_batch_size))
     checks = [
         (n_global % world == 0, f"prompts_per_epoch × group_size = {n_global} images must split evenly over "
                                 f"{world} ranks (prompts_per_epoch = "
-                                f"{_multiples_near(cfg.prompts_per_epoch, world // math.gcd(cfg.group_size, world))}"
+                                f"{near_rank}"
                                 " would do)"),
         ((n_global // world) % cfg.sample_batch_size == 0, f"images per rank ({n_global // world}) must be a "
                                                            f"multiple of sample_batch_size "
                                                            f"({cfg.sample_batch_size}; "
-                                                           f"{_divisors_near(n_global // world, cfg.sample_batch_size)} "
+                                                           f"{near_sample} "
                                                            "would do)"),
         ((n_global // world) % cfg.train_batch_size == 0, f"images per rank ({n_global // world}) must be a "
                                                           f"multiple of train_batch_size "
                                                           f"({cfg.train_batch_size}; "
-                                                          f"{_divisors_near(n_global // world, cfg.train_batch_size)} "
+                                                          f"{near_train} "
                                                           "would do)"),
         ((n_global // world // cfg.train_batch_size * per_image) % cfg.updates_per_epoch == 0,
          f"backward passes per epoch ({n_global // world // cfg.train_batch_size} batches × "
@@ -335,7 +336,8 @@ def validate(cfg, world, warn=None):
         (cfg.schedule in ("paper", "shared", "frozen"), "schedule must be 'paper', 'shared' or 'frozen'"),
         (bool(cfg.reward), "reward is empty: every image would score 0 and nothing would be learnt "
                            "(e.g. --reward=\"{'dino_adv': 1.0}\")"),
-        (not (cfg.d_replay and cfg.d_conditional), "d_replay keeps unconditional fakes: not with d_conditional"),
+        (not (cfg.d_replay and cfg.d_conditional),
+         "d_replay keeps unconditional fakes: not with d_conditional"),
         (cfg.beta_kl == 0 or cfg.lora_rank > 0,
          "beta_kl > 0 needs LoRA (the frozen base is the adapter switched off)"),
     ]

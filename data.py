@@ -304,5 +304,6 @@ def load_references(cfg, prompts):
 
 if __name__ == "__main__":  # an earlier README's command: say where it went (exit 1 unless asked for help)
     import sys
-    print("making and importing data is prepare.py now: python prepare.py {make_references|import_prompts|import_references} (--help)")
+    print("making and importing data is prepare.py now: "
+          "python prepare.py {make_references|import_prompts|import_references} (--help)")
     sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 1)

@@ -138,7 +138,7 @@ def measure(images, prompts, references=None, features=None):
 
 def save_grid(images, path, nrow=8, labels=None, title=""):
     """A PNG grid of images (B, 3, H, W) in [0, 1], nrow per row, scaled up so 32-px toys are visible, under
-    `title`. `labels` (one per image, e.g. its prompt): each row is captioned, on its left, with its labels."""
+    `title`. `labels` (one per image, e.g. its prompt): each row is captioned on its left with its labels."""
     x = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()   # (B, H, W, 3)
     b, h, w, _ = x.shape
     rows = (b + nrow - 1) // nrow
@@ -195,6 +195,21 @@ def plot_curves(metrics_path, out_path, run="", train_key="reward_mean",
     fig.legend(loc="outside right upper", fontsize=8)
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
+
+
+def monitor(history, since_eval, version, row):
+    """The reward-hacking monitor, at each evaluation: pair the newest one with the mean training reward
+    since the previous one (one epoch's reward is too noisy), counting only epochs scored by the reward
+    function the generator now sees (`version`: discriminator steps so far; constant for fixed rewards),
+    and check the pattern (hacking_warning): a warning is printed and marks the logged `row`.
+    Empties since_eval."""
+    same = [r for r, v in since_eval if v == version]
+    since_eval.clear()
+    if same:
+        history[-1] = (float(np.mean(same)), history[-1][1], version)
+        if warning := hacking_warning(history):
+            print(f"WARNING {warning}", flush=True)
+            row["hacking_warning"] = 1
 
 
 def hacking_warning(history, window=3):
@@ -297,9 +312,10 @@ def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=
         m, skipped = measure(images, prompts, references, features)
         ev = {f"eval/{k}": v for k, v in m.items()}
         os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)  # every image, a row per prompt
-        save_grid(images, os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"), cfg.eval_n_per_prompt,
-                  prompts, f"{os.path.basename(os.path.abspath(cfg.out_dir))}: held-out, epoch {epoch} (EMA "
-                  f"weights), {cfg.eval_num_steps} steps, CFG {cfg.eval_guidance_scale}")
+        title = (f"{os.path.basename(os.path.abspath(cfg.out_dir))}: held-out, epoch {epoch} (EMA weights), "
+                 f"{cfg.eval_num_steps} steps, CFG {cfg.eval_guidance_scale}")
+        save_grid(images, os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png"),
+                  cfg.eval_n_per_prompt, prompts, title)
         history.append((float("nan"), m))
         print(f"eval @ epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in m.items())
               + "".join(f" | no {k}: {why}" for k, why in skipped.items() if "grammar" not in why),

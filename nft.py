@@ -44,8 +44,8 @@ the right shapes at all, config/tiny.py) — the loss still trains the condition
 then pulled toward its own guided, well-scored samples: a CFG-distilling variant the paper does not test.
 The old model is a float32 shadow of the trainable tensors swapped in for its forwards (model.Shadow, as the
 EMA; for a LoRA: the LoRA tensors only; full fine-tuning pays a full copy), instead of a second peft
-adapter: one code path for LoRA and full fine-tuning, compile and DDP see the same modules. The per-group std option (global_std =
-False) is ours to choose, as for GRPO.
+adapter: one code path for LoRA and full fine-tuning, compile and DDP see the same modules. The per-group
+std option (global_std = False) is ours to choose, as for GRPO.
 """
 
 import contextlib
@@ -53,7 +53,6 @@ import contextlib
 import numpy as np
 import torch
 
-import model as M
 from configurator import timesteps_per_image
 import sampler as S
 
@@ -110,12 +109,15 @@ def sampling_policy(gen):
 
 
 # -----------------------------------------------------------------------------------------------
-# The update: one epoch's passes, as train.train_generator does for GRPO
+# The update's passes (train.train_generator runs them, as it does GRPO's)
+
+TIMES = 4  # the named random stream of each image's times and noises (train.py names the others: 1, 2, 3, 7)
+
 
 def image_generators(cfg, epoch, rank, n):
-    """A generator per image of this rank, seeded by (seed, epoch, the image's index in the epoch, 4): its
-    times, then the ε of each of its passes, in order; the same whatever the rank or micro-batch."""
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, rank * n + i, 4])
+    """A generator per image of this rank, seeded by (seed, epoch, the image's index in the epoch, TIMES):
+    its times, then the ε of each of its passes, in order; the same whatever the rank or micro-batch."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, rank * n + i, TIMES])
                                               .generate_state(2, np.uint64)[0] >> 1)) for i in range(n)]
 
 
@@ -129,61 +131,36 @@ def training_passes(cfg, gens, device, order=None):
     return [(mb.to(device), times[mb.cpu(), k].to(device)) for mb, k in order]
 
 
-def no_sync(model):
-    """DDP's no_sync (gradients accumulate locally) when `model` is DDP-wrapped, else nothing."""
-    inner = getattr(model, "_orig_mod", model)
-    return model.no_sync() if isinstance(inner, torch.nn.parallel.DistributedDataParallel) \
-        else contextlib.nullcontext()
-
-
 def velocity(model, gen, batch, mb, x_t, t):
     """The conditional velocity (no CFG: DiffusionNFT trains it alone) of images `mb` at x_t, times t."""
     return S.make_velocity_fn(model, batch["emb"][mb], batch["pool"][mb], autocast_dtype=gen.autocast)(x_t, t)
 
 
-def train_generator(cfg, epoch, gen, batch, advantages, counters, optimizer_step, rank=0, progress=True,
-                    order=None):
-    """One epoch of DiffusionNFT on this rank's clean latents, `updates_per_epoch` optimizer steps, then
-    the old model's soft update. Each optimizer step is train.optimizer_step (passed in: clip, step, EMA,
-    a non-finite one skipped and counted), the same as GRPO's. `order`: see training_passes. Returns info
-    to log."""
-    from tqdm.auto import tqdm
-    model, params = gen.train_model, gen.params
+def passes(cfg, epoch, rank, gen, batch, advantages, order):
+    """DiffusionNFT's per-pass loss, for train.train_generator's loop: loss_of(k, images mb, k-th time) ->
+    (the NFT loss, info, v_θ, base(model) -> the velocity under `model`: what the β-KL compares), and
+    finish(counters) -> the old model's soft update θ_old ← η·θ_old + (1-η)·θ after the epoch's steps.
+    `order`: train.training_passes' (micro-batch, k) list; each image trains on its own random times."""
     gens = image_generators(cfg, epoch, rank, len(advantages))
-    passes = training_passes(cfg, gens, gen.device, order)
-    accum, sigmas = len(passes) // cfg.updates_per_epoch, gen.sigmas
+    times = training_passes(cfg, gens, gen.device, order)
     r = optimality(advantages.float(), cfg.adv_clip)                                     # (n,)
     scale = cfg.adv_clip / cfg.nft_beta                                   # the published loss scale
-    stats, bad = [], 0
-    model.train()
-    for k, (mb, ti) in enumerate(tqdm(passes, desc=f"epoch {epoch} training", leave=False,
-                                      disable=None if progress else True)):  # None: no bar in a log file
+
+    def loss_of(k, mb, _):
+        ti = times[k][1]
         x0 = batch["latents"][mb].float()                                               # (B, C, h, w)
         eps = torch.stack([torch.randn(x0.shape[1:], generator=gens[i]) for i in mb.tolist()]).to(x0.device)
-        t = sigmas[ti]                                                                   # (B,)
+        t = gen.sigmas[ti]                                                               # (B,)
         x_t = forward_noise(x0, eps, t)
-        with torch.no_grad(), gen.old.applied(params):
+        with torch.no_grad(), gen.old.applied(gen.params):
             v_old = velocity(gen.sample_model, gen, batch, mb, x_t, t)
-        sync = (k + 1) % accum == 0
-        with contextlib.nullcontext() if sync else no_sync(model):
-            v_theta = velocity(model, gen, batch, mb, x_t, t)
-            per_image = nft_loss(v_theta, v_old, x0, eps, t, r[mb], cfg.nft_beta, cfg.nft_adaptive)
-            loss = scale * per_image.mean()
-            info = dict(nft_r=r[mb].mean().item(), old_deviation=((v_theta - v_old) ** 2).mean().item())
-            if cfg.beta_kl > 0:
-                with torch.no_grad(), M.adapters_disabled(gen.transformer):
-                    v_ref = velocity(gen.transformer, gen, batch, mb, x_t, t)
-                kl = ((v_theta - v_ref) ** 2).mean()
-                loss = loss + cfg.beta_kl * kl
-                info["kl"] = kl.item()
-            (loss / accum).backward()
-        info["loss"] = loss.item()
-        stats.append(info)
-        if sync:
-            bad += not optimizer_step(cfg, epoch, gen, counters, rank)
-    model.eval()
-    eta = eta_at(counters["g_steps"], cfg.nft_eta_rate, cfg.nft_eta_max)
-    gen.old.follow(params, eta)                                           # θ_old ← η·θ_old + (1-η)·θ
-    out = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
-    out.update(skipped_updates=bad, nft_eta=eta)
-    return out
+        v_theta = velocity(gen.train_model, gen, batch, mb, x_t, t)
+        per_image = nft_loss(v_theta, v_old, x0, eps, t, r[mb], cfg.nft_beta, cfg.nft_adaptive)
+        info = dict(nft_r=r[mb].mean().item(), old_deviation=((v_theta - v_old) ** 2).mean().item())
+        return scale * per_image.mean(), info, v_theta, lambda model: velocity(model, gen, batch, mb, x_t, t)
+
+    def finish(counters):
+        eta = eta_at(counters["g_steps"], cfg.nft_eta_rate, cfg.nft_eta_max)
+        gen.old.follow(gen.params, eta)                                   # θ_old ← η·θ_old + (1-η)·θ
+        return dict(nft_eta=eta)
+    return loss_of, finish

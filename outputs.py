@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 import checkpoint as C
+import configurator
 import eval as E
 
 # The names that mark a folder as used by a run
@@ -73,7 +74,8 @@ def claim_out_dir(cfg):
         if not our_run(out):
             raise SystemExit(f"--overwrite: out_dir {out} holds no run of this project (its "
                              f"{', '.join(used)} are not ours: no config.json written by train.py, no "
-                             f"checkpoint with our {C.MANIFEST}); nothing was deleted: pick another --out_dir")
+                             f"checkpoint with our {C.MANIFEST}); nothing was deleted: "
+                             "pick another --out_dir")
         for f in our_files(out):
             os.remove(f)
             d = os.path.dirname(f)
@@ -185,3 +187,43 @@ def external_logger(cfg):
     except ImportError as e:
         raise SystemExit(f"log_to={cfg.log_to!r} needs its package: pip install {cfg.log_to} ({e})") from None
     raise SystemExit(f"config error: log_to must be '', 'wandb' or 'tensorboard', got {cfg.log_to!r}")
+
+
+# -----------------------------------------------------------------------------------------------
+# What the run prints
+
+def announce(cfg, world, prompts, gen, resume_from, start):
+    """What rank 0 says before the first epoch. The whole config goes to out_dir/config.json; stdout gets
+    the keys that differ from the defaults (the paper's recipe) and the batch arithmetic."""
+    write_config(cfg)  # what --resume starts from
+    default = dataclasses.asdict(configurator.parse_args([]))
+    changed = [f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items() if v != default[k]]
+    print(f"config ({cfg.out_dir}/config.json); differs from the paper's recipe in: "
+          f"{', '.join(changed) or '-'}")
+    if resume_from:
+        print(f"resumed from {resume_from} (next epoch {start})")
+    n = cfg.prompts_per_epoch * cfg.group_size
+    print(f"world {world} | {cfg.prompts_per_epoch} prompts × {cfg.group_size} images = {n} images/epoch "
+          f"({n // world} per rank) | {len(prompts)} training prompts | trainable params "
+          f"{sum(p.numel() for p in gen.params.values()):,} of "
+          f"{sum(p.numel() for p in gen.transformer.parameters()):,}",
+          flush=True)
+
+
+def epoch_line(s):
+    """The one stdout line per epoch, numbered by epochs done (as evaluations and checkpoints are)."""
+    line = (f"epoch {s['epoch'] + 1:4d}/{s['epochs']} | steps so far G {s['g_steps']} D {s['d_steps']} | "
+            f"reward {s['reward_mean']:+.4f} ± {s['reward_std']:.4f}")
+    for key, name, fmt in (("d_real", "| ref", "+.3f"), ("d_fake", "gen", "+.3f"), ("d_acc", "D acc", ".2f"),
+                           ("d_signal", "signal", ".2f")):  # what the adversary reported
+        line += f" {name} {s[key]:{fmt}}" if key in s else ""
+    if "clipfrac" in s and s.get("updates_per_epoch") == 1:  # every ratio is 1: nothing to clip
+        line += " | 1 G step an epoch: ratio 1, no clip"
+    elif "clipfrac" in s:
+        line += f" | clipfrac {s['clipfrac']:.3f} approx_kl {s['approx_kl']:.1e}"
+    if "kl" in s:  # beta_kl's term: the KL to the frozen base
+        line += f" | kl to base {s['kl']:.1e}"
+    eta = int(s.get("eta_s", 0))
+    line += (f" | {s['seconds']:.1f}s {s['images_per_s']:.1f} img/s"
+             f" | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+    return line + (f" | peak {s['peak_gib']:.1f} GiB" if "peak_gib" in s else "")

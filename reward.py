@@ -86,8 +86,9 @@ class Adversary:
     """The interface of the module docstring. judge: real_images[i] is a reference of prompts[i], pool (B, P)
     the prompts' pooled text embeddings, generator the adversary's random draws of the epoch, half (B,) 0/1
     which of a split-half pair learns from image i; split: each image's score under two discriminators
-    trained on disjoint halves (None: not measured); info: loss and accuracy before any step. `name`: its key in cfg.reward; `lr`: kept when a checkpoint's optimizer state
-    is loaded (a changed lr on --resume is applied); `weight`: in the reward sum (build_adversary)."""
+    trained on disjoint halves (None: not measured); info: loss and accuracy before any step. `name`: its
+    key in cfg.reward; `lr`: kept when a checkpoint's optimizer state is loaded (a changed lr on --resume
+    is applied); `weight`: in the reward sum (build_adversary)."""
     name, needs, weight = "", (), 1.0
 
     def update(self, d_batch, steps):
@@ -129,9 +130,10 @@ class DinoFeatures(nn.Module):
         self.n_prefix = getattr(backbone, "num_prefix_tokens", 1)
         self.has_cls = getattr(backbone, "cls_token", None) is not None
         name = type(backbone).__name__
-        if not hasattr(backbone, "forward_features") or not (self.has_cls or hasattr(backbone, "forward_head")):
+        if not hasattr(backbone, "forward_features") or not (self.has_cls or hasattr(backbone,
+                                                                                   "forward_head")):
             raise SystemExit(f"feature backbone {name}: its tokens cannot be split into a global token and "
-                             "patch tokens (needs timm's forward_features, and a class token or forward_head)")
+                             "patch tokens (needs timm's forward_features, a class token or forward_head)")
 
     def train(self, mode=True):
         super().train(mode)
@@ -253,7 +255,8 @@ class DinoDiscriminator(Adversary, nn.Module):
         """Reward from precomputed features: 0.7·h(c) + 0.3·mean_k h(p_k). Never differentiated."""
         return self._combine(*self._logits(cls, patches, cond, generator=generator))  # (B,)
 
-    def d_loss_from_features(self, real_feats, fake_feats, generator=None, wrong=None, half=None, replay=None):
+    def d_loss_from_features(self, real_feats, fake_feats, generator=None, wrong=None, half=None,
+                             replay=None):
         """Hinge loss, each term averaged over its own batch (reals and fakes may differ in number):
         L_D = ½[relu(1-h(c_r)) + relu(1+h(c_f))] + λ_p·½[mean_k relu(1-h(p_r,k)) + mean_k relu(1+h(p_f,k))].
         Feature tuples are (cls, patches) or, for a conditional head, (cls, patches, text embedding).
@@ -654,7 +657,8 @@ def check_reward(spec):
         if bad := sorted(set(settings) - set(own)):
             return f"reward {name!r} has no setting {bad[0]!r} (its settings: {', '.join(own) or 'none'})"
     if len(named := [n for n in spec if n in ADVERSARIES]) > 1:
-        return f"at most one adversarial reward, got {' and '.join(named)} (each trains its own discriminator)"
+        return (f"at most one adversarial reward, got {' and '.join(named)} "
+                "(each trains its own discriminator)")
     return None
 
 
@@ -665,13 +669,15 @@ def check_config(cfg):
     dino = DinoDiscriminator.name in cfg.reward
     for key in ("d_conditional", "d_replay", "d_steps_max", "d_r1"):
         if getattr(cfg, key) and not dino:
-            return f"{key} is an option of the {DinoDiscriminator.name} discriminator, which cfg.reward lacks", []
+            return (f"{key} is an option of the {DinoDiscriminator.name} discriminator, "
+                    "which cfg.reward lacks", [])
     warnings = []
     if dino and not any(e >= cfg.d_warmup and (cfg.schedule != "paper" or (e + 1) % cfg.d_times == 0)
                         for e in range(cfg.epochs)):  # its schedule is known in advance (PickScore's is not)
         why = (f"epochs = {cfg.epochs} ≤ d_warmup = {cfg.d_warmup}" if cfg.epochs <= cfg.d_warmup else
                f"schedule 'paper' trains it where (epoch + 1) % d_times = 0 (d_times = {cfg.d_times})")
-        warnings.append(f"the generator will never be trained (0 G steps): {why}; only the discriminator learns")
+        warnings.append(f"the generator will never be trained (0 G steps): {why}; "
+                        "only the discriminator learns")
     return None, warnings
 
 

@@ -4,7 +4,8 @@ sample.py — generate from a checkpoint and measure it; compare and summarise f
     python sample.py --ckpt out/tiny/checkpoints/epoch_000099                 # the run's test prompts
     python sample.py --ckpt CKPT --prompt "a red circle on the left" --n_per_prompt 8
     python sample.py --ckpt CKPT --prompts my_prompts.txt --num_steps 40 --guidance_scale 4.5
-    python sample.py --pretrained stabilityai/stable-diffusion-3.5-medium --lora adv_grpo_dino/ --prompts p.txt
+    python sample.py --pretrained stabilityai/stable-diffusion-3.5-medium --lora adv_grpo_dino/ \\
+        --prompts p.txt
     python sample.py --compare out/demo/adversarial out/demo/frozen           # one before → after table
     python sample.py --summarize out/transfer_s0 out/transfer_s1 out/transfer_s2   # mean ± std over runs
 
@@ -262,7 +263,8 @@ def evaluation_settings(args, cfg):
     return dict(prompts=base, n_per_prompt=n, num_steps=steps, guidance_scale=scale, seed=args.seed)
 
 
-OUR_FILES = re.compile(r"^(\d{4,}\.png|grid\.png|metrics\.json|reproduce\.(py|json)|lora)$")  # an evaluation's
+# an evaluation's
+OUR_FILES = re.compile(r"^(\d{4,}\.png|grid\.png|metrics\.json|reproduce\.(py|json)|lora)$")
 
 
 def output_folder(args, ckpt, cfg, settings):
@@ -281,7 +283,8 @@ def output_folder(args, ckpt, cfg, settings):
             out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "eval",
                                os.path.basename(ckpt) + ("" if own else f"-{tag}"))
         else:
-            out = os.path.join("out", "eval", f"{short(args.lora or args.pretrained).replace(':', '_')}-{tag}")
+            name = short(args.lora or args.pretrained).replace(":", "_")
+            out = os.path.join("out", "eval", f"{name}-{tag}")
     try:
         os.makedirs(out, exist_ok=True)
         ours = sorted(n for n in os.listdir(out) if OUR_FILES.match(n))
@@ -295,7 +298,7 @@ def output_folder(args, ckpt, cfg, settings):
     return out
 
 
-REPRODUCE = '''"""These images re-made with plain diffusers (written by sample.py); what they are: reproduce.json.
+REPRODUCE = '''"""These images re-made with plain diffusers (written by sample.py); what: reproduce.json.
 
     python reproduce.py [folder]     # 0000.png ... into folder (default: reproduced/ beside this file)
 
@@ -338,12 +341,13 @@ def write_reproduce(out, cfg, lora, settings, what):
     length, resolution, per-image seeds) that re-make its images, wherever the folder goes."""
     base = os.path.abspath(cfg.pretrained) if os.path.isdir(cfg.pretrained) else cfg.pretrained
     if base.startswith("random:"):
-        load = ("sys.path.insert(0, S[\"repository\"])  # random weights: built by this repository's model.py\n"
+        load = ("sys.path.insert(0, S[\"repository\"])  # random weights: built by this repository\n"
                 "import model  # noqa: E402\n"
                 "pipe = model.random_pipeline(S[\"base\"].split(\":\", 1)[1], t5=S[\"t5\"], dtype=DTYPE)")
     else:
         load = ("pipe = StableDiffusion3Pipeline.from_pretrained(\n"
-                "    S[\"base\"], dtype=DTYPE, **({} if S[\"t5\"] else dict(text_encoder_3=None, tokenizer_3=None)))")
+                "    S[\"base\"], dtype=DTYPE,\n"
+                "    **({} if S[\"t5\"] else dict(text_encoder_3=None, tokenizer_3=None)))")
     if lora and os.path.isfile(os.path.join(lora, "adapter_config.json")):  # PEFT, loaded as its authors do
         load += ("\nfrom peft import PeftModel  # noqa: E402\n"
                  "pipe.transformer = PeftModel.from_pretrained(pipe.transformer, LORA)")

@@ -227,8 +227,9 @@ class AestheticHead(nn.Module):
 
     def __init__(self, dim=768):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128),
+                                    nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16),
+                                    nn.Linear(16, 1))
 
     def forward(self, embedding):
         return self.layers(embedding).squeeze(-1)                                     # (B,)

@@ -31,7 +31,6 @@ weights), and the training window may start at random (`window_start = "random"`
 """
 
 import contextlib
-import dataclasses
 import functools
 import math
 import os
@@ -96,8 +95,11 @@ def reward_signal(split, group_ids):
     score signal + noise, the noises independent, the covariance would be var(signal) and each variance
     var(signal) + var(noise): the correlation is the signal's share of the variance (split-half reliability).
     1: a second discriminator ranks every group alike; ≈ 0: each ranks by what it happened to fit, and GRPO's
-    normalised advantages make full-size steps of noise. 0 when nothing varies within groups."""
-    x = split.detach().double().cpu().numpy()
+    normalised advantages make full-size steps of noise. 0 when nothing varies within groups; None
+    without a pair. The scores of all ranks are gathered first (every rank computes the same number)."""
+    if split is None:
+        return None
+    x = all_gather_cat(split).detach().double().cpu().numpy()
     index = {}
     keys = np.array([index.setdefault(g, len(index)) for g in group_ids])
     for k in range(len(index)):
@@ -319,40 +321,52 @@ def old_log_probs(cfg, gen, batch, passes):
         return [step_log_prob(cfg, gen, gen.train_model, batch, mb, j)[0].detach() for mb, j in passes]
 
 
-def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progress=True):
-    """One pass of clipped-GRPO over this rank's images, `updates_per_epoch` optimizer steps.
+def grpo_passes(cfg, gen, batch, advantages, passes):
+    """GRPO's per-pass loss: loss_of(k, images mb, trained step j) -> (clipped surrogate, info, the step's
+    mean under θ, base(model) -> that mean under `model`: what the β-KL compares).
 
-    For each micro-batch of images and each trained step j, recompute the log-prob of the stored
-    transition x_j → x_{j+1} under the current weights (same CFG as sampling), accumulate gradients
-    (DDP all-reduces only on the last micro-step before an optimizer step), clip, step, EMA."""
-    if cfg.objective == "nft":  # DiffusionNFT instead: flow matching on the clean latents (nft.py)
-        return nft.train_generator(cfg, epoch, gen, batch, advantages, counters, optimizer_step, rank, progress,
-                                   training_passes(cfg, epoch, rank, len(advantages), gen.device))
+    The old log-probs (π_θold) are recomputed, by the very computation the update uses: the same module,
+    micro-batches and grad mode. The sampler's log-probs would do in exact arithmetic, but under bf16 +
+    torch.compile the sampling graph (no grad) and the training graph round differently: measured |log
+    ratio| ~ 2e-4 at unchanged weights, so with ε = 1e-5 every sample would start out clipped. Passes of the
+    first optimizer step use their own forward (the weights are unchanged until it); the later ones are
+    recomputed here, before any step: (U-1)/U extra forwards for U = updates_per_epoch."""
+    accum = len(passes) // cfg.updates_per_epoch
+    old_logp = [None] * accum + old_log_probs(cfg, gen, batch, passes[accum:])
+
+    def loss_of(k, mb, j):
+        logp, mean = step_log_prob(cfg, gen, gen.train_model, batch, mb, j)
+        old = logp.detach() if old_logp[k] is None else old_logp[k]
+        loss, info = grpo_loss(logp, old, advantages[mb], cfg.clip_range, cfg.adv_clip)
+        # how far the sampler's own log-probs were from these (rounding only: 0 in float32 eager)
+        info["sampler_logp_gap"] = (old - batch["log_probs"][mb, j]).abs().max().item()
+        return loss, info, mean, lambda model: step_log_prob(cfg, gen, model, batch, mb, j)[1]
+    return loss_of, lambda counters: {}
+
+
+def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progress=True):
+    """One epoch's generator update, `updates_per_epoch` optimizer steps over this rank's passes (a
+    micro-batch of images × a trained step or time, training_passes), the same loop for both objectives:
+    gradients accumulate (DDP all-reduces only on the last pass before a step), the β-KL to the frozen base
+    is added, each step is optimizer_step's (clip, step, EMA; a non-finite one skipped). Only the per-pass
+    loss is the objective's: GRPO's clipped ratio on the window's log-probs (grpo_passes), or DiffusionNFT's
+    flow matching on the clean latents (nft.passes), with what each does once the epoch is over."""
     model = gen.train_model
     passes = training_passes(cfg, epoch, rank, len(advantages), gen.device)
     accum = len(passes) // cfg.updates_per_epoch
     stats, bad = [], 0
     model.train()
-    # The old log-probs (π_θold) are recomputed here, by the very computation the update uses: the same
-    # module, micro-batches and grad mode. The sampler's log-probs would do in exact arithmetic, but under
-    # bf16 + torch.compile the sampling graph (no grad) and the training graph round differently: measured
-    # |log ratio| ~ 2e-4 at unchanged weights, so with ε = 1e-5 every sample would start out clipped.
-    # Passes of the first optimizer step use their own forward (weights are unchanged until it); the later
-    # ones are recomputed now, before any step: (U-1)/U extra forwards for U = updates_per_epoch.
-    old_logp = [None] * accum + old_log_probs(cfg, gen, batch, passes[accum:])
+    loss_of, finish = (nft.passes(cfg, epoch, rank, gen, batch, advantages, passes) if cfg.objective == "nft"
+                       else grpo_passes(cfg, gen, batch, advantages, passes))
     for k, (mb, j) in enumerate(tqdm(passes, desc=f"epoch {epoch} training", leave=False,
                                      disable=None if progress else True)):
         sync = (k + 1) % accum == 0
         with contextlib.nullcontext() if sync else no_sync(model):
-            logp, mean = step_log_prob(cfg, gen, model, batch, mb, j)
-            old = logp.detach() if k < accum else old_logp[k]
-            loss, info = grpo_loss(logp, old, advantages[mb], cfg.clip_range, cfg.adv_clip)
-            # how far the sampler's own log-probs were from these (rounding only: 0 in float32 eager)
-            info["sampler_logp_gap"] = (old - batch["log_probs"][mb, j]).abs().max().item()
-            if cfg.beta_kl > 0:
+            loss, info, pred, base = loss_of(k, mb, j)
+            if cfg.beta_kl > 0:  # β·mean((prediction under θ − under the frozen base)²)
                 with torch.no_grad(), M.adapters_disabled(gen.transformer):
-                    _, mean_ref = step_log_prob(cfg, gen, gen.transformer, batch, mb, j)
-                kl = ((mean - mean_ref) ** 2).mean()
+                    ref = base(gen.transformer)
+                kl = ((pred - ref) ** 2).mean()
                 loss = loss + cfg.beta_kl * kl
                 info["kl"] = kl.item()
             (loss / accum).backward()
@@ -363,8 +377,7 @@ def train_generator(cfg, epoch, gen, batch, advantages, counters, rank=0, progre
     model.eval()
     out = {k: float((np.max if k == "sampler_logp_gap" else np.mean)([s[k] for s in stats]))
            for k in stats[0]}
-    out["skipped_updates"] = bad
-    return out
+    return {**out, "skipped_updates": bad, **finish(counters)}
 
 
 def optimizer_step(cfg, epoch, gen, counters, rank=0):
@@ -374,8 +387,8 @@ def optimizer_step(cfg, epoch, gen, counters, rank=0):
     gnorm = torch.nn.utils.clip_grad_norm_(list(gen.params.values()), cfg.max_grad_norm)
     ok = bool(torch.isfinite(gnorm))
     if ok:
-        for group in gen.opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 ** (counters["g_steps"] / cfg.lr_half_life if cfg.lr_half_life else 0)
+        for group in gen.opt.param_groups if cfg.lr_half_life else ():   # off: the lr is left alone
+            group["lr"] = cfg.lr * 0.5 ** (counters["g_steps"] / cfg.lr_half_life)
         gen.opt.step()
         counters["g_steps"] += 1
         gen.ema.update(gen.params, counters["g_steps"])
@@ -401,38 +414,6 @@ def count_update(cfg, counters, ok, master, msg):
 # -----------------------------------------------------------------------------------------------
 # 7. Logging
 
-def announce(cfg, world, prompts, gen, resume_from, start):
-    """What rank 0 says before the first epoch. The whole config goes to out_dir/config.json; stdout gets
-    the keys that differ from the defaults (the paper's recipe) and the batch arithmetic."""
-    O.write_config(cfg)  # what --resume starts from
-    default = dataclasses.asdict(configurator.parse_args([]))
-    changed = [f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items() if v != default[k]]
-    print(f"config ({cfg.out_dir}/config.json); differs from the paper's recipe in: "
-          f"{', '.join(changed) or '-'}")
-    if resume_from:
-        print(f"resumed from {resume_from} (next epoch {start})")
-    n = cfg.prompts_per_epoch * cfg.group_size
-    print(f"world {world} | {cfg.prompts_per_epoch} prompts × {cfg.group_size} images = {n} images/epoch "
-          f"({n // world} per rank) | {len(prompts)} training prompts | trainable params "
-          f"{sum(p.numel() for p in gen.params.values()):,} of {M.count_params(gen.transformer):,}",
-          flush=True)
-
-
-def monitor(history, since_eval, version, row):
-    """The reward-hacking monitor, at each evaluation: pair the newest one with the mean training reward
-    since the previous one (one epoch's reward is too noisy), counting only epochs scored by the reward
-    function the generator now sees (`version`: discriminator steps so far; constant for fixed rewards),
-    and check the pattern (eval.hacking_warning): a warning is printed and marks the logged `row`.
-    Empties since_eval."""
-    same = [r for r, v in since_eval if v == version]
-    since_eval.clear()
-    if same:
-        history[-1] = (float(np.mean(same)), history[-1][1], version)
-        if warning := E.hacking_warning(history):
-            print(f"WARNING {warning}", flush=True)
-            row["hacking_warning"] = 1
-
-
 def final_evaluation(cfg, evaluate, history, since_eval, counters, log):
     """After the last epoch: the trained model's held-out evaluation, logged as epoch = cfg.epochs and
     watched by the monitor like the others, then eval.report (curves.png, summary.json). `log`: rank 0's
@@ -441,29 +422,11 @@ def final_evaluation(cfg, evaluate, history, since_eval, counters, log):
         return
     final = dict(epoch=cfg.epochs, **evaluate(cfg.epochs, history))
     if log is not None:
-        monitor(history, since_eval, since_eval[-1][1] if since_eval else None, final)
+        E.monitor(history, since_eval, since_eval[-1][1] if since_eval else None, final)
         log.write(final)
-        O.guarded(os.path.join(cfg.out_dir, "curves.png and summary.json"), cfg.out_dir,  # a full disk: one line
+        # a full disk: one line
+        O.guarded(os.path.join(cfg.out_dir, "curves.png and summary.json"), cfg.out_dir,
                   lambda: E.report(cfg.out_dir, counters["g_steps"]))
-
-
-def epoch_line(s):
-    """The one stdout line per epoch, numbered by epochs done (as evaluations and checkpoints are)."""
-    line = (f"epoch {s['epoch'] + 1:4d}/{s['epochs']} | steps so far G {s['g_steps']} D {s['d_steps']} | "
-            f"reward {s['reward_mean']:+.4f} ± {s['reward_std']:.4f}")
-    for key, name, fmt in (("d_real", "| ref", "+.3f"), ("d_fake", "gen", "+.3f"), ("d_acc", "D acc", ".2f"),
-                           ("d_signal", "signal", ".2f")):  # what the adversary reported
-        line += f" {name} {s[key]:{fmt}}" if key in s else ""
-    if "clipfrac" in s and s.get("updates_per_epoch") == 1:  # every ratio is 1: nothing to clip
-        line += " | 1 G step an epoch: ratio 1, no clip"
-    elif "clipfrac" in s:
-        line += f" | clipfrac {s['clipfrac']:.3f} approx_kl {s['approx_kl']:.1e}"
-    if "kl" in s:  # beta_kl's term: the KL to the frozen base
-        line += f" | kl to base {s['kl']:.1e}"
-    eta = int(s.get("eta_s", 0))
-    line += (f" | {s['seconds']:.1f}s {s['images_per_s']:.1f} img/s"
-             f" | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
-    return line + (f" | peak {s['peak_gib']:.1f} GiB" if "peak_gib" in s else "")
 
 
 def epoch_stats(cfg, epoch, info, all_rewards, counters, t0, device):
@@ -493,7 +456,8 @@ def check_inputs(cfg, world, master=True):
         raise SystemExit(f"config error: {bad}")
     for line in warnings if master else ():
         print(f"WARNING {line}", flush=True)
-    missing, prompts, test_prompts, references = archs.missing_weights(cfg) + R.missing_weights(cfg), [], [], None
+    missing = archs.missing_weights(cfg) + R.missing_weights(cfg)
+    prompts, test_prompts, references = [], [], None
     try:
         prompts = data.load_prompts(cfg.train_prompts)
     except ValueError as e:
@@ -542,17 +506,18 @@ def train(cfg):
     log, extra_log = None, None
     if master:  # the external logger may refuse (log_to): before config.json and metrics.jsonl are written
         extra_log = O.external_logger(cfg)
-        announce(cfg, world, prompts, gen, resume_from, start)
+        O.announce(cfg, world, prompts, gen, resume_from, start)
         log = O.open_metrics(cfg.out_dir, start)
     evaluate = functools.partial(E.evaluate, cfg, gen, phi, references, test_prompts, rank=rank)
     # SIGTERM (preemption): finish the epoch, save, exit 0. The flag is all-reduced so ranks agree.
     stop = torch.zeros(1, device=device)
     signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
     history, since_eval = [], []  # (training reward, held-out metrics) per evaluation: the hacking monitor
+    t_run = None  # the ETA's clock: starts after the first epoch's evaluation
     for epoch in range(start, cfg.epochs):
         # held-out evaluation of the weights as they enter this epoch (epoch 0 = the base model)
         ev = evaluate(epoch, history) if cfg.eval_every and epoch % cfg.eval_every == 0 else {}
-        t0, t_run = time.time(), (t_run if epoch > start else time.time())  # ETA, img/s: no evaluation time
+        t0, t_run = time.time(), t_run or time.time()  # the img/s and ETA clocks, evaluation excluded
         # 1. sample this rank's share (which prompts and images is a function of (seed, epoch, rank))
         group_of, mine = data.assign_samples(data.epoch_prompt_indices(len(prompts), cfg.prompts_per_epoch,
                                                                        epoch, cfg.seed),
@@ -567,7 +532,7 @@ def train(cfg):
         #    spread is signal (d_signal: None without a split-half pair)
         all_rewards, groups = all_gather_cat(rewards), [prompts[g]["prompt"] for g in group_of]
         finite = all_finite(all_rewards, batch["log_probs"], device=device)
-        d_signal, d_gap = reward_signal(all_gather_cat(split), groups) if split is not None else None, gap(info)
+        d_signal, d_gap = reward_signal(split, groups), gap(info)
         advantages = (compute_advantages(all_rewards, groups, cfg.global_std, std=cfg.adv_std)[mine]
                       * step_scale(cfg, d_signal, d_gap))
         # 4. who trains this epoch
@@ -578,8 +543,7 @@ def train(cfg):
             info.update(adversary.update(d_batch, d_steps))
             counters["d_steps"] += d_steps
         # 6. generator update (a non-finite epoch is skipped: count_update)
-        count_update(cfg, counters, finite, master, f"epoch {epoch}: non-finite rewards or log-probs, "
-                                                    "update skipped")
+        count_update(cfg, counters, finite, master, f"epoch {epoch}: non-finite rewards/log-probs, skipped")
         if do_g:
             info.update(train_generator(cfg, epoch, gen, batch, advantages, counters, rank, progress=master))
             counters["g_epochs"] += 1
@@ -589,11 +553,11 @@ def train(cfg):
                  **({"d_gap": d_gap} if d_gap is not None else {})}
         since_eval.append((float(all_rewards.mean()), version))
         if ev:
-            monitor(history, since_eval, version, stats)
+            E.monitor(history, since_eval, version, stats)
         if d_signal is not None:
             E.watch_health(d_signal, stats.get("ref_sim"), do_g, counters, stats, master)
         if master:
-            print(epoch_line(stats), flush=True)
+            print(O.epoch_line(stats), flush=True)
             log.write(stats)
             extra_log(stats, os.path.join(cfg.out_dir, "samples", f"epoch_{epoch:06d}.png") if ev else None)
         # 8. checkpoint

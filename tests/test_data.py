@@ -312,7 +312,8 @@ def test_reference_guidance_follows_the_pipeline():
 @pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
 def test_prompt_and_index_files_not_in_utf8_are_named_in_one_line(tmp_path, encoding):
     (tmp_path / "p.txt").write_bytes("a red café\nune forêt\n".encode(encoding))
-    with pytest.raises(ValueError, match=rf"^prompt file {tmp_path / 'p.txt'} is not UTF-8 text \(byte \d+: "):
+    bad = rf"^prompt file {tmp_path / 'p.txt'} is not UTF-8 text \(byte \d+: "
+    with pytest.raises(ValueError, match=bad):
         load_prompts(str(tmp_path / "p.txt"))
     (tmp_path / "i.json").write_bytes('{"une forêt": ["a.png"]}'.encode(encoding))
     with pytest.raises(ValueError, match=rf"^reference index {tmp_path / 'i.json'} is not UTF-8 text"):

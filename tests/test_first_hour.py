@@ -54,7 +54,8 @@ def test_reward_weights_missing_offline_are_listed_with_the_other_inputs_before_
 
 
 def test_restating_a_key_on_resume_with_its_own_value_changes_nothing(tmp_path):
-    """--resume --sde_kind=cps (the run's value) keeps the run's clip_range; --pretrained=random:tiny (the same)
+    """--resume --sde_kind=cps (the run's value) keeps the run's clip_range; --pretrained=random:tiny (the
+    same)
     keeps its text length; {'dino_adv': 1.0} and {'dino_adv': {'weight': 1.0}} are one reward."""
     import checkpoint as C
     import train as T

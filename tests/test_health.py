@@ -103,9 +103,14 @@ def test_the_drift_warning_sees_generations_leave_the_references_not_epoch_noise
 
 
 def test_step_scale_and_raw_advantages():
-    on = types.SimpleNamespace(adv_signal=True)
-    assert [T.step_scale(on, s) for s in (-0.3, 0.4, 1.7, None)] == [0.0, 0.4, 1.0, 1.0]
-    assert T.step_scale(types.SimpleNamespace(adv_signal=False), 0.1) == 1.0
+    on = types.SimpleNamespace(adv_signal=True, adv_gap=False)
+    assert [T.step_scale(on, s, 0.2) for s in (-0.3, 0.4, 1.7, None)] == [0.0, 0.4, 1.0, 1.0]
+    off = types.SimpleNamespace(adv_signal=False, adv_gap=False)
+    assert T.step_scale(off, 0.1, 0.1) == 1.0
+    gap = types.SimpleNamespace(adv_signal=False, adv_gap=True)
+    assert [T.step_scale(gap, 0.1, g) for g in (-0.5, 0.25, 3.0, None)] == [0.0, 0.25, 1.0, 1.0]
+    both = types.SimpleNamespace(adv_signal=True, adv_gap=True)
+    assert T.step_scale(both, 0.5, 0.4) == pytest.approx(0.2)
     r = torch.tensor([1.0, 3.0, 10.0, 14.0])
     assert T.compute_advantages(r, [0, 0, 1, 1], std=False).tolist() == [-1.0, 1.0, -2.0, 2.0]
 

@@ -104,7 +104,7 @@ def test_one_update_trains_the_lora_and_the_old_model_is_the_eta_mix():
     assert batch["latents"].shape == (8, *gen.latent_shape()) and batch["log_probs"].shape == (8, 0)
     adv = torch.tensor([3.0, -3.0, 1.0, -1.0] * 2)
     counters = dict(g_steps=0, bad_updates=0)
-    info = nft.train_generator(cfg, 0, gen, batch, adv, counters, T.optimizer_step, progress=False)
+    info = T.train_generator(cfg, 0, gen, batch, adv, counters, progress=False)
     assert counters["g_steps"] == 1 and info["nft_eta"] == pytest.approx(0.2) and info["skipped_updates"] == 0
     after = {k: p.detach().clone() for k, p in gen.params.items()}
     assert any(not torch.equal(before[k], after[k]) for k in after)            # θ moved

@@ -83,7 +83,8 @@ def test_the_paper_defaults_split_the_images_not_the_window():
 
 
 def test_nft_draws_its_times_and_noise_per_image():
-    """objective = "nft": an image's training times and the noise of its passes come from its own generator."""
+    """objective = "nft": an image's training times and the noise of its passes come from its own
+    generator."""
     cfg = tiny_cfg(ADV_PRESET, objective="nft")
     cpu = torch.device("cpu")
     whole = nft.training_passes(cfg, nft.image_generators(cfg, 3, 0, 8), cpu)

@@ -334,7 +334,8 @@ def test_both_adversaries_answer_the_same_calls(kind):
             "pickscore": lambda lr: PickScoreAdversary(tiny_clip(), tiny_tokenizer(), lr=lr)}[kind]
     adv = make(1e-3)
     gen, ref = tinted(4, BLUE, 1), tinted(4, RED, 2)
-    r, split, d_batch, info = adv.judge(gen, ref, PROMPTS, torch.zeros(4, 8), torch.Generator().manual_seed(0),
+    r, split, d_batch, info = adv.judge(gen, ref, PROMPTS, torch.zeros(4, 8),
+                                        torch.Generator().manual_seed(0),
                                         torch.tensor([0, 1, 0, 1]))
     assert r.shape == (4,) and {"d_real", "d_fake", "d_acc"} <= set(info)
     assert split is None if kind == "pickscore" else split.shape == (4, 2)

@@ -17,7 +17,7 @@ import configurator
 import data
 import train as T
 from inproc import run_main
-from test_train import ADV_PRESET, PRESET, ROOT, tiny_cfg
+from test_train import ADV_PRESET, ROOT, tiny_cfg
 
 
 def _run(args, ok=True, preset=ADV_PRESET, script="train.py"):
@@ -158,7 +158,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, built, 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(SystemExit, match="disk full while writing .*state.pt; the last intact checkpoint is "):
+    with pytest.raises(SystemExit,
+                       match="disk full while writing .*state.pt; the last intact checkpoint is "):
         C.save(cfg, 2, gen, adv, counters)
     assert os.listdir(tmp_path / "checkpoints") == ["epoch_000001"]
 
@@ -217,7 +218,8 @@ def test_the_discriminator_knobs_are_keys_and_another_width_is_not_resumed(tmp_p
     assert json.load(open(out / "config.json"))["d_hidden"] == 8
     err = _run([f"--out_dir={out}", "--epochs=3", "--resume", "--d_hidden=16", "--allow_config_change=True"],
                ok=False).stderr
-    assert "d_hidden 8 → 16: the checkpoint's trained tensors have other shapes" in err.strip().splitlines()[-1]
+    last = err.strip().splitlines()[-1]
+    assert "d_hidden 8 → 16: the checkpoint's trained tensors have other shapes" in last
     wide = R.build_adversary(tiny_cfg(ADV_PRESET), torch.device("cpu"))  # and if a head state gets there
     with pytest.raises(SystemExit, match="the checkpoint's discriminator head is 8 wide, this run's "
                                          "d_hidden is 512: resume with --d_hidden=8"):

@@ -1,7 +1,6 @@
 """The paper's other scorers, for real: the OCR reward on the engine make test installs (RapidOCR's PP-OCRv4
 models from its wheel, no network), the LAION aesthetic predictor's head, any timm ViT as φ (DINOv2,
 DINOv3, SigLIP), and a style run with four reference images."""
-import os
 
 import numpy as np
 import pytest
@@ -86,7 +85,8 @@ def test_aesthetic_head_architecture_normalisation_and_registry():
     assert [tuple(p.shape) for n, p in head.named_parameters() if n.endswith("weight")] == \
            [(1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16)]
     assert set(head.state_dict()) == {f"layers.{i}.{k}" for i in (0, 2, 4, 6, 7) for k in ("weight", "bias")}
-    fn = R.build_reward({"aesthetic": 1.0}, device="cpu", clip_model="random:tiny", aesthetic_weights="random")
+    fn = R.build_reward({"aesthetic": 1.0}, device="cpu", clip_model="random:tiny",
+                        aesthetic_weights="random")
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     r, info = fn(images, ["a", "b", "c"], [{}] * 3)
     assert r.shape == (3,) and torch.isfinite(r).all() and "reward/aesthetic" in info
@@ -135,7 +135,8 @@ def test_dinov3_skips_its_registers_and_dinov2_keeps_its_class_token():
 def test_a_backbone_without_tokens_is_refused_in_one_line():
     import timm
     with pytest.raises(SystemExit, match="not tokens"):
-        R.DinoFeatures(timm.create_model("resnet18", pretrained=False, num_classes=0), 64)(torch.rand(1, 3, 64, 64))
+        resnet = timm.create_model("resnet18", pretrained=False, num_classes=0)
+        R.DinoFeatures(resnet, 64)(torch.rand(1, 3, 64, 64))
 
 
 # ----------------------------------------------------------------------------- few references

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as C
 import outputs as O
 import data
 import model as M
