@@ -119,6 +119,9 @@ def missing_weights(cfg):
             out.append(f"model weights (pretrained): {name} is not in the hub cache and HF_HUB_OFFLINE=1: "
                        f"`hf auth login`, accept its licence on the hub, `hf download {name}`, or pass "
                        "--pretrained=/path/to/folder")
+    if cfg.t5 and os.path.isfile(os.path.join(name, "model_index.json")) and not os.path.isdir(
+            os.path.join(name, "text_encoder_3")):
+        out.append(f"T5 (t5=True): {name} was saved without one (no text_encoder_3/): pass --t5=False")
     if cfg.dino_weights and not os.path.isfile(cfg.dino_weights):
         out.append(f"feature backbone weights (dino_weights): no file {cfg.dino_weights}")
     return out

@@ -438,8 +438,10 @@ def parse(argv, *schemas, usage=""):
                     values.append(literal(args.pop(0)))
                 set_key(key, getattr(hints[key][0], key) + values, "command line")
                 continue
-            if not eq:  # a bare --flag is True; for other keys "--key value" means "--key=value"
-                raw = "True" if bool in kinds or not args or args[0].startswith("--") else args.pop(0)
+            if not eq:  # a bare --flag is True; "--key value" is "--key=value" (for a flag: True or False)
+                takes = args and not args[0].startswith("--") and (bool not in kinds
+                                                                   or args[0] in ("True", "False"))
+                raw = args.pop(0) if takes else "True"
             set_key(key, literal(raw), "command line")
         else:
             raise SystemExit(f"unexpected argument {arg!r}: give preset files (*.py) and --key=value")

@@ -3,7 +3,7 @@ prepare.py — the data a run trains on, made or imported once, offline, before 
 
     python prepare.py import_prompts --src flow_grpo/dataset/pickscore/train.txt --out data/train.txt
     python prepare.py make_references --model Qwen/Qwen-Image --prompts data/train.txt --out data/refs --n 8
-    python prepare.py import_references --index qwen_images/prompt2img_node*.json --images qwen_images \
+    python prepare.py import_references --index qwen_images/prompt2img_node*.json --images qwen_images \\
         --out data/refs/index.json
     python prepare.py make_references --help                   # every key of a command
 
@@ -24,12 +24,57 @@ import json
 import os
 import sys
 
+import configurator  # stdlib only: --help answers before torch loads
+
+
+@dataclasses.dataclass
+class MakeReferences:
+    model: str = ""                   # hub id or folder of a diffusers text-to-image pipeline
+    prompts: str = ""                 # prompt file (.txt or .jsonl)
+    out: str = "data/refs"            # output folder (PNGs + index.json)
+    n: int = 8                        # images per prompt (the paper: 8)
+    steps: int = 50                   # sampling steps (the paper: 50 with Qwen-Image)
+    guidance_scale: float = 4.0       # CFG, asked for in the pipeline's own way
+    size: int | None = None           # default: the pipeline's sample_settings.json, else 512
+    seed: int = 0                     # image j of prompt k is seeded by seed·1,000,003 + k·n + j
+
+
+@dataclasses.dataclass
+class ImportPrompts:
+    src: str = ""                     # a downloaded .txt or .jsonl prompt file
+    out: str = "data/train.txt"       # .txt (prompts only) or .jsonl (metadata kept)
+
+
+@dataclasses.dataclass
+class ImportReferences:
+    index: list = dataclasses.field(default_factory=list)  # published {prompt: [names]} JSON files
+    images: str = ""                  # the folder holding the images those names refer to
+    out: str = "data/refs/index.json"  # the merged index (train.py's default `references`)
+
+
+COMMANDS = {"make_references": MakeReferences, "import_prompts": ImportPrompts,
+            "import_references": ImportReferences}
+
+
+def command(argv):
+    """(the command's settings) from argv = [command, --key=value ...]; --help answers and exits."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.split("\n\n")[1])
+        raise SystemExit(0)
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python prepare.py {{{'|'.join(COMMANDS)}}} --key=value ...  "
+                         "(--help per command)")
+    return configurator.parse(argv[1:], COMMANDS[argv[0]], usage=f"python prepare.py {argv[0]}\n")[0]
+
+
+if __name__ == "__main__" and any(a in ("-h", "--help") for a in sys.argv[1:]):
+    command(sys.argv[1:])
+
 import torch
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 import archs
-import configurator
 import data
 import scorers
 
@@ -164,43 +209,9 @@ def import_references(indexes, images, out):
     return len(index), sum(map(len, index.values())), missing
 
 
-@dataclasses.dataclass
-class MakeReferences:
-    model: str = ""                   # hub id or folder of a diffusers text-to-image pipeline
-    prompts: str = ""                 # prompt file (.txt or .jsonl)
-    out: str = "data/refs"            # output folder (PNGs + index.json)
-    n: int = 8                        # images per prompt (the paper: 8)
-    steps: int = 50                   # sampling steps (the paper: 50 with Qwen-Image)
-    guidance_scale: float = 4.0       # CFG, asked for in the pipeline's own way
-    size: int | None = None           # default: the pipeline's sample_settings.json, else 512
-    seed: int = 0                     # image j of prompt k is seeded by seed·1,000,003 + k·n + j
-
-
-@dataclasses.dataclass
-class ImportPrompts:
-    src: str = ""                     # a downloaded .txt or .jsonl prompt file
-    out: str = "data/train.txt"       # .txt (prompts only) or .jsonl (metadata kept)
-
-
-@dataclasses.dataclass
-class ImportReferences:
-    index: list = dataclasses.field(default_factory=list)  # published {prompt: [names]} JSON files
-    images: str = ""                  # the folder holding the images those names refer to
-    out: str = "data/refs/index.json"  # the merged index (train.py's default `references`)
-
-
-COMMANDS = {"make_references": MakeReferences, "import_prompts": ImportPrompts,
-            "import_references": ImportReferences}
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.split("\n\n")[1])
-        raise SystemExit(0)
-    if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python prepare.py {{{'|'.join(COMMANDS)}}} --key=value ...  "
-                         "(--help per command)")
-    (a,) = configurator.parse(argv[1:], COMMANDS[argv[0]], usage=f"python prepare.py {argv[0]}\n")
+    a = command(argv)
     if argv[0] == "make_references":
         if not (a.model and a.prompts):
             raise SystemExit("make_references needs --model and --prompts")

@@ -33,13 +33,52 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import configurator  # stdlib only: --help answers before torch loads
+
+
+@dataclass
+class EvalArgs:
+    ckpt: str = ""                    # a checkpoint folder (…/checkpoints/epoch_NNNNNN), or a run folder
+                                      # (its newest)
+    pretrained: str = ""              # instead of --ckpt: a base model (hub id, folder, random:<arch>),
+                                      # evaluated with --lora (or alone: the base)
+    lora: str = ""                    # with --pretrained: a LoRA folder, PEFT (adapter_config.json +
+                                      # adapter_model.safetensors: the released Adv-GRPO / Flow-GRPO LoRAs)
+                                      # or diffusers (pytorch_lora_weights.safetensors)
+    resolution: int = 512             # with --pretrained: image side in pixels
+    max_sequence_length: int | None = None  # with --pretrained: T5 tokens; None: the folder's
+                                      # sample_settings.json, else 128
+    t5: bool = True                   # with --pretrained: load T5-XXL (False: zeros in its place)
+    mixed_precision: str = "bf16"     # with --pretrained: "bf16" or "no" (float32)
+    prompts: str = ""                 # prompt file (.txt or .jsonl); default: the run's test_prompts
+    prompt: list = field(default_factory=list)  # prompts given directly: --prompt "a cat" "a dog"
+    n_per_prompt: int | None = None   # images per prompt; None: the run's eval_n_per_prompt
+    num_steps: int | None = None      # ODE steps; None: the run's eval_num_steps
+    guidance_scale: float | None = None  # CFG (≤ 1: none, as in diffusers); None: the run's
+                                      # eval_guidance_scale
+    seed: int = 0                     # image i is seeded by (seed, i): the run's in-loop evaluation used 0
+    references: str = ""              # reference index or folder for dino_sim / fd_dino; default: the run's
+                                      # (with --pretrained: none, those two not measured)
+    dino_backbone: str = ""           # φ of dino_sim / fd_dino (timm name); default: the run's (with
+                                      # --pretrained: DINOv2-B/14, the recipe's)
+    dino_weights: str = ""            # a local weights file for dino_backbone (offline clusters)
+    out: str = ""                     # output folder (default: <run>/eval/epoch_NNNNNN[-<settings hash>],
+                                      # outside checkpoints/; with --pretrained: out/eval/<lora>-<hash>)
+    overwrite: bool = False           # replace the evaluation already in that folder (its files only)
+    summarize: list = field(default_factory=list)  # run folders: mean ± std of their summary.json
+    compare: list = field(default_factory=list)  # run folders: one before → after table (make demo)
+
+
+if __name__ == "__main__" and any(a in ("-h", "--help") for a in sys.argv[1:]):
+    configurator.parse(sys.argv[1:], EvalArgs, usage=__doc__.split("\n\n")[1] + "\n")  # prints, exits
+
 import numpy as np
 import torch
 from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 
+import archs
 import checkpoint as C
-import configurator
 import data
 import eval as E
 import model as M
@@ -149,34 +188,6 @@ def summarize(run_dirs):
 
 
 
-@dataclass
-class EvalArgs:
-    ckpt: str = ""                    # a checkpoint folder (…/checkpoints/epoch_NNNNNN), or a run folder
-                                      # (its newest)
-    pretrained: str = ""              # instead of --ckpt: a base model (hub id, folder, random:<arch>),
-                                      # evaluated with --lora (or alone: the base)
-    lora: str = ""                    # with --pretrained: a LoRA folder, PEFT (adapter_config.json +
-                                      # adapter_model.safetensors: the released Adv-GRPO / Flow-GRPO LoRAs)
-                                      # or diffusers (pytorch_lora_weights.safetensors)
-    resolution: int = 512             # with --pretrained: image side in pixels
-    max_sequence_length: int | None = None  # with --pretrained: T5 tokens; None: the folder's
-                                      # sample_settings.json, else 128
-    t5: bool = True                   # with --pretrained: load T5-XXL (False: zeros in its place)
-    mixed_precision: str = "bf16"     # with --pretrained: "bf16" or "no" (float32)
-    prompts: str = ""                 # prompt file (.txt or .jsonl); default: the run's test_prompts
-    prompt: list = field(default_factory=list)  # prompts given directly: --prompt "a cat" "a dog"
-    n_per_prompt: int | None = None   # images per prompt; None: the run's eval_n_per_prompt
-    num_steps: int | None = None      # ODE steps; None: the run's eval_num_steps
-    guidance_scale: float | None = None  # CFG (≤ 1: none, as in diffusers); None: the run's
-                                      # eval_guidance_scale
-    seed: int = 0                     # image i is seeded by (seed, i): the run's in-loop evaluation used 0
-    out: str = ""                     # output folder (default: <run>/eval/epoch_NNNNNN[-<settings hash>],
-                                      # outside checkpoints/; with --pretrained: out/eval/<lora>-<hash>)
-    overwrite: bool = False           # replace the evaluation already in that folder (its files only)
-    summarize: list = field(default_factory=list)  # run folders: mean ± std of their summary.json
-    compare: list = field(default_factory=list)  # run folders: one before → after table (make demo)
-
-
 def hub_reachable(timeout=3.0):
     """Whether huggingface.co answers within `timeout` s (False at once under HF_HUB_OFFLINE=1): without it,
     a model that is not cached is skipped in seconds instead of after the hub client's retries."""
@@ -235,7 +246,8 @@ def pretrained_config(args):
     cfg = configurator.Config(pretrained=args.pretrained, t5=args.t5, resolution=args.resolution,
                               max_sequence_length=args.max_sequence_length,
                               mixed_precision=args.mixed_precision, lora_rank=rank, lora_alpha=alpha,
-                              lora_targets=sorted(targets or []), init_lora=args.lora, eval_max_prompts=0)
+                              lora_targets=sorted(targets or []), init_lora=args.lora, eval_max_prompts=0,
+                              references="")  # none unless --references: never data/refs/ by chance
     configurator.resolve_defaults(cfg)
     bad = configurator.check_ranges(cfg)
     if cfg.mixed_precision not in ("bf16", "no"):
@@ -276,10 +288,13 @@ def output_folder(args, ckpt, cfg, settings):
     out = args.out
     if not out:
         what = dict(settings, pretrained=cfg.pretrained, lora=os.path.abspath(args.lora) if args.lora else "",
-                    resolution=cfg.resolution, max_sequence_length=cfg.max_sequence_length, t5=cfg.t5)
+                    resolution=cfg.resolution, max_sequence_length=cfg.max_sequence_length, t5=cfg.t5,
+                    **{k: getattr(args, k) for k in ("references", "dino_backbone", "dino_weights")
+                       if getattr(args, k)})
         tag = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
         if ckpt:
-            own = settings == evaluation_settings(EvalArgs(), cfg)
+            own = settings == evaluation_settings(EvalArgs(), cfg) and not (
+                args.references or args.dino_backbone or args.dino_weights)
             out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "eval",
                                os.path.basename(ckpt) + ("" if own else f"-{tag}"))
         else:
@@ -380,9 +395,27 @@ def main(argv=None):
         lora = os.path.join(ckpt, "lora") if cfg.lora_rank > 0 else ""
     else:
         ckpt, cfg, lora = "", pretrained_config(args), args.lora
+    for key in ("references", "dino_backbone", "dino_weights"):  # what the DINO metrics depend on
+        if getattr(args, key):
+            setattr(cfg, key, getattr(args, key))
+    missing = archs.missing_weights(cfg)
+    if missing:  # before anything loads or any folder is made
+        raise SystemExit("\n".join(missing))
     settings = evaluation_settings(args, cfg)
     base, n, steps, scale = (settings[k] for k in ("prompts", "n_per_prompt", "num_steps", "guidance_scale"))
+    made = not os.path.isdir(args.out) if args.out else None
     out = output_folder(args, ckpt, cfg, settings)
+    try:
+        evaluate(args, ckpt, cfg, lora, settings, out)
+    except BaseException:  # a failed call leaves no empty folder of ours behind
+        if (made or made is None) and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+        raise
+
+
+def evaluate(args, ckpt, cfg, lora, settings, out):
+    """Generate, measure and write one evaluation into `out` (main's checks done)."""
+    base, n, steps, scale = (settings[k] for k in ("prompts", "n_per_prompt", "num_steps", "guidance_scale"))
     if scale < 1:
         print(f"guidance_scale {scale} < 1: no classifier-free guidance (the images of 1), as in diffusers")
     M.quiet_libraries()

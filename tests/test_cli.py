@@ -47,13 +47,17 @@ def test_help_lists_every_key_with_its_default_and_comment(script, schemas):
                 assert f"--{key}={getattr(cls(), key)!r}" in out and text[:30] in out, key
 
 
-def test_train_help_answers_before_torch_loads():
-    """`python train.py --help` prints every key without importing torch (which takes ~7 s on its own)."""
-    code = ("import runpy, sys\nsys.argv = ['train.py', '--help']\ntry:\n"
-            "    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n"
+@pytest.mark.parametrize("argv, says", [(["train.py", "--help"], "--lr=0.0003"),
+                                        (["sample.py", "--help"], "--n_per_prompt=None"),
+                                        (["prepare.py", "--help"], "import_references --index"),
+                                        (["prepare.py", "make_references", "--help"], "--steps=50")])
+def test_help_answers_before_torch_loads(argv, says):
+    """`--help` of each script prints every key without importing torch (which takes ~7 s on its own)."""
+    code = (f"import runpy, sys\nsys.argv = {argv!r}\ntry:\n"
+            f"    runpy.run_path({argv[0]!r}, run_name='__main__')\nexcept SystemExit as e:\n"
             "    print('exit', e.code)\nprint('torch loaded:', 'torch' in sys.modules)")
     out = _py(["-c", code]).stdout
-    assert "--lr=0.0003" in out and "exit 0" in out, out[-500:]
+    assert says in out and "exit 0" in out, out[-500:]
     assert out.strip().endswith("torch loaded: False"), out[-500:]
 
 

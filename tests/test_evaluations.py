@@ -292,3 +292,37 @@ def test_reproduce_py_of_a_pipeline_folder_loads_it_with_from_pretrained(tmp_pat
     assert [settings[k] for k in ("max_sequence_length", "resolution", "t5")] == [1, 32, False]
     _reproduce(tmp_path / "ev" / "reproduce.py", tmp_path / "again")
     assert np.abs(_pngs(tmp_path / "again")[1] - _pngs(tmp_path / "ev")[1]).max() <= 1
+
+
+def test_sample_takes_what_its_dino_metrics_depend_on_and_leaves_nothing_when_it_fails(tmp_path):
+    """--references / --dino_backbone are the evaluation's (never data/refs/ and DINOv2-B by chance); a
+    pipeline saved without T5 gets --t5=False in one line; flags take the space form (--t5 False); a
+    failed call leaves no empty output folder."""
+    base = ["--pretrained", "random:tiny", "--resolution", "32", "--mixed_precision", "no", "--num_steps", "2",
+            "--n_per_prompt", "2", "--prompts", "assets/tiny_prompts.txt"]
+    _sample([*base, "--dino_backbone", "random:tiny", "--out", tmp_path / "plain"])
+    plain = json.load(open(tmp_path / "plain" / "metrics.json"))
+    assert "dino_sim" not in plain["metrics"] and "no references" in plain["skipped"]["dino_sim"]
+    _sample([*base, "--references", "assets/tiny_refs/index.json", "--dino_backbone", "random:tiny",
+             "--out", tmp_path / "refs"])
+    measured = json.load(open(tmp_path / "refs" / "metrics.json"))["metrics"]
+    assert 0 < measured["dino_sim"] <= 1 and np.isfinite(measured["fd_dino"])
+    p = _sample(["--pretrained", "assets/tinyworld/pipeline_flawed", "--resolution", "32", "--prompt", "a red circle",
+                 "--out", tmp_path / "no_t5"], ok=False)
+    assert p.stderr.strip().endswith("was saved without one (no text_encoder_3/): pass --t5=False")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")
+    p = _sample(["--pretrained", broken, "--t5", "False", "--resolution", "32", "--prompt", "a red circle",
+                 "--out", tmp_path / "out"], ok=False)
+    assert "could not load the SD3 pipeline" in p.stderr and not (tmp_path / "out").exists()
+    assert sorted(os.listdir(tmp_path)) == ["broken", "plain", "refs"]
+
+
+def test_a_flag_takes_true_or_false_after_a_space():
+    import configurator
+    import sample
+    for argv, t5 in ((["--t5", "False"], False), (["--t5", "True"], True), (["--t5"], True), ([], True)):
+        assert configurator.parse(argv, sample.EvalArgs)[0].t5 is t5
+    args = configurator.parse(["--overwrite", "--prompt", "a cat"], sample.EvalArgs)[0]
+    assert args.overwrite is True and args.prompt == ["a cat"]
