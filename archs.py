@@ -106,12 +106,17 @@ def backbone_patch(cfg):
     return int(cfg.dino_kwargs.get("patch_size", m.group(1) if m else 1))
 
 
+def hub_offline():
+    """HF_HUB_OFFLINE as huggingface_hub reads it: set and not one of "", 0, false, no, off."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off")
+
+
 def missing_weights(cfg):
     """The model weights this run cannot find, said before anything loads: a local folder or file that does
     not exist, or (HF_HUB_OFFLINE=1) a hub id that the hub cache does not hold. Lines ([]: none missing)."""
     out = []
     name = cfg.pretrained
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off")
+    offline = hub_offline()
     if not name.startswith("random:") and not os.path.isdir(name):
         if name.startswith((".", "/", "~")) or name.count("/") != 1:
             out.append(f"model weights (pretrained): no folder {name}")

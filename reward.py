@@ -685,7 +685,7 @@ def missing_weights(cfg):
     """The outside models the chosen rewards need that cannot be had offline (HF_HUB_OFFLINE=1 and not in
     the hub or torch cache): lines for train.py to say with the other missing inputs, before the generator
     loads. Online, what is missing is downloaded."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("", "0", "false", "no", "off"):
+    if not archs.hub_offline():
         return []
     out, names = [], set(cfg.reward)
 

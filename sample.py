@@ -191,7 +191,7 @@ def summarize(run_dirs):
 def hub_reachable(timeout=3.0):
     """Whether huggingface.co answers within `timeout` s (False at once under HF_HUB_OFFLINE=1): without it,
     a model that is not cached is skipped in seconds instead of after the hub client's retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if archs.hub_offline():
         return False
 
     def connect():  # name resolution has no timeout of its own: the whole attempt runs in a thread

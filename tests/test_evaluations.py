@@ -298,7 +298,8 @@ def test_sample_takes_what_its_dino_metrics_depend_on_and_leaves_nothing_when_it
     """--references / --dino_backbone are the evaluation's (never data/refs/ and DINOv2-B by chance); a
     pipeline saved without T5 gets --t5=False in one line; flags take the space form (--t5 False); a
     failed call leaves no empty output folder."""
-    base = ["--pretrained", "random:tiny", "--resolution", "32", "--mixed_precision", "no", "--num_steps", "2",
+    base = ["--pretrained", "random:tiny", "--resolution", "32", "--mixed_precision", "no",
+            "--num_steps", "2",
             "--n_per_prompt", "2", "--prompts", "assets/tiny_prompts.txt"]
     _sample([*base, "--dino_backbone", "random:tiny", "--out", tmp_path / "plain"])
     plain = json.load(open(tmp_path / "plain" / "metrics.json"))
@@ -307,7 +308,8 @@ def test_sample_takes_what_its_dino_metrics_depend_on_and_leaves_nothing_when_it
              "--out", tmp_path / "refs"])
     measured = json.load(open(tmp_path / "refs" / "metrics.json"))["metrics"]
     assert 0 < measured["dino_sim"] <= 1 and np.isfinite(measured["fd_dino"])
-    p = _sample(["--pretrained", "assets/tinyworld/pipeline_flawed", "--resolution", "32", "--prompt", "a red circle",
+    p = _sample(["--pretrained", "assets/tinyworld/pipeline_flawed", "--resolution", "32",
+                 "--prompt", "a red circle",
                  "--out", tmp_path / "no_t5"], ok=False)
     assert p.stderr.strip().endswith("was saved without one (no text_encoder_3/): pass --t5=False")
     broken = tmp_path / "broken"
