@@ -349,7 +349,10 @@ def report(out_dir, g_steps=None, k=5):
     summary["epochs"] = dict(before=first["epoch"], after=last["epoch"])
     json.dump(summary, open(os.path.join(out_dir, "summary.json"), "w"), indent=1)
     print(f"held-out before (epoch {first['epoch']}) → after (epoch {last['epoch']}):\n" + "\n".join(
-        f"  {k:20s} {v['before']:.4f} → {v['after']:.4f}" for k, v in summary.items() if k != "epochs"))
+        f"  {k:20s} {v['before']:.4f} → {v['after']:.4f}" for k, v in summary.items()
+        if k not in ("epochs", "train_reward")))
+    if t := summary.get("train_reward"):  # not held out: said apart
+        print(f"training reward, first {k} → last {k} G epochs: {t['before']:.4f} → {t['after']:.4f}")
 
 
 if __name__ == "__main__":  # an earlier README's command: say where it went (exit 1 unless asked for help)

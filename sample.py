@@ -113,10 +113,9 @@ def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_rewa
     shows here: its end is worse than its best), and the evaluations at which the reward-hacking monitor
     fired."""
     rows = []
-    for d, s in [(d, read_summary(d, "--compare")) for d in run_dirs]:  # every summary checked first
-        log = os.path.join(d, "metrics.jsonl")
-        rows.append((os.path.basename(os.path.normpath(d)), s,
-                     E.read_metrics(log) if os.path.isfile(log) else []))
+    for d, s, name in [(d, read_summary(d, "--compare"), n) for d, n in zip(run_dirs, labels(run_dirs))]:
+        log = os.path.join(d, "metrics.jsonl")  # (every summary checked first)
+        rows.append((name, s, E.read_metrics(log) if os.path.isfile(log) else []))
     print(f"{'held-out (train_reward: training)':36s}" + "".join(f"{name:>24s}" for name, _, _ in rows))
     for k in keys:
         cells = [f"{s[k]['before']:.3f} → {s[k]['after']:.3f}" if k in s else "—" for _, s, _ in rows]
@@ -133,6 +132,17 @@ def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_rewa
         f"{'FLAGGED at ' + ', '.join(map(str, f)) if f else 'quiet':>24s}" for f in flags))
     print(f"{'epochs':36s}" + "".join(f"{str(s['epochs']['before']) + ' → ' + str(s['epochs']['after']):>24s}"
                                       for _, s, _ in rows))
+
+
+def labels(run_dirs):
+    """Each run's column title: its folder's name, with as many parent folders as set it apart from the
+    others (s0/adversarial and s1/adversarial)."""
+    parts = [os.path.normpath(os.path.abspath(d)).split(os.sep) for d in run_dirs]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return names
 
 
 def read_summary(run_dir, what):
@@ -171,8 +181,9 @@ def config_differences(run_dirs):
 
 
 def summarize(run_dirs):
-    """Mean ± std over runs (e.g. seeds) of each run's summary.json: {metric: (before, after)}. Warns when
-    the runs are not the same experiment (their configs differ in more than the seed)."""
+    """Mean ± std over runs (e.g. seeds) of each run's summary.json: {metric: (before, after)}; the std is
+    the population's (numpy's default, ddof 0), said in the output. Warns when the runs are not the same
+    experiment (their configs differ in more than the seed)."""
     rows = [read_summary(d, "--summarize") for d in run_dirs]
     if differ := config_differences(run_dirs):
         print(f"WARNING --summarize averages runs whose configs differ in {', '.join(differ)}")
@@ -183,7 +194,8 @@ def summarize(run_dirs):
         b, a = np.array([r[k]["before"] for r in rows]), np.array([r[k]["after"] for r in rows])
         out[k] = dict(before=float(b.mean()), before_std=float(b.std()), after=float(a.mean()),
                       after_std=float(a.std()))
-        print(f"{k:16s} {b.mean():.3f} ± {b.std():.3f}  →  {a.mean():.3f} ± {a.std():.3f}  (n={len(rows)})")
+        print(f"{k:16s} {b.mean():.3f} ± {b.std():.3f}  →  {a.mean():.3f} ± {a.std():.3f}  "
+              f"(n={len(rows)}, ± population std)")
     return out
 
 

@@ -255,6 +255,7 @@ def test_summarize_warns_when_runs_differ_and_names_a_damaged_summary(tmp_path):
     _summary_run(tmp_path / "b", after=0.8)
     p = _sample(["--summarize", str(tmp_path / "a"), str(tmp_path / "b")])
     assert "WARNING" not in p.stdout and "0.700 ± 0.100" in p.stdout  # seeds and out_dir may differ
+    assert "(n=2, ± population std)" in p.stdout
     _summary_run(tmp_path / "c", lr=1e-4)
     p = _sample(["--summarize", str(tmp_path / "a"), str(tmp_path / "c")])
     assert "WARNING --summarize averages runs whose configs differ in lr\n" in p.stdout
@@ -278,6 +279,11 @@ def test_compare_shows_the_best_on_the_way_and_when_the_monitor_fired(tmp_path):
     assert re.search(r"toy_geneval best on the way +0\.700 \(epoch 10\) +0\.800 \(epoch 5\)\n", out), out
     assert re.search(r"fd_dino best on the way +2\.500 \(epoch 10\) +1\.700 \(epoch 5\)\n", out), out
     assert re.search(r"reward-hacking monitor +quiet +FLAGGED at 10\n", out), out
+    for seed in ("s0", "s1"):  # two runs of one name in different folders: told apart by their parents
+        (tmp_path / seed).mkdir()
+        _summary_run(tmp_path / seed / "adversarial")
+    out = _sample(["--compare", tmp_path / "s0" / "adversarial", tmp_path / "s1" / "adversarial"]).stdout
+    assert re.search(r"training\) +s0/adversarial +s1/adversarial\n", out), out
 
 
 def test_reproduce_py_of_a_pipeline_folder_loads_it_with_from_pretrained(tmp_path):

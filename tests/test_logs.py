@@ -54,6 +54,8 @@ def test_a_redirected_log_is_plain_lines_with_one_epoch_numbering(logged):
     evals = [line.split(":")[0] for line in log.split("\n") if line.startswith("eval @ epoch")]
     assert evals == ["eval @ epoch 0", "eval @ epoch 3"]  # 3 epochs done: the last epoch line's number
     assert "held-out before (epoch 0) → after (epoch 3)" in log
+    held_out = log.split("held-out before (epoch 0) → after (epoch 3):\n")[1].split("\n")
+    assert "train_reward" not in log and held_out[-2].startswith("training reward, first 1 → last 1 G epochs")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     # the first evaluation (1000 s on the clock) counts neither in the epoch's time nor in the ETA
     assert rows[0]["seconds"] < 100 and rows[0]["eta_s"] < 200
