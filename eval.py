@@ -11,9 +11,12 @@ Metrics (each is skipped, with the reason recorded, when its ingredients are mis
   (the published evaluation takes the max over all prompts' references: a generation can then score
   well by resembling some other prompt's picture).
 - fd_dino: Fréchet distance between generations and references in DINO CLS space (FD-DINOv2).
-- toy_geneval (+ per attribute), background / saturation and style_match (share of generations whose
-  background is within 0.25 of the references' mean): exact pixel metrics, for prompts of the shapes
-  world (tinyworld.py). They are the demo's held-out style metrics: no training reward sees them.
+- toy_geneval: the share of generations whose colour, shape, position and count (toy_colour, toy_shape,
+  toy_position, toy_count: each attribute alone) all match the prompt; background: the mean brightness of
+  the images' one-pixel border in [0, 1] (ref_background: the references'); saturation: the mean HSV
+  saturation of the drawn objects' cores; style_match: the share of generations whose background is
+  within 0.25 of ref_background; toy_geneval_matched: toy_geneval among those. Exact pixel metrics for
+  prompts of the shapes world (tinyworld.py), held out: no training reward sees them.
 - ocr: the OCR reward's score (scorers.py) averaged over the images, when every prompt quotes a text
   ("a sign that reads \"Open\""): the text-rendering accuracy of the paper's OCR experiment.
 - pickscore / clip_score (sample.py only): when those models can be loaded (the hub or a local copy).
