@@ -5,7 +5,7 @@ low_mem — with only the batch shrunk (1 prompt × 2 images, 64², 3 sampling s
 Each preset runs 2 epochs straight, then again killed (-9) inside its second epoch and resumed: the
 checkpoints must be bitwise equal; the exported LoRA must load in plain diffusers.
 
-    python -m pytest -m scale -s            # ~1 h on 2 cores, ~14 GB of memory at its peak
+    python -m pytest -m scale -s            # ~35 min on 2 shared cores, 12 GB of memory at its peak
 
 Not in `make test` (marked `scale`). docs/PERF.md has what it measured."""
 import os
