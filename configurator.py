@@ -195,6 +195,8 @@ NON_NEGATIVE = ("lora_rank", "weight_decay", "beta_kl", "d_warmup", "d_steps_max
                 "lr_half_life", "eval_every", "eval_max_prompts",
                 "pickscore_train_last_k", "nft_eta_rate", "d_patch_loss")
 UNIT_INTERVAL = ("noise_level", "ema_decay", "nft_t_fraction", "d_cls_weight", "g_beta1")
+# Beyond these a value is a typo, not a setting (gigabytes allocated before anything fails, a loss of inf)
+AT_MOST = dict(lora_rank=1024, lora_alpha=1e4, d_hidden=1 << 16, d_patches=4096, nft_beta=1e3)
 
 
 def check_ranges(cfg):
@@ -215,6 +217,10 @@ def check_ranges(cfg):
             return f"nft_eta_max must be in [0, 1), got {v}"
         if key in UNIT_INTERVAL and not 0 <= v <= 1:
             return f"{key} must be in [0, 1], got {v}"
+        if key in AT_MOST and v > AT_MOST[key]:
+            return f"{key} must be ≤ {AT_MOST[key]:g}, got {v}"
+        if key == "ema_decay" and v == 1:  # the EMA would stay the base: every evaluation and the export
+            return "ema_decay must be < 1: at 1 the EMA weights (evaluated, exported) never leave the base"
         if key == "nft_t_fraction" and v == 0:
             return "nft_t_fraction must be in (0, 1]: 0 trains on no time at all"
         if key.endswith("guidance_scale") and not 1 <= v <= 100:

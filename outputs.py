@@ -45,6 +45,13 @@ def claim_out_dir(cfg):
             raise SystemExit(f"out_dir {cfg.out_dir!r} is {real}, which holds {os.path.realpath(mine)}: a "
                              "run would write among your files; give it a folder of its own, e.g. "
                              "--out_dir=out/my_run")
+    code = os.path.dirname(os.path.abspath(__file__))  # the project's own folders, and the folders it reads
+    source = [os.path.realpath(os.path.join(code, d)) for d in ("config", "assets", "tests", "docs")]
+    inputs = [os.path.realpath(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)))
+              for p in (cfg.references, cfg.train_prompts, cfg.test_prompts) if p]
+    if real in inputs or any(os.path.commonpath([s, real]) == s for s in source):
+        raise SystemExit(f"out_dir {cfg.out_dir!r} is {real}: a folder of the project's source or one the "
+                         "run reads (references, prompts); give it one of its own, e.g. --out_dir=out/my_run")
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"out_dir {out} is a file, not a folder")
     try:

@@ -656,6 +656,8 @@ def check_reward(spec):
                                               if p not in CONTEXT]
         if bad := sorted(set(settings) - set(own)):
             return f"reward {name!r} has no setting {bad[0]!r} (its settings: {', '.join(own) or 'none'})"
+    if spec and all(_split(v)[0] == 0 for v in spec.values()):
+        return "every reward weight is 0: every image would score 0 and nothing would be learnt"
     if len(named := [n for n in spec if n in ADVERSARIES]) > 1:
         return (f"at most one adversarial reward, got {' and '.join(named)} "
                 "(each trains its own discriminator)")

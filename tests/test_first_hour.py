@@ -26,6 +26,24 @@ def test_nonsense_values_are_refused_naming_what_would_do():
         "--prompts_per_epoch=5", "--group_size=3", "--sample_batch_size=1", "--train_batch_size=1", world=4)
 
 
+def test_values_that_cannot_be_meant_are_refused():
+    """A typo's gigabytes (lora_rank 1e6, d_hidden 1e9), an infinite loss (nft_beta 1e30), an EMA that never
+    leaves the base (ema_decay 1), an all-zero reward; and an out_dir among the project's source or the
+    run's own inputs (it wrote a run into config/ and into the reference folder)."""
+    assert "lora_rank must be ≤ 1024, got 1000000" in _refusal("--lora_rank=1000000")
+    assert "d_hidden must be ≤ 65536" in _refusal("--d_hidden=1000000000")
+    assert "nft_beta must be ≤ 1000" in _refusal("--objective=nft", "--nft_beta=1e30")
+    assert "ema_decay must be < 1" in _refusal("--ema_decay=1.0")
+    import reward as R
+    assert "every reward weight is 0" in R.check_reward({"brightness": 0, "toy_geneval": {"weight": 0.0}})
+    import outputs
+    for out in ("config", "assets/tiny_refs", "assets/tinyworld/new_run"):
+        cfg = configurator.parse_args(["config/tiny.py", f"--out_dir={out}"])
+        with pytest.raises(SystemExit, match="a folder of the project's source or one the run reads"):
+            outputs.claim_out_dir(cfg)
+    assert not os.path.exists("assets/tinyworld/new_run") and not os.path.exists("config/.lock")
+
+
 def test_no_exploration_is_said_before_the_first_epoch():
     cfg = configurator.parse_args(["config/tiny.py", "--noise_level=0"])
     assert any("noise_level = 0" in w for w in configurator.config_warnings(cfg))
