@@ -250,6 +250,10 @@ def read(path, device="cpu", state=True):
     w = dict(trainable=_tensors(path, "trainable.safetensors"), ema=_tensors(path, "ema.safetensors"))
     if os.path.isfile(os.path.join(path, "old.safetensors")):
         w["old"] = _tensors(path, "old.safetensors")
+    for name, tensors in w.items():  # save writes float32: another dtype is a file re-saved since
+        if low := [k for k, v in tensors.items() if v.dtype != torch.float32]:
+            raise Damaged(f"{name}.safetensors holds {tensors[low[0]].dtype} tensors ({low[0]}), not the "
+                          "float32 a save writes")
     shapes = {k: v.shape for k, v in w["trainable"].items()}
     if not shapes or (empty := [k for k, v in shapes.items() if v.numel() == 0]):
         raise Damaged("trainable.safetensors holds "
@@ -268,6 +272,12 @@ def read(path, device="cpu", state=True):
         if bad := [k for k, kind in STATE.items()
                    if not isinstance(s, dict) or not isinstance(s.get(k), kind)]:
             raise Damaged(f"state.pt lacks {bad[0]!r} (or it is not a {STATE[bad[0]].__name__})")
+        if bad := [k for k, v in s["counters"].items() if not (  # counts, and the health's running values
+                v is None or type(v) is float if k.startswith("ref_sim") else type(v) is int and v >= 0)]:
+            raise Damaged(f"state.pt's counter {bad[0]!r} is {s['counters'][bad[0]]!r}, not a count")
+        named = NAME.match(os.path.basename(os.path.normpath(path)))
+        if named and s["epoch"] != int(named.group(1)):  # resume_point goes by the folder's name
+            raise Damaged(f"state.pt says {s['epoch']} epochs done, its folder {int(named.group(1))}")
         w["state"] = s
         try:
             w["config"] = json.load(open(os.path.join(path, "config.json")))
@@ -275,6 +285,8 @@ def read(path, device="cpu", state=True):
             raise Damaged(f"config.json cannot be read ({e})") from None
         if not isinstance(w["config"], dict):
             raise Damaged("config.json is not a run's config (a JSON object)")
+        if w["config"].get("objective") == "nft" and "old" not in w:  # a GRPO one continued as nft has none
+            raise Damaged("old.safetensors is missing (an nft run's old model)")
     for name, tree in w.items():
         if bad := nonfinite(tree):
             raise Damaged(f"{'state.pt' if name == 'state' else name + '.safetensors'} holds NaN or inf "

@@ -1,10 +1,12 @@
 """DiffusionNFT (objective = "nft"): the loss's maths, the old model, and the loop end to end."""
+import json
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint as C
 import model as M
 import nft
 import train as T
@@ -156,6 +158,13 @@ def test_resume_is_exact_and_checkpoints_hold_the_old_model(tmp_path):
     p = run_main("train.py", [ADV_PRESET, f"--out_dir={b}", "--epochs=4", "--resume", "--objective=grpo"],
                  ok=False)
     assert "objective" in p.stderr
+    # an nft checkpoint without its old model (removed, the manifest re-hashed) is damaged, not θ_old = θ
+    ck = os.path.join(a, "checkpoints", "epoch_000003")
+    os.remove(os.path.join(ck, "old.safetensors"))
+    manifest = json.load(open(os.path.join(ck, C.MANIFEST)))
+    with open(os.path.join(ck, C.MANIFEST), "w") as f:
+        json.dump({n: v for n, v in manifest.items() if n != "old.safetensors"}, f)
+    assert C.damaged(ck) == "old.safetensors is missing (an nft run's old model)"
 
 
 def _ddp_worker(rank, world, port, out_dir):

@@ -89,10 +89,15 @@ def _tensors_edit(name, edit):
     return damage
 
 
-def _state_without_optimizer(ck):
-    state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
-    del state["optimizer"]
-    torch.save(state, os.path.join(ck, "state.pt"))
+def _state_edit(edit):
+    def damage(ck):
+        state = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
+        edit(state)
+        torch.save(state, os.path.join(ck, "state.pt"))
+    return damage
+
+
+_state_without_optimizer = _state_edit(lambda s: s.pop("optimizer"))
 
 
 def _manifest_entry_not_an_object(ck):
@@ -116,6 +121,13 @@ DAMAGE = {  # (damage a checkpoint, re-hash its manifest?, what the warning says
                    "trainable.safetensors is not a readable safetensors file"),
     "nan": (_tensors_edit("trainable.safetensors", lambda w: w[_first(w)].view(-1).fill_(float("nan"))),
             True, "trainable.safetensors holds NaN or inf"),
+    # it resumed at epoch 1 on epoch 2's weights; a TypeError at the first step; float16 without a word
+    "epoch_of_another": (_state_edit(lambda s: s.update(epoch=1)), True, "state.pt says 1 epochs done, its "
+                                                                         "folder 2"),
+    "counter_type": (_state_edit(lambda s: s["counters"].update(g_steps="x")), True,
+                     "state.pt's counter 'g_steps' is 'x', not a count"),
+    "float16": (_tensors_edit("ema.safetensors", lambda w: w.update({k: v.half() for k, v in w.items()})),
+                True, "ema.safetensors holds torch.float16 tensors"),
 }
 
 
