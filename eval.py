@@ -244,7 +244,11 @@ def read_metrics(path, warn=print):
     rows = []
     with open(path, "rb") as f:
         for i, raw in enumerate(f.read().split(b"\n"), 1):
-            text = raw.decode("utf-8", "replace").strip().strip("\x00")
+            try:
+                text = raw.decode("utf-8").strip().strip("\x00")
+            except UnicodeDecodeError:  # bytes replaced, it would pass for a row it is not
+                warn(f"WARNING {path}:{i}: dropped a line that is not UTF-8 text")
+                continue
             if not text:
                 continue
             try:

@@ -54,6 +54,7 @@ def claim_out_dir(cfg):
                          "run reads (references, prompts); give it one of its own, e.g. --out_dir=out/my_run")
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"out_dir {out} is a file, not a folder")
+    made, fresh = not os.path.isdir(out), not os.path.exists(os.path.join(out, ".lock"))
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:  # below a file, under /proc, read-only, ...
@@ -67,28 +68,36 @@ def claim_out_dir(cfg):
             raise SystemExit(f"out_dir {out} is in use by another run (its .lock is held); wait for it or "
                              "pick another --out_dir") from None
         _LOCKS[out] = lock
-    for n in RUN_FILES:  # something else in the place of a run's file or folder: say so now, not mid-run
-        p = os.path.join(out, n)
-        if os.path.exists(p) and os.path.isdir(p) != (n in ("checkpoints", "samples", "tensorboard")):
-            raise SystemExit(f"{p} is a {'folder' if os.path.isdir(p) else 'file'}, where a run keeps its "
-                             f"{n}: move it away, or pick another --out_dir")
-    used = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
-    if used and not cfg.resume:
-        if not cfg.overwrite:
-            raise SystemExit(f"out_dir {out} already holds a run ({', '.join(used)}): "
-                             "--resume to continue it, --overwrite=True to clear it first, "
-                             "or another --out_dir")
-        if not our_run(out):
-            raise SystemExit(f"--overwrite: out_dir {out} holds no run of this project (its "
-                             f"{', '.join(used)} are not ours: no config.json written by train.py, no "
-                             f"checkpoint with our {C.MANIFEST}); nothing was deleted: "
-                             "pick another --out_dir")
-        for f in our_files(out):
-            os.remove(f)
-            d = os.path.dirname(f)
-            while d != out and not os.listdir(d):  # a folder left empty goes; one with a user's file stays
-                os.rmdir(d)
-                d = os.path.dirname(d)
+    try:
+        for n in RUN_FILES:  # something else where a run keeps a file or folder: said now, not mid-run
+            p = os.path.join(out, n)
+            if os.path.exists(p) and os.path.isdir(p) != (n in ("checkpoints", "samples", "tensorboard")):
+                raise SystemExit(f"{p} is a {'folder' if os.path.isdir(p) else 'file'}, where a run keeps "
+                                 f"its {n}: move it away, or pick another --out_dir")
+        used = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
+        if used and not cfg.resume:
+            if not cfg.overwrite:
+                raise SystemExit(f"out_dir {out} already holds a run ({', '.join(used)}): "
+                                 "--resume to continue it, --overwrite=True to clear it first, "
+                                 "or another --out_dir")
+            if not our_run(out):
+                raise SystemExit(f"--overwrite: out_dir {out} holds no run of this project (its "
+                                 f"{', '.join(used)} are not ours: no config.json written by train.py, no "
+                                 f"checkpoint with our {C.MANIFEST}); nothing was deleted: "
+                                 "pick another --out_dir")
+            for f in our_files(out):
+                os.remove(f)
+                d = os.path.dirname(f)
+                while d != out and not os.listdir(d):  # a folder left empty goes; a user's file stays
+                    os.rmdir(d)
+                    d = os.path.dirname(d)
+    except SystemExit:  # refused: no .lock (nor folder) of ours is left in the user's place
+        if fresh:
+            _LOCKS.pop(out).close()
+            os.remove(os.path.join(out, ".lock"))
+            if made and not os.listdir(out):
+                os.rmdir(out)
+        raise
 
 
 def our_run(out):
@@ -150,11 +159,15 @@ class Metrics:
 
 
 def open_metrics(out_dir, start):
-    """metrics.jsonl (a Metrics); on resume, keep only the lines of epochs before `start` (rewritten
-    atomically), so redone epochs are not logged twice and a torn last line is gone."""
+    """metrics.jsonl (a Metrics); on resume, keep only the lines of epochs before `start`, in increasing
+    epoch order (rewritten atomically), so redone epochs are not logged twice, and a torn, foreign or
+    repeated line is gone."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(path):
-        keep = [r for r in E.read_metrics(path) if isinstance(r.get("epoch"), int) and r["epoch"] < start]
+        keep = []
+        for r in E.read_metrics(path):
+            if isinstance(r.get("epoch"), int) and (keep[-1]["epoch"] if keep else -1) < r["epoch"] < start:
+                keep.append(r)
 
         def rewrite():
             with open(path + ".tmp", "w") as f:

@@ -203,6 +203,11 @@ def test_metrics_lines_that_are_not_objects_are_dropped_and_a_folder_in_its_plac
     assert f"{path}:2: dropped a line that is not a JSON object" in capsys.readouterr().out
     O.open_metrics(str(tmp_path), 1).write({"epoch": 1})  # on resume: the rows of epochs before 1, then this
     assert [json.loads(line) for line in open(path)] == [{"epoch": 0, "reward_mean": 1}, {"epoch": 1}]
+    # a line that is not UTF-8 (bytes replaced it would pass for epoch 1 again) and a repeated epoch: gone
+    path.write_bytes(b'{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n{"epoch": 1, "x": "\xff"}\n{"epoch": 1}\n')
+    O.open_metrics(str(tmp_path), 3).write({"epoch": 3})
+    assert [json.loads(line)["epoch"] for line in open(path)] == [0, 1, 2, 3]
+    assert f"{path}:4: dropped a line that is not UTF-8 text" in capsys.readouterr().out
     os.remove(path)
     os.makedirs(path)
     with pytest.raises(SystemExit, match="metrics.jsonl is a folder, not a run's metrics file"):
@@ -241,7 +246,7 @@ def test_overwrite_is_refused_on_a_folder_that_holds_no_run_of_ours(tmp_path):
     err = _run([f"--out_dir={out}", "--epochs=1", "--overwrite=True"], ok=False).stderr
     assert "holds no run of this project" in err and "nothing was deleted" in err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == \
-           [".lock", "checkpoints/resnet50.pt", "config.json", "samples/photo1.png"]
+           ["checkpoints/resnet50.pt", "config.json", "samples/photo1.png"]   # and no .lock of ours
 
 
 @pytest.mark.parametrize("out_dir, cwd, msg", [("", ".", "out_dir is empty"), (".", ".", "which holds"),
