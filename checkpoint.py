@@ -133,18 +133,21 @@ def save(cfg, epochs_done, gen, adversary, counters):
             raise SystemExit(full_disk_message(writing, cfg.out_dir) + f"; {tmp} was removed") from None
         raise
     # prune the complete ones (a manifest) older than the newest keep_last, never one holding a user's file;
-    # no re-hashing: the newest was just written and checked, and damage in an older one only makes it go
+    # no re-hashing. Renamed epoch_N.pruned first: a kill while deleting leaves no half checkpoint.
     complete = [p for p in checkpoints(cfg.out_dir) if _manifest(p)[0] is not None]
-    for old in complete[:-cfg.keep_last]:
-        if not users_files(old):
-            shutil.rmtree(old, ignore_errors=True)
+    pruned = [p + ".pruned" for p in complete[:-cfg.keep_last] if not users_files(p)]
+    for gone in [os.path.join(root, n) for n in os.listdir(root) if n.endswith(".pruned")]:
+        shutil.rmtree(gone, ignore_errors=True)  # left by a kill
+    for gone in pruned:
+        os.rename(gone.removesuffix(".pruned"), gone)
+        shutil.rmtree(gone, ignore_errors=True)
     return final
 
 
 def ours(folder):
     """The files of checkpoint folder `folder` that a save wrote: what its manifest lists and the manifest
-    (a half-written epoch_N.tmp: the names a save writes); none when it has no manifest of ours."""
-    if folder.endswith(".tmp"):
+    (a half-written .tmp or half-deleted .pruned one: the names a save writes); none without a manifest."""
+    if folder.endswith((".tmp", ".pruned")):
         listed = [*SAVED, MANIFEST]
     else:
         manifest = _manifest(folder)[0]

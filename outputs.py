@@ -120,8 +120,8 @@ def our_files(out):
     files = [os.path.join(out, n) for n in REPORT]
     files += matching(os.path.join(out, "samples"), r"^epoch_\d{6}\.png$")
     files += matching(os.path.join(out, "tensorboard"), r"^events\.out\.tfevents\.")
-    files += [os.path.join(p, n) for p in matching(os.path.join(out, "checkpoints"), r"^epoch_\d{6}(\.tmp)?$")
-              for n in C.ours(p)]
+    files += [os.path.join(p, n) for p in matching(os.path.join(out, "checkpoints"),
+                                                   r"^epoch_\d{6}(\.tmp|\.pruned)?$") for n in C.ours(p)]
     return [f for f in files if os.path.isfile(f)]
 
 

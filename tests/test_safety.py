@@ -124,6 +124,32 @@ def built():
     return cfg, gen, adv
 
 
+def test_a_kill_while_pruning_leaves_no_half_checkpoint_and_the_next_save_finishes_it(tmp_path, built,
+                                                                                      monkeypatch):
+    import dataclasses
+    import shutil
+    cfg, gen, adv = built
+    cfg = dataclasses.replace(cfg, out_dir=str(tmp_path), keep_last=1)
+    counters = dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0)
+    C.save(cfg, 1, gen, adv, counters)
+    rmtree = shutil.rmtree
+
+    def killed(path, *a, **k):  # the process dies having deleted half of the pruned checkpoint
+        if not path.endswith(".pruned"):
+            return rmtree(path, *a, **k)
+        os.remove(os.path.join(path, C.MANIFEST))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        C.save(cfg, 2, gen, adv, counters)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    root = tmp_path / "checkpoints"
+    assert sorted(os.listdir(root)) == ["epoch_000001.pruned", "epoch_000002"]  # not a damaged epoch_000001
+    assert [os.path.basename(p) for p in C.checkpoints(str(tmp_path))] == ["epoch_000002"]
+    C.save(cfg, 3, gen, adv, counters)
+    assert sorted(os.listdir(root)) == ["epoch_000003"]
+
+
 @pytest.mark.parametrize("where", ["ema", "discriminator", "adam"])
 def test_a_non_finite_tensor_is_never_saved_and_nothing_is_pruned(tmp_path, built, where):
     import dataclasses
