@@ -435,10 +435,16 @@ def evaluate(args, ckpt, cfg, lora, settings, out):
     gen = M.build_generator(cfg, device)
     if ckpt:
         try:
-            ckpt = C.load_weights(gen, ckpt)  # another one if a live run pruned it meanwhile
+            loaded = C.load_weights(gen, ckpt)  # another one if a live run pruned it meanwhile
         except (KeyError, RuntimeError) as e:
             raise SystemExit(f"{ckpt}: its weights do not fit the model its config.json describes "
                              f"({type(e).__name__}: {str(e)[:160]})") from None
+        if loaded != ckpt:  # filed, labelled and reproduced as the checkpoint it is
+            lora = os.path.join(loaded, "lora") if lora else ""
+            if not args.out and os.path.isdir(out) and not os.listdir(out):
+                os.rmdir(out)
+                out = output_folder(args, loaded, cfg, settings)
+            ckpt = loaded
     prompts = [p for p in base for _ in range(n)]
     images = E.generate(gen, prompts, args.seed, steps, scale)
     refs = None

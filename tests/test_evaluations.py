@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import eval as E
+import checkpoint as C
 import model as M
 from inproc import run_main
 from test_train import PRESET, tiny_cfg
@@ -334,3 +335,20 @@ def test_a_flag_takes_true_or_false_after_a_space():
         assert configurator.parse(argv, sample.EvalArgs)[0].t5 is t5
     args = configurator.parse(["--overwrite", "--prompt", "a cat"], sample.EvalArgs)[0]
     assert args.overwrite is True and args.prompt == ["a cat"]
+
+
+def test_a_checkpoint_pruned_while_read_is_filed_as_the_one_that_was_loaded(tmp_path, run_dir, monkeypatch):
+    """--ckpt epoch_1 of a live run that pruned it meanwhile: the loader takes the run's newest (epoch_2),
+    and the evaluation is filed, labelled and reproduced as epoch_2, not as epoch_1."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))
+    run_main("train.py", [PRESET, f"--out_dir={run}", "--resume", "--epochs=2", "--eval_every=0"])
+    first, second = (str(run / "checkpoints" / f"epoch_00000{n}") for n in (1, 2))
+    load = C.load_weights
+    monkeypatch.setattr(C, "load_weights", lambda gen, path, w=None: load(gen, second))
+    _sample(["--ckpt", first, "--prompt", "a red circle on the left", "--n_per_prompt", "1"])
+    (out,) = os.listdir(run / "eval")
+    assert out.startswith("epoch_000002-")  # its settings differ from the run's: their hash appended
+    assert json.load(open(run / "eval" / out / "metrics.json"))["checkpoint"] == second
+    assert json.load(open(run / "eval" / out / "reproduce.json"))["lora"] == os.path.join(second, "lora")
