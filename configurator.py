@@ -350,14 +350,16 @@ def validate(cfg, world, warn=None):
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"config error: {msg}")
-    for line in config_warnings(cfg) if warn else ():
+    for line in config_warnings(cfg, world) if warn else ():
         warn(f"WARNING {line}", flush=True)
 
 
-def config_warnings(cfg):
+def config_warnings(cfg, world=1):
     """What is legal but surely not meant, said before the first epoch: lines to print. (What only the
     rewards know, e.g. a schedule that never trains the generator, reward.check_config says.)"""
-    out = []
+    out = [] if world == 1 or not cfg.d_conditional else [
+        f"d_conditional on {world} ranks: its wrong-prompt references are paired within a rank, so the run "
+        "depends on the number of ranks (every other setting trains the same weights on any number)"]
     if cfg.noise_level == 0 and cfg.objective == "grpo":
         out.append("noise_level = 0: the training window is deterministic, every log-prob ratio is 1 and "
                    "nothing is explored or learnt (the recipe: 0.8 for cps, 0.7 for sde)")

@@ -28,6 +28,8 @@ RUN_FILES = ("metrics.jsonl", "checkpoints", "samples", "summary.json", "curves.
 REPORT = ("config.json", "config.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "summary.json",
           "curves.png")
 
+# What sample.py writes in an evaluation folder (<run>/eval/epoch_N[-hash]/, and its lora/ copy)
+EVAL_FILES = r"^(\d{4,}\.png|grid\.png|metrics\.json|reproduce\.(py|json)|lora)$"
 _LOCKS = {}  # run folder -> its open, locked .lock file, held until the process ends
 
 
@@ -122,6 +124,9 @@ def our_files(out):
     files += matching(os.path.join(out, "tensorboard"), r"^events\.out\.tfevents\.")
     files += [os.path.join(p, n) for p in matching(os.path.join(out, "checkpoints"),
                                                    r"^epoch_\d{6}(\.tmp|\.pruned)?$") for n in C.ours(p)]
+    for ev in matching(os.path.join(out, "eval"), r"^epoch_\d{6}(-[0-9a-f]{8})?$"):  # sample.py's, of the run
+        files += matching(ev, EVAL_FILES)
+        files += [os.path.join(d, n) for d, _, names in os.walk(os.path.join(ev, "lora")) for n in names]
     return [f for f in files if os.path.isfile(f)]
 
 

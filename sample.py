@@ -82,6 +82,7 @@ import checkpoint as C
 import data
 import eval as E
 import model as M
+import outputs as O
 import reward as R
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -287,8 +288,7 @@ def evaluation_settings(args, cfg):
     return dict(prompts=base, n_per_prompt=n, num_steps=steps, guidance_scale=scale, seed=args.seed)
 
 
-# an evaluation's
-OUR_FILES = re.compile(r"^(\d{4,}\.png|grid\.png|metrics\.json|reproduce\.(py|json)|lora)$")
+OUR_FILES = re.compile(O.EVAL_FILES)  # an evaluation's files (train.py --overwrite of its run removes them)
 
 
 def output_folder(args, ckpt, cfg, settings):

@@ -352,3 +352,17 @@ def test_a_checkpoint_pruned_while_read_is_filed_as_the_one_that_was_loaded(tmp_
     assert out.startswith("epoch_000002-")  # its settings differ from the run's: their hash appended
     assert json.load(open(run / "eval" / out / "metrics.json"))["checkpoint"] == second
     assert json.load(open(run / "eval" / out / "reproduce.json"))["lora"] == os.path.join(second, "lora")
+
+
+def test_overwrite_of_a_run_removes_its_evaluations_but_not_a_users_file(tmp_path, run_dir):
+    """An earlier run's eval/epoch_N/ would name the new run's checkpoint as its source: --overwrite removes
+    what sample.py wrote there (images, grid, metrics, reproduce.*, lora/), never a user's file."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))
+    _sample(["--ckpt", str(run), "--prompt", "a red circle on the left", "--n_per_prompt", "1", "--out",
+             run / "eval" / "epoch_000001"])
+    (run / "eval" / "epoch_000001" / "notes.txt").write_text("mine")
+    assert (run / "eval" / "epoch_000001" / "lora").is_dir()
+    run_main("train.py", [PRESET, f"--out_dir={run}", "--epochs=1", "--eval_every=0", "--overwrite=True"])
+    assert os.listdir(run / "eval" / "epoch_000001") == ["notes.txt"]

@@ -86,3 +86,10 @@ def test_restating_a_key_on_resume_with_its_own_value_changes_nothing(tmp_path):
     assert C.config_changes(saved, cfg) == []
     cfg = T.parse_args(["config/tiny_random_adv.py", f"--out_dir={out}", "--resume", "--sde_kind=sde"])
     assert cfg.clip_range == 1e-4  # another value: re-derived
+
+
+def test_a_prompt_aware_head_on_several_ranks_is_said_to_depend_on_their_number():
+    cfg = configurator.parse_args(["config/tiny.py", "--d_conditional=True"])
+    assert configurator.config_warnings(cfg, 1) == []
+    (line,) = configurator.config_warnings(cfg, 2)
+    assert line.startswith("d_conditional on 2 ranks") and "depends on the number of ranks" in line
