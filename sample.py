@@ -464,21 +464,32 @@ def evaluate(args, ckpt, cfg, lora, settings, out):
     pm, ps = measure_preference(images, prompts, device, cfg, online)
     metrics.update(pm)
     skipped.update(ps)
-    for name in os.listdir(out):  # --overwrite: the earlier evaluation's files go, none is left stale
-        if OUR_FILES.match(name):
-            (shutil.rmtree if name == "lora" else os.remove)(os.path.join(out, name))
-    for i, im in enumerate(images):
-        Image.fromarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(
-            os.path.join(out, f"{i:04d}.png"))
     what = (f"{short(os.path.dirname(os.path.dirname(ckpt)))}/{short(ckpt)} (EMA weights)" if ckpt
             else short(cfg.pretrained) + (f" + {short(lora)}" if lora else "")) + \
         f", {len(base)} prompts × {n}, {steps} steps, CFG {scale}, seed {args.seed}"
-    E.save_grid(images, os.path.join(out, "grid.png"), nrow=n, labels=prompts, title=what)
-    json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, n_per_prompt=n, num_steps=steps,
-                   guidance_scale=scale, seed=args.seed, checkpoint=ckpt, pretrained=cfg.pretrained,
-                   lora=lora), open(os.path.join(out, "metrics.json"), "w"), indent=1)
-    if not ckpt or os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):  # none: full FT
-        write_reproduce(out, cfg, lora, settings, what)
+    stage = tempfile.mkdtemp(prefix=".new-", dir=out)  # written whole first: a failure keeps the earlier one
+    try:
+        for i, im in enumerate(images):
+            Image.fromarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(
+                os.path.join(stage, f"{i:04d}.png"))
+        E.save_grid(images, os.path.join(stage, "grid.png"), nrow=n, labels=prompts, title=what)
+        json.dump(dict(metrics=metrics, skipped=skipped, prompts=prompts, n_per_prompt=n, num_steps=steps,
+                       guidance_scale=scale, seed=args.seed, checkpoint=ckpt, pretrained=cfg.pretrained,
+                       lora=lora), open(os.path.join(stage, "metrics.json"), "w"), indent=1)
+        if not ckpt or os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):  # no: full FT
+            write_reproduce(stage, cfg, lora, settings, what)
+        for name in os.listdir(out):  # --overwrite: the earlier evaluation's files go, none is left stale
+            if OUR_FILES.match(name):
+                (shutil.rmtree if name == "lora" else os.remove)(os.path.join(out, name))
+        for name in os.listdir(stage):
+            os.replace(os.path.join(stage, name), os.path.join(out, name))
+    except OSError as e:
+        if not C.disk_full(e):
+            raise
+        raise SystemExit(f"disk full while writing the evaluation into {out}; an earlier one there is "
+                         "kept") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     print(json.dumps(metrics, indent=1))
     if "fd_dino" in metrics and len(images) < 50:
         print(f"WARNING fd_dino from {len(images)} images is unreliable: its covariances need ~50 or more")

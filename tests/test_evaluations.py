@@ -171,7 +171,7 @@ def test_a_lora_on_a_subset_of_the_targets_evaluates_and_starts_a_run(tmp_path, 
 
 # --- each evaluation in its own folder, reproducible --------------------------------------------------
 
-def test_evaluations_get_their_own_folders_and_are_never_overwritten(run_dir):
+def test_evaluations_get_their_own_folders_and_are_never_overwritten(run_dir, monkeypatch):
     _sample(["--ckpt", str(run_dir)])  # as the run evaluated itself: eval/epoch_000001
     own = run_dir / "eval" / "epoch_000001"
     names, first = _pngs(own)
@@ -190,6 +190,17 @@ def test_evaluations_get_their_own_folders_and_are_never_overwritten(run_dir):
              "--out", str(own), "--overwrite"])
     assert _pngs(own)[0] == ["0000.png"] and (own / "my_notes.txt").read_text() == "mine"
     assert json.load(open(own / "metrics.json"))["prompts"] == ["a red circle on the left"]
+    # --overwrite that fails half-way (a full disk at the grid): the earlier evaluation is kept whole
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(E, "save_grid", full)
+    err = _sample(["--ckpt", str(run_dir), "--prompt", "a blue square at the top", "--n_per_prompt", "2",
+                   "--out", str(own), "--overwrite"], ok=False).stderr
+    assert err.strip().endswith("an earlier one there is kept") and _pngs(own)[0] == ["0000.png"]
+    assert sorted(os.listdir(own)) == ["0000.png", "grid.png", "lora", "metrics.json", "my_notes.txt",
+                                       "reproduce.json", "reproduce.py"]
 
 
 def test_reproduce_py_makes_the_evaluations_images_in_plain_diffusers(run_dir, tmp_path):
