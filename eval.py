@@ -303,7 +303,7 @@ def watch_health(d_signal, ref_sim, trained_g, counters, row, master):
         row["drift_warning"] = 1
         if master:
             print(f"WARNING the generations are leaving the references: ref_sim {m:.3f} (smoothed) against "
-                  f"{best:.3f} at best, while the generator trains on the adversarial reward (D acc "
+                  f"{best:.3f} at best, while the generator trains on the discriminator's reward (D acc "
                   f"{row.get('d_acc', float('nan')):.2f}, d_signal {d_signal:.2f}); held-out quality "
                   "usually follows: keep an earlier checkpoint", flush=True)
 
