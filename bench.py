@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -98,7 +99,6 @@ def parse(argv):
 def random_references(cfg, k=8):
     """k random-noise PNGs written to a temporary folder and read back by data.ReferenceSet (folder mode:
     real for every prompt). The images are held in memory, so the folder can go at once."""
-    from PIL import Image
     rng = np.random.default_rng(cfg.seed)
     with tempfile.TemporaryDirectory() as folder:
         for i in range(k):

@@ -28,13 +28,17 @@ import json
 import os
 from dataclasses import dataclass
 
+import diffusers
 import torch
 import torch.nn as nn
+import transformers
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                        StableDiffusion3Pipeline)
+from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 import sampler as S
@@ -55,7 +59,6 @@ def char_tokenizer(max_length, words=()):
 
     Random-weight and tiny-world pipelines have no trained vocabulary; this keeps the real
     `CLIPTokenizer` code path (byte-level pre-tokeniser, </w> suffixes, BOS/EOS, padding)."""
-    from tokenizers.pre_tokenizers import ByteLevel
     chars = sorted(ByteLevel.alphabet())  # the 256 byte-level symbols
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
@@ -113,8 +116,6 @@ def random_pipeline(arch="tiny", t5=False, seed=0, device="cpu", dtype=torch.flo
 def quiet_libraries():
     """Silence what is noise in our logs: diffusers' and transformers' info messages and their nested
     weight-loading progress bars (errors still show)."""
-    import diffusers
-    import transformers
     for lib in (diffusers, transformers):
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
@@ -150,7 +151,6 @@ def add_lora(transformer, rank, alpha, targets=LORA_TARGETS, init="gaussian"):
     if rank == 0:
         transformer.requires_grad_(True)
         return transformer
-    from peft import LoraConfig
     transformer.requires_grad_(False)
     try:
         transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
+from safetensors.torch import load_file
 
 from model import char_tokenizer
 
@@ -250,7 +251,6 @@ def load_aesthetic_head(weights=AESTHETIC_URL, dim=768):
     head = AestheticHead(dim)
     try:
         if os.path.isfile(weights) and weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
             state = load_file(weights)
         elif os.path.isfile(weights):
             state = torch.load(weights, map_location="cpu", weights_only=True)
