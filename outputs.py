@@ -226,7 +226,7 @@ def announce(cfg, world, prompts, gen, resume_from, start):
     print(f"config ({cfg.out_dir}/config.json); differs from the paper's recipe in: "
           f"{', '.join(changed) or '-'}")
     if resume_from:
-        print(f"resumed from {resume_from} (next epoch {start})")
+        print(f"resumed from {resume_from} ({start} epochs done; next: epoch {start + 1}/{cfg.epochs})")
     n = cfg.prompts_per_epoch * cfg.group_size
     print(f"world {world} | {cfg.prompts_per_epoch} prompts × {cfg.group_size} images = {n} images/epoch "
           f"({n // world} per rank) | {len(prompts)} training prompts | trainable params "

@@ -55,7 +55,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path):
     proc.wait()
     assert _ckpts(b)[-1] == "epoch_000008"
     out = _run([f"--out_dir={b}", "--resume"] + args).stdout
-    assert "resumed from" in out and "next epoch 8" in out
+    assert "resumed from" in out and "(8 epochs done; next: epoch 9/" in out
     for name in ("trainable.safetensors", "ema.safetensors"):
         wa, wb = (load_file(os.path.join(d, "checkpoints", "epoch_000016", name)) for d in (a, b))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)

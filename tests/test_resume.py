@@ -142,7 +142,7 @@ def test_a_damaged_newest_checkpoint_is_one_line_and_resume_takes_the_one_before
         assert C.verify(_ck(out, 2)) is None  # the checksums match: only reading it shows the damage
     p = _run([f"--out_dir={out}", "--resume", "--epochs=2"])
     assert f"WARNING skipping damaged checkpoint {_ck(out, 2)}: {why}" in p.stdout
-    assert f"resumed from {_ck(out, 1)} (next epoch 1)" in p.stdout
+    assert f"resumed from {_ck(out, 1)} (1 epochs done; next: epoch 2/2)" in p.stdout
     assert C.damaged(_ck(out, 2)) is None  # epoch 1 was trained again and saved in its place
     if case != "manifest_list" and case != "manifest_entry":  # loading it directly: the same line
         damage(_ck(out, 2))

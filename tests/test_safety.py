@@ -48,7 +48,7 @@ def test_torn_metrics_line_and_damaged_newest_checkpoint_do_not_block_resume(tmp
     os.makedirs(os.path.join(ck, "epoch_000099.bak"))              # not a checkpoint name
     out = _run([f"--out_dir={b}", "--epochs=4", "--resume"]).stdout
     assert "skipping damaged checkpoint" in out and "epoch_000003: trainable.safetensors has" in out
-    assert "resumed from" in out and "epoch_000002" in out and "next epoch 2" in out
+    assert "resumed from" in out and "epoch_000002" in out and "(2 epochs done; next: epoch 3/" in out
     assert _same_weights(os.path.join(a, "checkpoints", "epoch_000004"), os.path.join(ck, "epoch_000004"))
     assert [json.loads(line)["epoch"] for line in open(os.path.join(b, "metrics.jsonl"))] == [0, 1, 2, 3]
 
