@@ -652,15 +652,18 @@ def check_reward(spec):
         weight, settings = _split(value)
         if type(weight) not in (int, float) or not math.isfinite(weight):
             return f"reward weight of {name!r} must be a number, got {weight!r} ({{'weight': w, ...}} or w)"
-        own = [] if name in ADVERSARIES else [p for p in inspect.signature(REWARDS[name]).parameters
-                                              if p not in CONTEXT]
+        own = {} if name in ADVERSARIES else {p: q.default for p, q in inspect.signature(
+            REWARDS[name]).parameters.items() if p not in CONTEXT}  # its settings and their defaults
         if bad := sorted(set(settings) - set(own)):
             return f"reward {name!r} has no setting {bad[0]!r} (its settings: {', '.join(own) or 'none'})"
+        for key, v in settings.items():  # of its default's kind (an int may stand for a float)
+            if (d := own[key]) not in (None, inspect.Parameter.empty) and not (
+                    isinstance(v, type(d)) or type(d) is float and type(v) is int):
+                return f"reward {name!r}: {key} must be a {type(d).__name__} like {d!r}, got {v!r}"
     if spec and all(_split(v)[0] == 0 for v in spec.values()):
         return "every reward weight is 0: every image would score 0 and nothing would be learnt"
     if len(named := [n for n in spec if n in ADVERSARIES]) > 1:
-        return (f"at most one adversarial reward, got {' and '.join(named)} "
-                "(each trains its own discriminator)")
+        return f"at most one adversarial reward, got {' and '.join(named)}: each trains its own head"
     return None
 
 

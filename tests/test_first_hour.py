@@ -36,6 +36,8 @@ def test_values_that_cannot_be_meant_are_refused():
     assert "ema_decay must be < 1" in _refusal("--ema_decay=1.0")
     import reward as R
     assert "every reward weight is 0" in R.check_reward({"brightness": 0, "toy_geneval": {"weight": 0.0}})
+    assert R.check_reward({"clip_sim": {"weight": 1, "clip_model": 5}}) == \
+        "reward 'clip_sim': clip_model must be a str like 'openai/clip-vit-large-patch14', got 5"  # traceback
     import outputs
     for out in ("config", "assets/tiny_refs", "assets/tinyworld/new_run"):
         cfg = configurator.parse_args(["config/tiny.py", f"--out_dir={out}"])
