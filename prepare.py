@@ -215,7 +215,13 @@ def main(argv=None):
     if argv[0] == "make_references":
         if not (a.model and a.prompts):
             raise SystemExit("make_references needs --model and --prompts")
-        print(make_references(a.model, a.prompts, a.out, a.n, a.steps, a.guidance_scale, a.size, a.seed))
+        if a.model.startswith((".", "/", "~")) and not os.path.isdir(a.model):
+            raise SystemExit(f"make_references: no model folder {a.model}")
+        try:  # a bad size, prompt file or model: one line, not the library's traceback
+            data.load_prompts(a.prompts)  # before the (slow) model load
+            print(make_references(a.model, a.prompts, a.out, a.n, a.steps, a.guidance_scale, a.size, a.seed))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"make_references: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     elif argv[0] == "import_prompts":
         try:
             kept, dropped = import_prompts(a.src, a.out)

@@ -255,3 +255,16 @@ def test_the_missing_weights_hint_works_with_the_recipe_and_names_the_venvs_cli(
     gen = M.build_generator(cfg, torch.device("cpu"))
     batch = T.sample_epoch(cfg, 0, gen, ["a red circle"], [0], 0, progress=False)
     assert batch["images"].shape == (1, 3, 32, 32) and torch.isfinite(batch["images"]).all()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model", "/nonexistent", "--prompts", "assets/tiny_prompts.txt"], "no model folder /nonexistent"),
+    (["--model", "assets/tinyworld/pipeline", "--prompts", "nothere.txt"], "nothere.txt does not exist"),
+    (["--model", "assets/tinyworld/pipeline", "--prompts", "assets/tiny_prompts.txt", "--size", "7",
+      "--steps", "1", "--n", "1"], "have to be divisible by 4")])
+def test_make_references_refuses_in_one_line(tmp_path, args, says):
+    """A missing model, prompt file or an impossible size: one line, not the library's traceback."""
+    from inproc import run_main
+    err = run_main("prepare.py", ["make_references", *args, "--out", tmp_path / "r"], ok=False).stderr
+    last = err.strip().splitlines()[-1]  # after the pipeline's loading bars, where it loads
+    assert last.startswith("make_references: ") and says in last and "Traceback" not in err, err
