@@ -508,7 +508,10 @@ def train(cfg):
         extra_log = O.external_logger(cfg)
         O.announce(cfg, world, prompts, gen, resume_from, start)
         log = O.open_metrics(cfg.out_dir, start)
-    evaluate = functools.partial(E.evaluate, cfg, gen, phi, references, test_prompts, rank=rank)
+    held_out = functools.partial(E.evaluate, cfg, gen, phi, references, test_prompts, rank=rank)
+
+    def evaluate(epoch, history):  # a full disk while writing the held-out grid: one line
+        return O.guarded(os.path.join(cfg.out_dir, "samples"), cfg.out_dir, lambda: held_out(epoch, history))
     # SIGTERM (preemption): finish the epoch, save, exit 0. The flag is all-reduced so ranks agree.
     stop = torch.zeros(1, device=device)
     signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))

@@ -37,7 +37,7 @@ def test_every_file_has_a_budget_and_keeps_it():
     assert set(lines) == set(BUDGET), f"give each top-level file a budget: {set(lines) ^ set(BUDGET)}"
     over = {f: (n, BUDGET[f]) for f, n in lines.items() if n > BUDGET[f]}
     assert not over, f"(lines, budget): {over}"
-    assert sum(lines[f] for f in METHOD) <= 2710, {f: lines[f] for f in METHOD}
+    assert sum(lines[f] for f in METHOD) <= 2720, {f: lines[f] for f in METHOD}
     train = source("train.py").split("\n")
     start = next(i for i, line in enumerate(train) if line.startswith("    for epoch in range("))
     end = next(i for i, line in enumerate(train) if line.strip().startswith("final_evaluation("))

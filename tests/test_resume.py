@@ -177,6 +177,15 @@ def test_a_full_disk_while_writing_the_final_report_is_one_line(tmp_path, monkey
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_a_full_disk_while_writing_the_held_out_grid_is_one_line(tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(E, "save_grid", full)
+    p = _run([f"--out_dir={tmp_path / 'run'}", "--epochs=1", "--eval_every=1"], ok=False)
+    assert p.stderr.strip().startswith("disk full while writing") and "samples" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
 def test_a_resume_reads_its_checkpoint_once(tmp_path, two_epochs, monkeypatch):
     """latest() reads the checkpoint whole to check it; load() takes that copy instead of reading it again."""
     out = str(tmp_path / "run")
