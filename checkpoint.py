@@ -1,22 +1,18 @@
 """
-checkpoint.py — what a run leaves on disk and how it comes back, without losing or mixing anything.
+checkpoint.py — the checkpoints of a run, written so that nothing is lost or mixed, and read back exactly.
 
-Owns
-- `save`: a checkpoint folder `out_dir/checkpoints/epoch_N` (N = epochs done: the weights that enter epoch
-  N, the same number as the held-out grid and summary of those weights), written to `epoch_N.tmp` and
-  renamed only when complete. Every tensor is checked finite first (weights, EMA, optimizer, discriminator):
-  a refused save writes nothing and deletes nothing. `manifest.json`, written last, lists each file's size
-  and SHA-256. A full disk ends in one line, and the previous checkpoint stays.
-- `latest` / `verify` / `read`: the newest *intact* checkpoint — a damaged, truncated, stray or re-hashed
-  but unusable one (a state.pt without its keys, tensors of the wrong shape, NaN) is skipped with a warning
-  that names what is wrong.
-- `resume_point`, `load`, `load_weights`, `config_changes`: restore a run exactly (or, for sample.py, its
-  weights); say which keys changed since the checkpoint, and refuse the changes that make it another
-  experiment; a finished run says so and exits 0.
-- every checkpoint also holds the EMA LoRA in diffusers' format (`lora/`, written by model.export_lora).
+- `save`: `out_dir/checkpoints/epoch_N` (N = epochs done: the weights that enter epoch N, numbered as the
+  held-out grid of those weights), written to `epoch_N.tmp` and renamed when complete. Every tensor is
+  checked finite first (a refused save writes and deletes nothing); `manifest.json`, written last, lists
+  each file's size and SHA-256; a full disk is one line and the previous checkpoint stays. Each holds the
+  EMA LoRA in diffusers' format too (`lora/`, model.export_lora).
+- `latest` / `verify` / `read`: the newest *intact* checkpoint; a damaged, truncated, stray or re-hashed
+  but unusable one (a state.pt without its keys, tensors of the wrong shape, NaN) is skipped with a
+  warning that names what is wrong.
+- `load`, `load_weights`: restore a run exactly (or, for sample.py, its weights).
 
-Leaves out: what is trained (model.py, reward.py), when to save (train.py), the run folder and its logs
-(outputs.py).
+Leaves out: what is trained (model.py, reward.py), when to save (train.py), the run folder, its config.json
+where a --resume starts and what it may change (outputs.py).
 """
 
 import dataclasses
@@ -26,26 +22,14 @@ import json
 import os
 import re
 import shutil
-import typing
 
 import torch
 from safetensors.torch import load_file, save_file
 
-import configurator
-import eval as E
 import model as M
 
 MANIFEST = "manifest.json"
 NAME = re.compile(r"^epoch_(\d{6})$")
-# Keys that define the experiment: changing one on --resume makes the resumed run another experiment
-# (refused unless allow_config_change). Any other change is printed and applied.
-SAME_EXPERIMENT = ("pretrained", "t5", "max_sequence_length", "resolution", "lora_rank", "lora_alpha",
-                   "train_prompts", "num_steps", "sde_kind", "group_size", "prompts_per_epoch", "reward",
-                   "references", "reference_root", "schedule", "d_conditional", "dino_backbone",
-                   "dino_weights", "dino_kwargs", "dino_image_size", "pickscore_model",
-                   "pickscore_train_last_k", "seed", "objective")
-# Keys that change the shapes of the trained tensors: no checkpoint can continue under another value
-SHAPES = ("lora_rank", "lora_targets", "d_hidden")
 SAVED = ("trainable.safetensors", "ema.safetensors", "old.safetensors", "state.pt", "config.json",
          os.path.join("lora", "pytorch_lora_weights.safetensors"))  # what `save` writes in a checkpoint
 STATE = dict(epoch=int, counters=dict, config=dict, optimizer=dict, rng_cpu=torch.Tensor)  # state.pt's keys
@@ -92,36 +76,35 @@ def save(cfg, epochs_done, gen, adversary, counters):
     if bad:
         raise SystemExit(f"refusing to save {final}: non-finite values in {', '.join(bad[:3])}"
                          f"{' …' if len(bad) > 3 else ''}; the checkpoints already on disk are kept")
+    def write_json(obj):
+        def write(path):
+            with open(path, "w") as f:
+                json.dump(obj, f, indent=1)
+        return write
+    writers = [("trainable.safetensors", lambda p: save_file(tensors, p)),
+               ("ema.safetensors", lambda p: save_file(ema, p)),
+               *([("old.safetensors", lambda p: save_file(old, p))] if old is not None else []),  # nft
+               ("state.pt", lambda p: torch.save(state, p)),
+               *([("lora", lambda p: M.export_lora(gen, p))] if cfg.lora_rank > 0 else []),
+               ("config.json", write_json(dataclasses.asdict(cfg)))]
     writing = tmp
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        writing = os.path.join(tmp, "trainable.safetensors")
-        save_file(tensors, writing)
-        writing = os.path.join(tmp, "ema.safetensors")
-        save_file(ema, writing)
-        if old is not None:  # objective = "nft": the old model (model.Shadow), the third set of weights
-            writing = os.path.join(tmp, "old.safetensors")
-            save_file(old, writing)
-        writing = os.path.join(tmp, "state.pt")
-        torch.save(state, writing)
-        if cfg.lora_rank > 0:
-            writing = os.path.join(tmp, "lora")
-            M.export_lora(gen, writing)
-        writing = os.path.join(tmp, "config.json")
-        with open(writing, "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-        manifest = {name: dict(bytes=os.path.getsize(os.path.join(tmp, name)),
-                               sha256=_sha256(os.path.join(tmp, name)))
-                    for name in _files(tmp)}
+        for name, write in writers:
+            writing = os.path.join(tmp, name)
+            write(writing)
+        manifest = {n: dict(bytes=os.path.getsize(os.path.join(tmp, n)), sha256=_sha256(os.path.join(tmp, n)))
+                    for n in _files(tmp)}
         writing = os.path.join(tmp, MANIFEST)
-        with open(writing, "w") as f:  # written last: its presence means complete
-            json.dump(manifest, f, indent=1)
+        write_json(manifest)(writing)  # written last: its presence means complete
         for name in _files(tmp):  # flush file contents before the rename makes them visible
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
         writing = final
-        keep_users_files(final, tmp)  # saved again (resumed from an older one): a user's file stays
+        for name in users_files(final):  # saved again (resumed from an older one): a user's file stays
+            if not os.path.exists(os.path.join(tmp, name)):
+                os.renames(os.path.join(final, name), os.path.join(tmp, name))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
@@ -147,12 +130,8 @@ def save(cfg, epochs_done, gen, adversary, counters):
 def ours(folder):
     """The files of checkpoint folder `folder` that a save wrote: what its manifest lists and the manifest
     (a half-written .tmp or half-deleted .pruned one: the names a save writes); none without a manifest."""
-    if folder.endswith((".tmp", ".pruned")):
-        listed = [*SAVED, MANIFEST]
-    else:
-        manifest = _manifest(folder)[0]
-        listed = [*manifest, MANIFEST] if manifest else []
-    return [n for n in listed if os.path.isfile(os.path.join(folder, n))]
+    listed = SAVED if folder.endswith((".tmp", ".pruned")) else _manifest(folder)[0]
+    return [n for n in [*listed, MANIFEST] if os.path.isfile(os.path.join(folder, n))] if listed else []
 
 
 def users_files(folder):
@@ -160,22 +139,11 @@ def users_files(folder):
     return [n for n in (_files(folder) if os.path.isdir(folder) else []) if n not in set(ours(folder))]
 
 
-def keep_users_files(final, tmp):
-    """Before checkpoint folder `final` is replaced by `tmp`: move a user's files of `final` into `tmp`."""
-    for name in users_files(final):
-        src, dst = os.path.join(final, name), os.path.join(tmp, name)
-        if not os.path.exists(dst):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.replace(src, dst)
-
-
 def disk_full(e):
     """Whether exception `e` is a full disk (or quota): OSError ENOSPC / EDQUOT, or how torch.save and
     safetensors word it."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    return "unexpected pos" in text or "No space left" in text or "os error 28" in text
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            or any(words in str(e) for words in ("unexpected pos", "No space left", "os error 28")))
 
 
 def full_disk_message(path, out_dir):
@@ -250,17 +218,15 @@ def read(path, device="cpu", state=True):
     reaches a model: readable files, the keys of state.pt, the same tensors in each set of weights, no
     empty tensor, nothing NaN or inf. Raises Damaged (one line, naming the file). `state`=False: the
     weights alone (what an evaluation needs)."""
-    w = dict(trainable=_tensors(path, "trainable.safetensors"), ema=_tensors(path, "ema.safetensors"))
-    if os.path.isfile(os.path.join(path, "old.safetensors")):
-        w["old"] = _tensors(path, "old.safetensors")
+    w = {n: _tensors(path, f"{n}.safetensors") for n in ("trainable", "ema", "old")  # old: nft's
+         if n != "old" or os.path.isfile(os.path.join(path, "old.safetensors"))}
     for name, tensors in w.items():  # save writes float32: another dtype is a file re-saved since
         if low := [k for k, v in tensors.items() if v.dtype != torch.float32]:
             raise Damaged(f"{name}.safetensors holds {tensors[low[0]].dtype} tensors ({low[0]}), not the "
                           "float32 a save writes")
     shapes = {k: v.shape for k, v in w["trainable"].items()}
     if not shapes or (empty := [k for k, v in shapes.items() if v.numel() == 0]):
-        raise Damaged("trainable.safetensors holds "
-                      f"{f'an empty tensor ({empty[0]})' if shapes else 'nothing'}")
+        raise Damaged(f"trainable.safetensors holds {f'an empty tensor ({empty[0]})' if shapes else 'none'}")
     for name in ("ema", "old"):
         if name in w and {k: v.shape for k, v in w[name].items()} != shapes:
             raise Damaged(f"trainable.safetensors and {name}.safetensors hold different tensors (names or "
@@ -297,107 +263,30 @@ def read(path, device="cpu", state=True):
     return w
 
 
-# The checkpoint damaged() has just read whole and found intact, kept for load(): a resume reads it once
-# (at SD3.5-M with full fine-tuning that is tens of GB). One slot, keyed by the files' sizes and times, so a
-# checkpoint written again since is read again.
-_READ = {}
-
-
-def _fingerprint(path):
-    stats = ((n, os.stat(os.path.join(path, n))) for n in _files(path))
-    return path, tuple((n, s.st_size, s.st_mtime_ns) for n, s in stats)
-
-
-def _take(path):
-    """The read of checkpoint `path` that damaged() kept, if its files have not changed since; else None."""
-    key, w = next(iter(_READ.items()), (None, None))
-    _READ.clear()
-    return w if key is not None and os.path.isdir(path) and key == _fingerprint(path) else None
+def checked(path):
+    """(None, all read() found) if checkpoint `path` can be resumed or evaluated, else (why not, None)."""
+    if why := verify(path):
+        return why, None
+    try:
+        return None, read(path)
+    except Damaged as e:
+        return str(e), None
 
 
 def damaged(path):
     """Why checkpoint `path` cannot be resumed or evaluated (verify, then read), or None if it can."""
-    if why := verify(path):
-        return why
-    _READ.clear()
-    try:
-        _READ[_fingerprint(path)] = read(path)
-    except Damaged as e:
-        return str(e)
-    return None
+    return checked(path)[0]
 
 
-def latest(out_dir, warn=print):
+def latest(out_dir, warn=print, weights=False):
     """The newest intact and readable checkpoint of `out_dir` or None; every newer damaged one is skipped
-    with a warning."""
+    with a warning. weights=True: (path, what read() found there), so that a resume reads it only once."""
     for path in reversed(checkpoints(out_dir)):
-        why = damaged(path)
+        why, w = checked(path)
         if why is None:
-            return path
+            return (path, w) if weights else path
         warn(f"WARNING skipping damaged checkpoint {path}: {why}")
-    return None
-
-
-def config_changes(saved: dict, cfg, allow=False):
-    """Lines describing each key that differs between a checkpoint's config and `cfg`. Refuses
-    (SystemExit) a change of a SAME_EXPERIMENT key unless `allow`, of a SHAPES key always, and keys the
-    current code does not know."""
-    now = dataclasses.asdict(cfg)
-    unknown = sorted(set(saved) - set(now))
-    if unknown:
-        raise SystemExit(f"--resume: the checkpoint's config has keys this version does not know: {unknown}")
-    ignore = ("resume", "overwrite", "allow_config_change", "epochs")
-    def same(k):  # a reward's weight may be written w or {"weight": w}: one reward
-        canon = [{n: w if isinstance(w, dict) else {"weight": w} for n, w in v.items()}
-                 if k == "reward" and isinstance(v, dict) else v for v in (saved[k], now[k])]
-        return canon[0] == canon[1]
-    changed = [k for k in now if k not in ignore and k in saved and not same(k)]
-    lines = [f"  {k}: {saved[k]!r} → {now[k]!r}" for k in changed]
-    fatal = [k for k in changed if k in SAME_EXPERIMENT]
-    if fatal and not allow:
-        raise SystemExit(f"--resume with {', '.join(fatal)} changed would be another experiment ("
-                         f"{'; '.join(line.strip() for line in lines if line.split(':')[0].strip() in fatal)}"
-                         "). Start a new out_dir, or pass --allow_config_change=True.")
-    for k in changed:
-        if k in SHAPES:
-            raise SystemExit(f"--resume with {k} {saved[k]!r} → {now[k]!r}: the checkpoint's trained tensors "
-                             "have other shapes, so no run can continue it, even with "
-                             "--allow_config_change; start a new out_dir")
-    return lines
-
-
-def finished(cfg):
-    """Whether cfg.out_dir holds the end-of-run report of cfg.epochs: the final evaluation's row in
-    metrics.jsonl, then curves.png (and summary.json, once there are two evaluations) written after it."""
-    if not cfg.eval_every:
-        return True  # no evaluation, no report: the last checkpoint is the end
-    path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    rows = E.read_metrics(path, warn=lambda msg: None) if os.path.isfile(path) else []
-    evals = [r for r in rows if any(str(k).startswith("eval/") for k in r)]
-    report = ["curves.png"] + (["summary.json"] if len(evals) >= 2 else [])
-    return (any(r.get("epoch") == cfg.epochs for r in evals)
-            and all(os.path.isfile(p) and os.path.getmtime(p) >= os.path.getmtime(path)
-                    for p in (os.path.join(cfg.out_dir, n) for n in report)))
-
-
-def resume_point(cfg, master=True):
-    """--resume: the newest intact checkpoint of cfg.out_dir (newer damaged ones skipped with a warning),
-    after the keys changed since it are printed and checked (config_changes). A run that is already
-    finished (its epochs done and its final report written) says so and exits 0."""
-    say = print if master else (lambda msg: None)
-    path = latest(cfg.out_dir, warn=say)
-    if path is None:
-        raise SystemExit(f"--resume: no intact checkpoint in {cfg.out_dir}/checkpoints")
-    changes = config_changes(json.load(open(os.path.join(path, "config.json"))), cfg, cfg.allow_config_change)
-    if changes:
-        say("\n".join([f"--resume: changed since {path}:", *changes]))
-    done = int(NAME.match(os.path.basename(path)).group(1))
-    if done > cfg.epochs or done == cfg.epochs and finished(cfg):
-        say(f"--resume: {cfg.out_dir} is finished ({done} epochs done, epochs = {cfg.epochs}"
-            f"{', final report written' if done == cfg.epochs else ''}): nothing to do; give "
-            f"--epochs={done + 1} or more to train it further")
-        raise SystemExit(0)
-    return path
+    return (None, None) if weights else None
 
 
 def load_weights(gen, path, w=None):
@@ -405,7 +294,6 @@ def load_weights(gen, path, w=None):
     model.Generator `gen`; returns the folder they came from. Weights that do not fit the model (another
     lora_rank, model or adapted layers) are refused in one line. A checkpoint that a live run pruned while
     it was being read is replaced by that run's newest intact one, with a warning."""
-    w = w or _take(path)  # latest() may have just read it
     if w is None:
         try:
             w = read(path, gen.device, state=False)
@@ -438,11 +326,12 @@ def load_weights(gen, path, w=None):
     return path
 
 
-def load(path, gen, adversary, counters, cfg):
-    """Restore a checkpoint into a built run; returns epochs done. The optimizers take the *current*
-    cfg.lr and the adversary's own lr (a changed lr on --resume is applied, as config.json records)."""
-    try:  # read and checked by latest() a moment ago, as a rule (its CPU copy: every load below copies)
-        w = _take(path) or read(path, gen.device)
+def load(path, gen, adversary, counters, cfg, w=None):
+    """Restore checkpoint `path` into a built run from `w`, what latest(weights=True) read there (None: read
+    it now); returns epochs done. The optimizers take the *current* cfg.lr and the adversary's own lr (a
+    changed lr on --resume is applied, as config.json records)."""
+    try:
+        w = w or read(path, gen.device)
     except Damaged as e:
         raise SystemExit(f"{path}: {e}") from None
     load_weights(gen, path, w)
@@ -459,52 +348,3 @@ def load(path, gen, adversary, counters, cfg):
         raise SystemExit(f"{path}/state.pt does not fit this run (its optimizer or adversary state: "
                          f"{type(e).__name__}: {str(e)[:160]})") from None
     return state["epoch"]
-
-
-# --resume: the run's own config.json is where it starts; the --key=value arguments are the only changes
-# (config_changes prints and checks them), and the presets on the command line only name the run folder.
-# These keys are this command's, never the saved run's; those re-derived when the key they follow changes:
-THIS_COMMAND = ("out_dir", "resume", "overwrite", "allow_config_change")
-DERIVED = {"sde_kind": ("noise_level", "clip_range"), "pretrained": ("max_sequence_length",)}
-
-
-def is_run_config(saved):
-    """Whether a loaded config.json is a run's, as train.py writes it."""
-    return isinstance(saved, dict) and {"out_dir", "save_every", "keep_last",
-                                        "allow_config_change"} <= set(saved)
-
-
-def resume_config(cfg, argv):
-    """The config of `--resume`: out_dir/config.json (if it is gone, the newest checkpoint's) with the keys
-    given as --key=value in `argv` on top; a key restated with its saved value changes nothing. `cfg` (as
-    parsed) when the folder holds no readable config: train.py then says what is missing."""
-    for path in [os.path.join(cfg.out_dir, "config.json"),
-                 *(os.path.join(p, "config.json") for p in reversed(checkpoints(cfg.out_dir)))]:
-        try:
-            saved = json.load(open(path))
-        except (OSError, ValueError):
-            continue
-        if is_run_config(saved):
-            break
-    else:
-        return cfg
-    hints = typing.get_type_hints(configurator.Config)
-    given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
-    out = configurator.Config()
-    for key, value in saved.items():
-        if key in hints:  # keys this version does not know are refused by config_changes
-            setattr(out, key, configurator._coerce(hints[key], key, value, path))
-    for key in given.union(THIS_COMMAND):
-        setattr(out, key, getattr(cfg, key))
-    for key, derived in DERIVED.items():
-        for d in derived:
-            if key in given and d not in given and getattr(cfg, key) != saved.get(key):
-                setattr(out, d, None)  # re-derived from the new value by resolve_defaults
-    presets = {k for a in argv if a.endswith(".py") and not a.startswith("--")
-               for k in configurator.run_preset(a)}
-    aside = [f"{k}={getattr(cfg, k)!r}" for k in hints if k in presets and k not in given
-             and k not in THIS_COMMAND and getattr(cfg, k) != getattr(out, k)]
-    if aside and os.environ.get("RANK", "0") == "0":
-        print(f"--resume: the run continues from {path}; its presets' {', '.join(aside)} are not applied "
-              "(give --key=value to change a key)", flush=True)
-    return configurator.resolve_defaults(out)

@@ -505,6 +505,6 @@ def run_preset(path, _seen=()):
 
 def parse_args(argv):
     """train.py's config: presets and overrides, then the defaults that depend on other keys. (With
-    --resume, train.py starts from the run's saved config instead: checkpoint.resume_config.)"""
+    --resume, train.py starts from the run's saved config instead: outputs.resume_config.)"""
     (cfg,) = parse(argv, Config, usage="usage: python train.py [preset.py ...] [--key=value ...]\n")
     return resolve_defaults(cfg)

@@ -441,10 +441,6 @@ def build_generator(cfg, device, world=1):
     for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if m is not None:
             m.requires_grad_(False).eval()
-    f = vae_factor(pipe) * pipe.transformer.config.patch_size
-    if cfg.resolution % f:
-        raise SystemExit(f"config error: resolution {cfg.resolution} must be a multiple of {f} "
-                         f"(VAE factor × patch size of {cfg.pretrained})")
     transformer = add_lora(pipe.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if cfg.init_lora:
         load_lora(transformer, cfg.init_lora)

@@ -1,8 +1,11 @@
 """
 outputs.py — a run's folder: claiming it (one run per folder, a lock, --overwrite that removes only what a
-run of ours wrote), and what the run writes there besides its checkpoints — config.json, metrics.jsonl
-(a line per epoch; a line torn by a kill is dropped, not fatal) and, when asked for, the same rows to
-wandb or tensorboard (neither is a dependency). A full disk is one line naming the last intact checkpoint.
+run of ours wrote), and what the run keeps there besides its checkpoints — config.json, which --resume
+starts from (`resume_config`: the saved config with the command line's keys on top; `resume_point`: the
+newest intact checkpoint, the changed keys said and those that would make another experiment refused, a
+finished run left alone), metrics.jsonl (a line per epoch; a line torn by a kill is dropped, not fatal)
+and, when asked for, the same rows to wandb or tensorboard (neither is a dependency). A full disk is one
+line naming the last intact checkpoint.
 
 Leaves out: the checkpoints themselves (checkpoint.py), reading metrics.jsonl (eval.read_metrics), the
 report drawn from it (eval.report).
@@ -12,6 +15,7 @@ import fcntl
 import json
 import os
 import re
+import typing
 
 import numpy as np
 from PIL import Image
@@ -106,7 +110,7 @@ def our_run(out):
     """Whether folder `out` holds a run of this project: its config.json as train.py writes it, or (no
     readable config.json there) a checkpoint with our manifest."""
     try:
-        return C.is_run_config(json.load(open(os.path.join(out, "config.json"))))
+        return is_run_config(json.load(open(os.path.join(out, "config.json"))))
     except (OSError, ValueError):  # none, or torn: the checkpoints decide
         return any(C._manifest(p)[0] is not None for p in C.checkpoints(out))
 
@@ -212,6 +216,130 @@ def external_logger(cfg):
     except ImportError as e:
         raise SystemExit(f"log_to={cfg.log_to!r} needs its package: pip install {cfg.log_to} ({e})") from None
     raise SystemExit(f"config error: log_to must be '', 'wandb' or 'tensorboard', got {cfg.log_to!r}")
+
+
+# -----------------------------------------------------------------------------------------------
+# --resume
+
+# Keys that define the experiment: changing one on --resume makes the resumed run another experiment
+# (refused unless allow_config_change). Any other change is printed and applied.
+SAME_EXPERIMENT = ("pretrained", "t5", "max_sequence_length", "resolution", "lora_rank", "lora_alpha",
+                   "train_prompts", "num_steps", "sde_kind", "group_size", "prompts_per_epoch", "reward",
+                   "references", "reference_root", "schedule", "d_conditional", "dino_backbone",
+                   "dino_weights", "dino_kwargs", "dino_image_size", "pickscore_model",
+                   "pickscore_train_last_k", "seed", "objective")
+# Keys that change the shapes of the trained tensors: no checkpoint can continue under another value
+SHAPES = ("lora_rank", "lora_targets", "d_hidden")
+
+def config_changes(saved: dict, cfg, allow=False):
+    """Lines describing each key that differs between a checkpoint's config and `cfg`. Refuses
+    (SystemExit) a change of a SAME_EXPERIMENT key unless `allow`, of a SHAPES key always, and keys the
+    current code does not know."""
+    now = dataclasses.asdict(cfg)
+    unknown = sorted(set(saved) - set(now))
+    if unknown:
+        raise SystemExit(f"--resume: the checkpoint's config has keys this version does not know: {unknown}")
+    ignore = ("resume", "overwrite", "allow_config_change", "epochs")
+    def same(k):  # a reward's weight may be written w or {"weight": w}: one reward
+        canon = [{n: w if isinstance(w, dict) else {"weight": w} for n, w in v.items()}
+                 if k == "reward" and isinstance(v, dict) else v for v in (saved[k], now[k])]
+        return canon[0] == canon[1]
+    changed = [k for k in now if k not in ignore and k in saved and not same(k)]
+    lines = [f"  {k}: {saved[k]!r} → {now[k]!r}" for k in changed]
+    fatal = [k for k in changed if k in SAME_EXPERIMENT]
+    if fatal and not allow:
+        raise SystemExit(f"--resume with {', '.join(fatal)} changed would be another experiment ("
+                         f"{'; '.join(line.strip() for line in lines if line.split(':')[0].strip() in fatal)}"
+                         "). Start a new out_dir, or pass --allow_config_change=True.")
+    for k in changed:
+        if k in SHAPES:
+            raise SystemExit(f"--resume with {k} {saved[k]!r} → {now[k]!r}: the checkpoint's trained tensors "
+                             "have other shapes, so no run can continue it, even with "
+                             "--allow_config_change; start a new out_dir")
+    return lines
+
+
+def finished(cfg):
+    """Whether cfg.out_dir holds the end-of-run report of cfg.epochs: the final evaluation's row in
+    metrics.jsonl, then curves.png (and summary.json, once there are two evaluations) written after it."""
+    if not cfg.eval_every:
+        return True  # no evaluation, no report: the last checkpoint is the end
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    rows = E.read_metrics(path, warn=lambda msg: None) if os.path.isfile(path) else []
+    evals = [r for r in rows if any(str(k).startswith("eval/") for k in r)]
+    report = ["curves.png"] + (["summary.json"] if len(evals) >= 2 else [])
+    return (any(r.get("epoch") == cfg.epochs for r in evals)
+            and all(os.path.isfile(p) and os.path.getmtime(p) >= os.path.getmtime(path)
+                    for p in (os.path.join(cfg.out_dir, n) for n in report)))
+
+
+def resume_point(cfg, master=True):
+    """--resume: the newest intact checkpoint of cfg.out_dir (newer damaged ones skipped with a warning),
+    after the keys changed since it are printed and checked (config_changes). A run that is already
+    finished (its epochs done and its final report written) says so and exits 0."""
+    say = print if master else (lambda msg: None)
+    path, w = C.latest(cfg.out_dir, warn=say, weights=True)
+    if path is None:
+        raise SystemExit(f"--resume: no intact checkpoint in {cfg.out_dir}/checkpoints")
+    changes = config_changes(json.load(open(os.path.join(path, "config.json"))), cfg, cfg.allow_config_change)
+    if changes:
+        say("\n".join([f"--resume: changed since {path}:", *changes]))
+    done = int(C.NAME.match(os.path.basename(path)).group(1))
+    if done > cfg.epochs or done == cfg.epochs and finished(cfg):
+        say(f"--resume: {cfg.out_dir} is finished ({done} epochs done, epochs = {cfg.epochs}"
+            f"{', final report written' if done == cfg.epochs else ''}): nothing to do; give "
+            f"--epochs={done + 1} or more to train it further")
+        raise SystemExit(0)
+    return path, w
+
+
+# --resume: the run's own config.json is where it starts; the --key=value arguments are the only changes
+# (config_changes prints and checks them), and the presets on the command line only name the run folder.
+# These keys are this command's, never the saved run's; those re-derived when the key they follow changes:
+THIS_COMMAND = ("out_dir", "resume", "overwrite", "allow_config_change")
+DERIVED = {"sde_kind": ("noise_level", "clip_range"), "pretrained": ("max_sequence_length",)}
+
+
+def is_run_config(saved):
+    """Whether a loaded config.json is a run's, as train.py writes it."""
+    return isinstance(saved, dict) and {"out_dir", "save_every", "keep_last",
+                                        "allow_config_change"} <= set(saved)
+
+
+def resume_config(cfg, argv):
+    """The config of `--resume`: out_dir/config.json (if it is gone, the newest checkpoint's) with the keys
+    given as --key=value in `argv` on top; a key restated with its saved value changes nothing. `cfg` (as
+    parsed) when the folder holds no readable config: train.py then says what is missing."""
+    for path in [os.path.join(cfg.out_dir, "config.json"),
+                 *(os.path.join(p, "config.json") for p in reversed(C.checkpoints(cfg.out_dir)))]:
+        try:
+            saved = json.load(open(path))
+        except (OSError, ValueError):
+            continue
+        if is_run_config(saved):
+            break
+    else:
+        return cfg
+    hints = typing.get_type_hints(configurator.Config)
+    given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    out = configurator.Config()
+    for key, value in saved.items():
+        if key in hints:  # keys this version does not know are refused by config_changes
+            setattr(out, key, configurator._coerce(hints[key], key, value, path))
+    for key in given.union(THIS_COMMAND):
+        setattr(out, key, getattr(cfg, key))
+    for key, derived in DERIVED.items():
+        for d in derived:
+            if key in given and d not in given and getattr(cfg, key) != saved.get(key):
+                setattr(out, d, None)  # re-derived from the new value by resolve_defaults
+    presets = {k for a in argv if a.endswith(".py") and not a.startswith("--")
+               for k in configurator.run_preset(a)}
+    aside = [f"{k}={getattr(cfg, k)!r}" for k in hints if k in presets and k not in given
+             and k not in THIS_COMMAND and getattr(cfg, k) != getattr(out, k)]
+    if aside and os.environ.get("RANK", "0") == "0":
+        print(f"--resume: the run continues from {path}; its presets' {', '.join(aside)} are not applied "
+              "(give --key=value to change a key)", flush=True)
+    return configurator.resolve_defaults(out)
 
 
 # -----------------------------------------------------------------------------------------------

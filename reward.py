@@ -390,9 +390,6 @@ class DinoDiscriminator(Adversary, nn.Module):
         return state
 
     def load_head_state(self, state):
-        if (width := len(state["head"]["0.bias"])) != len(self.head[0].bias):  # not a size-mismatch traceback
-            raise SystemExit(f"the checkpoint's discriminator head is {width} wide, this run's d_hidden is "
-                             f"{len(self.head[0].bias)}: resume with --d_hidden={width}")
         self.head.load_state_dict(state["head"])
         if self.proj is not None:
             self.proj.load_state_dict(state["proj"])

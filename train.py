@@ -481,14 +481,14 @@ def check_inputs(cfg, world, master=True):
     if master:
         O.claim_out_dir(cfg)  # one run per folder; a used one is resumed or explicitly overwritten
     # --resume: the newest intact checkpoint, the keys changed since it checked; a finished run exits 0
-    resume_from = C.resume_point(cfg, master) if cfg.resume else None
-    return prompts, test_prompts, references, resume_from
+    resume = O.resume_point(cfg, master) if cfg.resume else (None, None)  # (its path, what it holds)
+    return prompts, test_prompts, references, resume
 
 
 def train(cfg):
     rank, world, device = setup_distributed()
     master = rank == 0
-    prompts, test_prompts, references, resume_from = check_inputs(cfg, world, master)
+    prompts, test_prompts, references, (resume_from, resumed) = check_inputs(cfg, world, master)
     torch.manual_seed(cfg.seed)
     gen = M.build_generator(cfg, device, world)
     # the DINO φ, built once when a reward names it: shared by the rewards, the discriminator, the evaluation
@@ -502,7 +502,7 @@ def train(cfg):
     fixed_reward = R.build_fixed_reward(cfg, device, references, phi)
     counters = dict(g_epochs=0, g_steps=0, d_steps=0, bad_updates=0,  # and the discriminator's health:
                     noisy_g_epochs=0, drift_g_epochs=0, ref_sim_smooth=None, ref_sim_best=None)
-    start = C.load(resume_from, gen, adversary, counters, cfg) if resume_from else 0
+    start = C.load(resume_from, gen, adversary, counters, cfg, resumed) if resume_from else 0
     log, extra_log = None, None
     if master:  # the external logger may refuse (log_to): before config.json and metrics.jsonl are written
         extra_log = O.external_logger(cfg)
@@ -584,9 +584,9 @@ def train(cfg):
 
 def parse_args(argv):
     """The config of a command line: presets and --key=value (configurator.parse_args), or with --resume
-    the run's saved config with the given keys on top (checkpoint.resume_config)."""
+    the run's saved config with the given keys on top (outputs.resume_config)."""
     cfg = configurator.parse_args(argv)
-    return C.resume_config(cfg, argv) if cfg.resume else cfg
+    return O.resume_config(cfg, argv) if cfg.resume else cfg
 
 
 def main(argv=None):

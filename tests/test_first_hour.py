@@ -77,7 +77,7 @@ def test_restating_a_key_on_resume_with_its_own_value_changes_nothing(tmp_path):
     """--resume --sde_kind=cps (the run's value) keeps the run's clip_range; --pretrained=random:tiny (the
     same)
     keeps its text length; {'dino_adv': 1.0} and {'dino_adv': {'weight': 1.0}} are one reward."""
-    import checkpoint as C
+    import outputs as O
     import train as T
     out = str(tmp_path / "run")
     run_main("train.py", ["config/tiny_random_adv.py", f"--out_dir={out}", "--epochs=1", "--clip_range=0.01"])
@@ -85,7 +85,7 @@ def test_restating_a_key_on_resume_with_its_own_value_changes_nothing(tmp_path):
                         "--pretrained=random:tiny", "--reward={'dino_adv': {'weight': 1.0}}"])
     assert cfg.clip_range == 0.01 and cfg.max_sequence_length == 8
     saved = __import__("json").load(open(os.path.join(out, "config.json")))
-    assert C.config_changes(saved, cfg) == []
+    assert O.config_changes(saved, cfg) == []
     cfg = T.parse_args(["config/tiny_random_adv.py", f"--out_dir={out}", "--resume", "--sde_kind=sde"])
     assert cfg.clip_range == 1e-4  # another value: re-derived
 
