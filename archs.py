@@ -130,3 +130,24 @@ def missing_weights(cfg):
     if cfg.dino_weights and not os.path.isfile(cfg.dino_weights):
         out.append(f"feature backbone weights (dino_weights): no file {cfg.dino_weights}")
     return out
+
+
+def check(cfg):
+    """One line saying why the architectures cannot take cfg (an unknown random one, a resolution the VAE,
+    patches or position embedding cannot take, a feature image size that is no multiple of the backbone's
+    patch), or None."""
+    if cfg.pretrained.startswith("random:") and cfg.pretrained[7:] not in ARCHS:
+        return (f"pretrained: unknown random architecture {cfg.pretrained[7:]!r}; known: "
+                f"random:{', random:'.join(ARCHS)}")
+    f, top = resolution_limits(cfg.pretrained)
+    if f and cfg.resolution % f:
+        return (f"resolution {cfg.resolution} must be a multiple of {f} "
+                f"(VAE factor × patch size of {cfg.pretrained})")
+    if cfg.resolution > top:
+        return (f"resolution {cfg.resolution} is more than the position embedding of {cfg.pretrained} covers "
+                f"(at most {top} px)")
+    p = backbone_patch(cfg)
+    if cfg.dino_image_size < p or cfg.dino_image_size % p:
+        return (f"dino_image_size {cfg.dino_image_size} must be a multiple of the feature backbone's patch "
+                f"size ({p} for {cfg.dino_backbone})")
+    return None

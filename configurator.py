@@ -185,7 +185,8 @@ def resolve_defaults(cfg):
     return cfg
 
 
-# The range of every number, checked before anything else (the batch arithmetic below divides by some)
+# The range of every number, checked before anything else (the batch arithmetic below divides by some):
+# (the keys, whether a value is fine, what it must be), in order; a value must be finite too.
 AT_LEAST_1 = ("num_steps", "prompts_per_epoch", "sample_batch_size", "train_batch_size", "updates_per_epoch",
               "epochs", "save_every", "keep_last", "ema_every", "d_times", "d_steps", "max_bad_updates",
               "eval_num_steps", "eval_n_per_prompt", "dino_image_size", "resolution", "max_sequence_length",
@@ -197,60 +198,34 @@ NON_NEGATIVE = ("lora_rank", "weight_decay", "beta_kl", "d_warmup", "d_steps_max
 UNIT_INTERVAL = ("noise_level", "ema_decay", "nft_t_fraction", "d_cls_weight", "g_beta1")
 # Beyond these a value is a typo, not a setting (gigabytes allocated before anything fails, a loss of inf)
 AT_MOST = dict(lora_rank=1024, lora_alpha=1e4, d_hidden=1 << 16, d_patches=4096, nft_beta=1e3)
+RANGES = [
+    (AT_LEAST_1, lambda v: v >= 1, "≥ 1"), (POSITIVE, lambda v: v > 0, "> 0"),
+    (NON_NEGATIVE, lambda v: v >= 0, "≥ 0"), (UNIT_INTERVAL, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    *((k, lambda v, m=m: v <= m, f"≤ {m:g}") for k, m in AT_MOST.items()),
+    ("nft_eta_max", lambda v: 0 <= v < 1, "in [0, 1) (η = 1 would freeze the old model for good)"),
+    ("nft_t_fraction", lambda v: v > 0, "in (0, 1]: 0 trains on no time at all"),
+    ("ema_decay", lambda v: v < 1, "< 1: at 1 the EMA weights (evaluated, exported) never leave the base"),
+    (("guidance_scale", "eval_guidance_scale"), lambda v: 1 <= v <= 100, "in [1, 100] (1 = no "
+     "classifier-free guidance; far above the usual 3-7 the guided velocity is no longer finite)"),
+    (("lr", "d_lr", "pickscore_lr"), lambda v: v <= 1, "≤ 1 (Adam moves every weight by about lr per step)"),
+    ("clip_range", lambda v: v < 1, "< 1 (ε: the ratio is clipped to [1 - ε, 1 + ε])"),
+    ("weight_decay", lambda v: v <= 1, "≤ 1 (AdamW shrinks weights by lr·weight_decay a step)"),
+]
 
 
 def check_ranges(cfg):
     """One line naming the first key whose value is out of its range (or not finite); None if all are fine."""
     if cfg.group_size < 2:  # before the batch arithmetic, which would blame something else
         return f"group_size must be ≥ 2: GRPO compares the images of one prompt, got {cfg.group_size}"
-    for key in (AT_LEAST_1 + POSITIVE + NON_NEGATIVE + UNIT_INTERVAL
-                + ("guidance_scale", "eval_guidance_scale", "nft_eta_max")):
-        v = getattr(cfg, key)
-        if v is None:
-            continue
-        if not math.isfinite(v):
-            return f"{key} must be a finite number, got {v}"
-        if key in AT_LEAST_1 and v < 1 or key in POSITIVE and v <= 0 or key in NON_NEGATIVE and v < 0:
-            return (f"{key} must be "
-                    f"{'≥ 1' if key in AT_LEAST_1 else '> 0' if key in POSITIVE else '≥ 0'}, got {v}")
-        if key == "nft_eta_max" and not 0 <= v < 1:  # η = 1 would freeze the old model for good
-            return f"nft_eta_max must be in [0, 1), got {v}"
-        if key in UNIT_INTERVAL and not 0 <= v <= 1:
-            return f"{key} must be in [0, 1], got {v}"
-        if key in AT_MOST and v > AT_MOST[key]:
-            return f"{key} must be ≤ {AT_MOST[key]:g}, got {v}"
-        if key == "ema_decay" and v == 1:  # the EMA would stay the base: every evaluation and the export
-            return "ema_decay must be < 1: at 1 the EMA weights (evaluated, exported) never leave the base"
-        if key == "nft_t_fraction" and v == 0:
-            return "nft_t_fraction must be in (0, 1]: 0 trains on no time at all"
-        if key.endswith("guidance_scale") and not 1 <= v <= 100:
-            return (f"{key} must be in [1, 100] (1 = no classifier-free guidance; far above the usual 3-7 "
-                    f"the guided velocity is no longer finite), got {v}")
-        if key in ("lr", "d_lr", "pickscore_lr") and v > 1:
-            return f"{key} must be ≤ 1 (Adam moves every weight by about lr per step), got {v}"
-        if key == "clip_range" and v >= 1:
-            return f"clip_range (ε) must be < 1: the ratio is clipped to [1 - ε, 1 + ε], got {v}"
-        if key == "weight_decay" and v > 1:
-            return f"weight_decay must be ≤ 1 (AdamW shrinks weights by lr·weight_decay a step), got {v}"
+    for keys, ok, want in RANGES:
+        for key, v in ((k, getattr(cfg, k)) for k in ((keys,) if isinstance(keys, str) else keys)):
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                return f"{key} must be {want if math.isfinite(v) else 'a finite number'}, got {v}"
     if not 0 <= cfg.seed < 2 ** 63:
         return f"seed must be in 0 .. 2**63 - 1, got {cfg.seed}"
-    if cfg.pretrained.startswith("random:") and cfg.pretrained[7:] not in archs.ARCHS:
-        return (f"pretrained: unknown random architecture {cfg.pretrained[7:]!r}; known: "
-                f"random:{', random:'.join(archs.ARCHS)}")
-    f, top = archs.resolution_limits(cfg.pretrained)
-    if f and cfg.resolution % f:
-        return (f"resolution {cfg.resolution} must be a multiple of {f} "
-                f"(VAE factor × patch size of {cfg.pretrained})")
-    if cfg.resolution > top:
-        return (f"resolution {cfg.resolution} is more than the position embedding of {cfg.pretrained} covers "
-                f"(at most {top} px)")
-    p = archs.backbone_patch(cfg)
-    if cfg.dino_image_size < p or cfg.dino_image_size % p:
-        return (f"dino_image_size {cfg.dino_image_size} must be a multiple of the feature backbone's patch "
-                f"size ({p} for {cfg.dino_backbone})")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         return f"out_dir {cfg.out_dir} is a file, not a folder"
-    return None
+    return archs.check(cfg)
 
 
 def timesteps_per_image(cfg):
@@ -261,32 +236,21 @@ def timesteps_per_image(cfg):
 def split_error(cfg, world):
     """Why the epoch's images cannot be split over `world` ranks into sample and train batches and
     updates_per_epoch optimizer steps, or None."""
-    n_global, nft = cfg.prompts_per_epoch * cfg.group_size, cfg.objective == "nft"
-    per_image = timesteps_per_image(cfg) if nft else cfg.window_size  # training passes per image
-    near_rank = _multiples_near(cfg.prompts_per_epoch, world // math.gcd(cfg.group_size, world))
-    near_sample, near_train = (_divisors_near(n_global // world, b) for b in (cfg.sample_batch_size,
-                                                                              cfg.train_batch_size))
-    checks = [
-        (n_global % world == 0, f"prompts_per_epoch × group_size = {n_global} images must split evenly over "
-                                f"{world} ranks (prompts_per_epoch = "
-                                f"{near_rank}"
-                                " would do)"),
-        ((n_global // world) % cfg.sample_batch_size == 0, f"images per rank ({n_global // world}) must be a "
-                                                           f"multiple of sample_batch_size "
-                                                           f"({cfg.sample_batch_size}; "
-                                                           f"{near_sample} "
-                                                           "would do)"),
-        ((n_global // world) % cfg.train_batch_size == 0, f"images per rank ({n_global // world}) must be a "
-                                                          f"multiple of train_batch_size "
-                                                          f"({cfg.train_batch_size}; "
-                                                          f"{near_train} "
-                                                          "would do)"),
-        ((n_global // world // cfg.train_batch_size * per_image) % cfg.updates_per_epoch == 0,
-         f"backward passes per epoch ({n_global // world // cfg.train_batch_size} batches × "
-         f"{per_image} {'times' if nft else 'steps'}) must be a multiple of updates_per_epoch "
-         f"({cfg.updates_per_epoch})"),
-    ]
-    return next((msg for ok, msg in checks if not ok), None)
+    n, nft = cfg.prompts_per_epoch * cfg.group_size, cfg.objective == "nft"
+    per_rank, per_image = n // world, timesteps_per_image(cfg) if nft else cfg.window_size  # passes an image
+    if n % world:
+        near = _multiples_near(cfg.prompts_per_epoch, world // math.gcd(cfg.group_size, world))
+        return (f"prompts_per_epoch × group_size = {n} images must split evenly over {world} ranks "
+                f"(prompts_per_epoch = {near} would do)")
+    for key in ("sample_batch_size", "train_batch_size"):
+        if per_rank % getattr(cfg, key):
+            return (f"images per rank ({per_rank}) must be a multiple of {key} ({getattr(cfg, key)}; "
+                    f"{_divisors_near(per_rank, getattr(cfg, key))} would do)")
+    if per_rank // cfg.train_batch_size * per_image % cfg.updates_per_epoch:
+        return (f"backward passes per epoch ({per_rank // cfg.train_batch_size} batches × {per_image} "
+                f"{'times' if nft else 'steps'}) must be a multiple of updates_per_epoch "
+                f"({cfg.updates_per_epoch})")
+    return None
 
 
 def _multiples_near(p, m):
@@ -338,7 +302,6 @@ def validate(cfg, world, warn=None):
         (cfg.noise_level is not None and cfg.clip_range is not None,
          "noise_level and clip_range must be set (resolve_defaults fills them in from sde_kind)"),
         (cfg.mixed_precision in ("bf16", "no"), "mixed_precision must be 'bf16' or 'no'"),
-        (cfg.group_size >= 2, "group_size must be ≥ 2: a group of one has no advantage"),
         (cfg.schedule in ("paper", "shared", "frozen"), "schedule must be 'paper', 'shared' or 'frozen'"),
         (bool(cfg.reward), "reward is empty: every image would score 0 and nothing would be learnt "
                            "(e.g. --reward=\"{'dino_adv': 1.0}\")"),
