@@ -6,7 +6,7 @@ random weights (no download): SD3.5-M on one GPU, or the tiny architecture on a 
     python bench.py --compile --eager_baseline        # eager, then torch.compile'd, in one process
     python bench.py --low_mem                         # the 24 GB option set
     python bench.py --count_only --arch=sd3.5-medium  # FLOPs only, on shape-only models (any machine)
-    python bench.py --count_only --arch=sd3.5-medium --objective=nft --guidance_scale=1.0  # DiffusionNFT's
+    python bench.py --count_only --arch=sd3.5-medium --objective=nft  # DiffusionNFT's, CFG-free
     python bench.py --resolution=1024 --out=b.json    # other --key=value are train.Config keys
 
 It runs train.py's own functions (model.build_generator, sample_epoch, score_epoch, the adversary's update,
@@ -135,7 +135,8 @@ def count_flops(cfg):
         adv = R.build_adversary(cfg, meta)
     emb, pool = gen.encode([""])                                       # (1, T, D), (1, P): the real shapes
     shape = gen.latent_shape()                                         # (C, h, w)
-    cfg_rows = 2 if cfg.guidance_scale > 1 else 1                     # CFG doubles the batch
+    guidance = cfg.nft_guidance_scale if cfg.objective == "nft" else cfg.guidance_scale
+    cfg_rows = 2 if guidance > 1 else 1                               # CFG doubles the batch
     sb, tb = cfg.sample_batch_size, cfg.train_batch_size
     with FakeTensorMode(allow_non_fake_inputs=True):
         for m in (gen.transformer, gen.pipe.vae, adv):
@@ -144,7 +145,7 @@ def count_flops(cfg):
         gen = dataclasses.replace(gen, encode=ShapeOnlyEncoder(emb.shape[1:], pool.shape[1:]),
                                   sigmas=S.flow_sigmas(gen.pipe.scheduler, cfg.num_steps))  # real CPU floats
         e, p = gen.encode([""] * sb)
-        vel = S.make_velocity_fn(gen.transformer, e, p, e, p, cfg.guidance_scale, gen.autocast)
+        vel = S.make_velocity_fn(gen.transformer, e, p, e, p, guidance, gen.autocast)
         x = torch.empty(tb, cfg.window_size, *shape)                  # (B, K, C, h, w)
         e, p = gen.encode([""] * tb)
         batch = dict(emb=e, pool=p, x=x, x_next=x, step_idx=list(range(cfg.window_size)))

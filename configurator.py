@@ -55,8 +55,8 @@ class Config:
     test_prompts: str = "data/test.txt"         # held-out prompts of the in-loop evaluation
     # sampling
     num_steps: int = 10               # N sampling steps of a rollout
-    guidance_scale: float = 4.5       # CFG when sampling and when recomputing log-probs; 1 = off (nft:
-                                      # sampling only)
+    guidance_scale: float = 4.5       # CFG when sampling and when recomputing log-probs; 1 = off (GRPO; nft
+                                      # samples at nft_guidance_scale)
     sde_kind: str = "cps"             # "cps" (Adv-GRPO) or "sde" (Flow-GRPO)
     noise_level: float | None = None  # a; None: by sde_kind (cps 0.8 as Adv-GRPO, sde 0.7 as Flow-GRPO)
     window_start: str = "0"           # first trained step: an integer (published: 0), or "random": drawn per
@@ -93,14 +93,16 @@ class Config:
     # the generator's objective: the paper's GRPO, or DiffusionNFT (nft.py: its maths, defaults, departures)
     objective: str = "grpo"           # "grpo" (the paper: clipped GRPO on the log-probs of the SDE window) or
                                       # "nft" (DiffusionNFT: ODE samples from an old model, flow matching on
-                                      # them contrasting good and bad; no log-probs, window or clip_range;
-                                      # guidance_scale then applies to sampling only: its recipe is 1)
+                                      # them contrasting good and bad; no log-probs, window or clip_range)
     nft_beta: float = 1.0             # nft: β of v± = v_old ± β·(v_θ - v_old) (published 1; 0.1 for OCR)
     nft_eta_max: float = 0.5          # nft: after each G update θ_old ← η·θ_old + (1-η)·θ, with η = min(
                                       # nft_eta_rate · optimizer steps so far, nft_eta_max); in [0, 1)
     nft_eta_rate: float = 0.001       # nft: η's growth per optimizer step (published: 0.5 after 500 steps)
     nft_t_fraction: float = 0.99      # nft: each image trains on int(fraction · num_steps) of the sampler's
                                       # times, drawn without repetition, each with fresh noise
+    nft_guidance_scale: float = 1.0   # nft: CFG when sampling (published 1: CFG-free). The loss trains the
+                                      # conditional velocity, so guided samples would distill the guidance
+                                      # into it and a guided evaluation then guides twice
     nft_adaptive: bool = True         # nft: each branch's x0 error divided by its own mean |error|
                                       # (published); False: the paper's r·‖v⁺ - v‖² + (1-r)·‖v⁻ - v‖²
     # reward: a weighted sum; "dino_adv" / "pickscore_adv" are learned adversarially, others fixed
@@ -205,8 +207,9 @@ RANGES = [
     ("nft_eta_max", lambda v: 0 <= v < 1, "in [0, 1) (η = 1 would freeze the old model for good)"),
     ("nft_t_fraction", lambda v: v > 0, "in (0, 1]: 0 trains on no time at all"),
     ("ema_decay", lambda v: v < 1, "< 1: at 1 the EMA weights (evaluated, exported) never leave the base"),
-    (("guidance_scale", "eval_guidance_scale"), lambda v: 1 <= v <= 100, "in [1, 100] (1 = no "
-     "classifier-free guidance; far above the usual 3-7 the guided velocity is no longer finite)"),
+    (("guidance_scale", "eval_guidance_scale", "nft_guidance_scale"), lambda v: 1 <= v <= 100,
+     "in [1, 100] (1 = no classifier-free guidance; far above the usual 3-7 the guided velocity is no longer "
+     "finite)"),
     (("lr", "d_lr", "pickscore_lr"), lambda v: v <= 1, "≤ 1 (Adam moves every weight by about lr per step)"),
     ("clip_range", lambda v: v < 1, "< 1 (ε: the ratio is clipped to [1 - ε, 1 + ε])"),
     ("weight_decay", lambda v: v <= 1, "≤ 1 (AdamW shrinks weights by lr·weight_decay a step)"),

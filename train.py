@@ -237,13 +237,13 @@ def sample_epoch(cfg, epoch, gen, prompts, global_indices, window_start, progres
     images (n, 3, H, W); latents (n, C, h, w); x, x_next (n, K, C, h, w) the window's transitions (GRPO);
     log_probs (n, K) the sampler's (K = 0 under nft); emb, pool the prompt embeddings; step_idx (K,)."""
     out, bs, window_size = [], cfg.sample_batch_size, 0 if cfg.objective == "nft" else cfg.window_size
+    guidance = cfg.nft_guidance_scale if cfg.objective == "nft" else cfg.guidance_scale  # nft: CFG-free
     for b in tqdm(range(0, len(prompts), bs), desc=f"epoch {epoch} sampling", leave=False,
                   disable=None if progress else True):  # None: no bar in a log file (not a terminal)
         p, idx = prompts[b:b + bs], global_indices[b:b + bs]
         emb, pool = gen.encode(p)
         noise, step_noise = per_image_noise(cfg, epoch, idx, gen.latent_shape(), window_size)
-        vel = S.make_velocity_fn(gen.sample_model, emb, pool, *gen.encode([""]), cfg.guidance_scale,
-                                 gen.autocast)
+        vel = S.make_velocity_fn(gen.sample_model, emb, pool, *gen.encode([""]), guidance, gen.autocast)
         with nft.sampling_policy(gen):  # nft: its old model, all steps ODE; GRPO: the current weights
             r = S.rollout(vel, noise.to(gen.device), gen.sigmas, cfg.noise_level, cfg.sde_kind, window_start,
                           window_size, step_noise=step_noise.to(gen.device), decode_fn=gen.decode)

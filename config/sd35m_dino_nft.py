@@ -6,7 +6,7 @@
 base = "sd35m_dino.py"
 objective = "nft"
 num_steps = 10                 # sampling steps, all ODE (published: 10, with a 2nd-order solver)
-guidance_scale = 1.0           # DiffusionNFT samples and trains CFG-free
+nft_guidance_scale = 1.0       # DiffusionNFT samples and trains CFG-free (guidance_scale is GRPO's)
 nft_beta = 1.0
 nft_eta_max = 0.5              # θ_old ← η·θ_old + (1-η)·θ, η = min(0.001 · steps, 0.5)
 nft_eta_rate = 0.001

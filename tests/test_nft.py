@@ -225,3 +225,19 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path):
     for name in ("trainable.safetensors", "ema.safetensors", "old.safetensors"):
         wa, wb = _weights(a, 8, name), _weights(b, 8, name)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_nft_samples_cfg_free_whatever_grpo_guidance_says(tmp_path, monkeypatch):
+    """The loss trains the conditional velocity, so its samples are drawn without CFG (nft_guidance_scale,
+    published 1): guidance_scale (GRPO's, 3 in the shapes world) must not reach NFT's rollouts."""
+    import sampler as S
+    seen, make = [], S.make_velocity_fn
+    monkeypatch.setattr(S, "make_velocity_fn", lambda *a, **k: seen.append(a[5] if len(a) > 5 else 1.0)
+                        or make(*a, **k))
+    run_main("train.py", [PRESET, "--objective=nft", "--guidance_scale=3.0", "--epochs=1", "--eval_every=0",
+                          f"--out_dir={tmp_path / 'run'}"])
+    assert seen and set(seen) == {1.0}, seen
+    seen.clear()
+    run_main("train.py", [PRESET, "--objective=nft", "--nft_guidance_scale=2.0", "--epochs=1",
+                          "--eval_every=0", f"--out_dir={tmp_path / 'run2'}"])
+    assert 2.0 in seen
