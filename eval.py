@@ -29,6 +29,7 @@ eigen-decomposition (no scipy).
 
 import contextlib
 import json
+import math
 import os
 
 import matplotlib
@@ -139,28 +140,39 @@ def measure(images, prompts, references=None, features=None):
     return m, skipped
 
 
+CAPTION = 30  # px above each prompt's images in a labelled grid: two lines of its prompt
+
+
+def grid_layout(prompts, n, h):
+    """A labelled grid's geometry: (scale, columns, block width, block height). Each prompt is a block, its
+    caption over its n images, and the blocks sit side by side so the grid is about 4:3, not a column."""
+    scale = max(1, 64 // h)
+    bw, bh = n * (h + 2) * scale + 8, (h + 2) * scale + CAPTION
+    return scale, max(1, min(prompts, math.ceil(math.sqrt(prompts * bh * 4 / (3 * bw))))), bw, bh
+
+
 def save_grid(images, path, nrow=8, labels=None, title=""):
-    """A PNG grid of images (B, 3, H, W) in [0, 1], nrow per row, scaled up so 32-px toys are visible, under
-    `title`. `labels` (one per image, e.g. its prompt): each row is captioned on its left with its labels."""
+    """A PNG grid of images (B, 3, H, W) in [0, 1] under `title`: every nrow images are a block captioned
+    with their `labels` (one per image, e.g. its prompt), scaled up so 32-px toys are visible, the blocks
+    laid out by grid_layout."""
     x = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()   # (B, H, W, 3)
     b, h, w, _ = x.shape
-    rows = (b + nrow - 1) // nrow
-    grid = np.full((rows * (h + 2), nrow * (w + 2), 3), 255, np.uint8)
-    for i in range(b):
-        r, c = divmod(i, nrow)
-        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = x[i]
-    scale = max(1, 128 // h) if labels is None else max(1, 64 // h)
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    font = ImageFont.load_default(size=12)
-    texts = [" / ".join(dict.fromkeys(labels[r * nrow:][:nrow]))[:60] for r in range(rows)] if labels else []
-    left, top = int(max(map(font.getlength, texts), default=-12)) + 12, 20 if title else 0
-    width = max(img.width + left, int(font.getlength(title)) + 8)
-    canvas = Image.new("RGB", (width, img.height + top), "white")
-    canvas.paste(img, (left, top))
+    blocks, font, top = (b + nrow - 1) // nrow, ImageFont.load_default(size=12), 20 if title else 0
+    scale, cols, bw, bh = grid_layout(blocks, nrow, h)
+    canvas = Image.new("RGB", (max(cols * bw, int(font.getlength(title)) + 8),
+                               top + (blocks + cols - 1) // cols * bh), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 3), title, fill="black", font=font)
-    for r, text in enumerate(texts):
-        draw.text((4, top + r * (h + 2) * scale + 4), text, fill="black", font=font)
+    for k in range(blocks):  # block k: its caption (wrapped to the block's width, two lines), its images
+        x0, y0, lines = k % cols * bw + 4, top + k // cols * bh, [""]
+        for word in " / ".join(dict.fromkeys((labels or [""] * b)[k * nrow:(k + 1) * nrow])).split():
+            if lines[-1] and font.getlength(f"{lines[-1]} {word}") > bw - 8:
+                lines.append("")
+            lines[-1] = f"{lines[-1]} {word}".strip()
+        draw.text((x0, y0 + 2), "\n".join(lines[:2]), fill="black", font=font, spacing=2)
+        for j, tile in enumerate(x[k * nrow:(k + 1) * nrow]):
+            canvas.paste(Image.fromarray(tile).resize((w * scale, h * scale), Image.NEAREST),
+                         (x0 + j * (w + 2) * scale, y0 + CAPTION))
     canvas.save(path)
 
 

@@ -17,15 +17,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-ROWS = (0, 10, 20, 31, 42, 53)  # held-out prompt rows shown from the 54-row grids (sizes, shapes, colours)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import eval as E  # noqa: E402
+
+ROWS = (0, 10, 20, 31, 42, 53)  # held-out prompts shown from the grids of 54 (sizes, shapes, colours)
 
 
-def rows_of(grid_png, rows=ROWS):
-    """The chosen rows of a labelled grid (one prompt per row, fixed row height), stacked."""
+def rows_of(grid_png, rows=ROWS, prompts=54, n=4, h=32):
+    """The chosen prompts' blocks (caption and n images) of a labelled grid (eval.save_grid), stacked."""
     im = np.asarray(Image.open(grid_png).convert("RGB"))
-    im = im[im.shape[0] % 54:]  # without the title band above the 54 rows (eval.save_grid's, 20 px)
-    h = im.shape[0] // 54
-    return np.concatenate([im[r * h:(r + 1) * h] for r in rows])
+    _, cols, bw, bh = E.grid_layout(prompts, n, h)
+    top = im.shape[0] - -(-prompts // cols) * bh  # the title band above the blocks
+    y, x = top + np.array(rows) // cols * bh, np.array(rows) % cols * bw
+    return np.concatenate([im[a:a + bh, b:b + bw] for a, b in zip(y, x)])
 
 
 def curves(run, key, smooth=5):

@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import torch
 
 import checkpoint as C
@@ -105,3 +106,20 @@ def test_exported_lora_reproduces_our_samples_in_diffusers(tmp_path):
                   max_sequence_length=cfg.max_sequence_length, height=cfg.resolution,
                   width=cfg.resolution).images
     torch.testing.assert_close(theirs.float(), ours, atol=1e-4, rtol=0)
+
+
+def test_the_held_out_grid_is_about_4_by_3_with_every_image_where_its_prompt_block_says(tmp_path):
+    """54 prompts × 4 images of 32 px (the shapes world's evaluation) were one 305 × 3,692 column: now
+    prompt blocks side by side, each caption over its images, every image at grid_layout's place."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(54 * 4, 3, 32, 32, generator=g)
+    labels = [f"prompt {k}" for k in range(54) for _ in range(4)]
+    E.save_grid(images, tmp_path / "grid.png", 4, labels, "a title")
+    im = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    assert 1.0 <= im.shape[1] / im.shape[0] <= 2.5 and im.shape[0] < 1200, im.shape
+    scale, cols, bw, bh = E.grid_layout(54, 4, 32)
+    k, j = 37, 2  # image j of prompt k
+    x0, y0 = k % cols * bw + 4 + j * 34 * scale, 20 + k // cols * bh + E.CAPTION
+    want = (images[k * 4 + j].permute(1, 2, 0) * 255).round().byte().numpy()
+    np.testing.assert_array_equal(im[y0:y0 + 32 * scale:scale, x0:x0 + 32 * scale:scale], want)
