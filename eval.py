@@ -320,11 +320,15 @@ def watch_health(d_signal, ref_sim, trained_g, counters, row, master):
                   "usually follows: keep an earlier checkpoint", flush=True)
 
 
-def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=0):
+def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=0, written=None):
     """Rank 0 generates the held-out set with the EMA weights and measures it; the others wait.
-    `features`: the DINO φ (or None). Returns {"eval/<metric>": value}."""
-    ev = {}
-    if rank == 0:
+    `features`: the DINO φ (or None). Returns {"eval/<metric>": value}. `written` {epoch: those values}:
+    evaluations a run wrote before its resume, taken as they are (the same weights, the same seeds)."""
+    ev = (written or {}).get(epoch, {}) if rank == 0 else {}
+    if ev:
+        history.append((float("nan"), {k[5:]: v for k, v in ev.items()}))
+        print(f"eval @ epoch {epoch}: as written before the resume (metrics.jsonl, samples/)", flush=True)
+    elif rank == 0:
         prompts = [p for p in test_prompts for _ in range(cfg.eval_n_per_prompt)]
         images = generate(gen, prompts, seed=0, num_steps=cfg.eval_num_steps,  # same noise in every run
                           guidance_scale=cfg.eval_guidance_scale)

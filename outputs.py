@@ -159,8 +159,8 @@ class Metrics:
     """metrics.jsonl open for appending: `write(row)` adds one JSON line and flushes it (an epoch is minutes
     long: a kill loses nothing); a full disk is one line naming the file and the last intact checkpoint."""
 
-    def __init__(self, path, out_dir):
-        self.path, self.out_dir = path, out_dir
+    def __init__(self, path, out_dir, written=None):
+        self.path, self.out_dir, self.written = path, out_dir, written or {}
         self.file = guarded(path, out_dir, lambda: open(path, "a"))
 
     def write(self, row):
@@ -170,20 +170,23 @@ class Metrics:
 def open_metrics(out_dir, start):
     """metrics.jsonl (a Metrics); on resume, keep only the lines of epochs before `start`, in increasing
     epoch order (rewritten atomically), so redone epochs are not logged twice, and a torn, foreign or
-    repeated line is gone."""
-    path = os.path.join(out_dir, "metrics.jsonl")
+    repeated line is gone. The held-out evaluation already written for epoch `start` (of the weights
+    resumed from) is kept as .written {start: its eval/ values}, for eval.evaluate not to redo it."""
+    path, written = os.path.join(out_dir, "metrics.jsonl"), {}
     if os.path.exists(path):
         keep = []
         for r in E.read_metrics(path):
             if isinstance(r.get("epoch"), int) and (keep[-1]["epoch"] if keep else -1) < r["epoch"] < start:
                 keep.append(r)
+            elif r.get("epoch") == start and (ev := {k: v for k, v in r.items() if k.startswith("eval/")}):
+                written[start] = ev  # the evaluation of the checkpoint resumed from: not redone
 
         def rewrite():
             with open(path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
             os.replace(path + ".tmp", path)
         guarded(path, out_dir, rewrite)
-    return Metrics(path, out_dir)
+    return Metrics(path, out_dir, written)
 
 
 def external_logger(cfg):

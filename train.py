@@ -508,7 +508,8 @@ def train(cfg):
         extra_log = O.external_logger(cfg)
         O.announce(cfg, world, prompts, gen, resume_from, start)
         log = O.open_metrics(cfg.out_dir, start)
-    held_out = functools.partial(E.evaluate, cfg, gen, phi, references, test_prompts, rank=rank)
+    held_out = functools.partial(E.evaluate, cfg, gen, phi, references, test_prompts, rank=rank,
+                                 written=log.written if master else {})  # a resume: not redone
 
     def evaluate(epoch, history):  # a full disk while writing the held-out grid: one line
         return O.guarded(os.path.join(cfg.out_dir, "samples"), cfg.out_dir, lambda: held_out(epoch, history))

@@ -386,3 +386,23 @@ def test_a_late_refusal_writes_nothing_that_blocks_the_corrected_rerun(tmp_path)
     assert "log_to" in err and not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()
     _run([f"--out_dir={out}", "--epochs=1"])
     assert C.checkpoints(str(out)) == [_ck(str(out), 1)]
+
+
+def test_a_resume_takes_the_evaluation_already_written_instead_of_redoing_it(tmp_path, monkeypatch):
+    """Killed after the final evaluation's row but before its report: --resume writes the report from that
+    row (the same weights and seeds would give the same numbers) without generating the held-out set again;
+    likewise the evaluation of the checkpoint an interrupted run resumes from."""
+    out = str(tmp_path / "run")
+    _run([f"--out_dir={out}", "--epochs=2", "--save_every=1", "--eval_every=1"])
+    before = [r for r in E.read_metrics(os.path.join(out, "metrics.jsonl")) if r["epoch"] == 2]
+    assert before and any(k.startswith("eval/") for k in before[0])
+    os.remove(os.path.join(out, "curves.png"))  # the kill came before the report
+    monkeypatch.setattr(E, "generate", lambda *a, **k: pytest.fail("the written evaluation was redone"))
+    p = _run([f"--out_dir={out}", "--resume"])
+    assert "as written before the resume" in p.stdout and os.path.isfile(os.path.join(out, "curves.png"))
+    after = [r for r in E.read_metrics(os.path.join(out, "metrics.jsonl")) if r["epoch"] == 2]
+    assert after == before
+    monkeypatch.undo()
+    shutil.rmtree(_ck(out, 2))  # an interrupted run: resumed from epoch 1, whose evaluation is written
+    p = _run([f"--out_dir={out}", "--resume", "--eval_every=1"])
+    assert p.stdout.count("as written before the resume") == 1, p.stdout
