@@ -144,8 +144,8 @@ CAPTION = 30  # px above each prompt's images in a labelled grid: two lines of i
 
 
 def grid_layout(prompts, n, h):
-    """A labelled grid's geometry: (scale, columns, block width, block height). Each prompt is a block, its
-    caption over its n images, and the blocks sit side by side so the grid is about 4:3, not a column."""
+    """A grid's geometry (scale, columns, block width, block height): blocks of a caption over n images of
+    h px, side by side so that the grid is about 4:3."""
     scale = max(1, 64 // h)
     bw, bh = n * (h + 2) * scale + 8, (h + 2) * scale + CAPTION
     return scale, max(1, min(prompts, math.ceil(math.sqrt(prompts * bh * 4 / (3 * bw))))), bw, bh
@@ -161,8 +161,7 @@ def save_grid(images, path, nrow=8, labels=None, title=""):
     scale, cols, bw, bh = grid_layout(blocks, nrow, h)
     canvas = Image.new("RGB", (max(cols * bw, int(font.getlength(title)) + 8),
                                top + (blocks + cols - 1) // cols * bh), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 3), title, fill="black", font=font)
+    (draw := ImageDraw.Draw(canvas)).text((4, 3), title, fill="black", font=font)
     for k in range(blocks):  # block k: its caption (wrapped to the block's width, two lines), its images
         x0, y0, lines = k % cols * bw + 4, top + k // cols * bh, [""]
         for word in " / ".join(dict.fromkeys((labels or [""] * b)[k * nrow:(k + 1) * nrow])).split():
@@ -324,8 +323,7 @@ def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=
     """Rank 0 generates the held-out set with the EMA weights and measures it; the others wait.
     `features`: the DINO φ (or None). Returns {"eval/<metric>": value}. `written` {epoch: those values}:
     evaluations a run wrote before its resume, taken as they are (the same weights, the same seeds)."""
-    ev = (written or {}).get(epoch, {}) if rank == 0 else {}
-    if ev:
+    if ev := (written or {}).get(epoch, {}) if rank == 0 else {}:
         history.append((float("nan"), {k[5:]: v for k, v in ev.items()}))
         print(f"eval @ epoch {epoch}: as written before the resume (metrics.jsonl, samples/)", flush=True)
     elif rank == 0:

@@ -366,6 +366,15 @@ def announce(cfg, world, prompts, gen, resume_from, start):
           flush=True)
 
 
+def peer_stopped(e):
+    """What to raise for RuntimeError `e` on a surviving rank: gloo's "Connection closed / reset by peer"
+    (another rank died mid-collective) as one line; anything else as it is."""
+    if "by peer" not in str(e):
+        return e
+    return SystemExit(f"rank {os.environ.get('RANK', 0)}: another rank stopped during a collective "
+                      f"({str(e).strip().splitlines()[-1][-80:]}); its own output says why")
+
+
 def epoch_line(s):
     """The one stdout line per epoch, numbered by epochs done (as evaluations and checkpoints are)."""
     line = (f"epoch {s['epoch'] + 1:4d}/{s['epochs']} | steps so far G {s['g_steps']} D {s['d_steps']} | "

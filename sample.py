@@ -32,6 +32,7 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from statistics import fmean, pstdev
 
 import configurator  # stdlib only: --help answers before torch loads
 
@@ -69,43 +70,19 @@ class EvalArgs:
     compare: list = field(default_factory=list)  # run folders: one before → after table (make demo)
 
 
-if __name__ == "__main__" and any(a in ("-h", "--help") for a in sys.argv[1:]):
-    configurator.parse(sys.argv[1:], EvalArgs, usage=__doc__.split("\n\n")[1] + "\n")  # prints, exits
+# -----------------------------------------------------------------------------------------------
+# Finished runs side by side (--compare, --summarize): their summary.json and metrics.jsonl, no torch
 
-import numpy as np
-import torch
-from huggingface_hub import try_to_load_from_cache
-from PIL import Image
-
-import archs
-import checkpoint as C
-import data
-import eval as E
-import model as M
-import outputs as O
-import reward as R
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-def measure_preference(images, prompts, device, cfg, online=True):
-    """PickScore and CLIP score from the models the run's config names, when their weights can be loaded
-    (local folder, cache, or the hub when `online`). (metrics, skipped)."""
-    m, skipped = {}, {}
-    models = dict(pickscore_model=cfg.pickscore_model, pickscore_processor=cfg.pickscore_processor,
-                  clip_model=cfg.clip_model)
-    for name, model in (("pickscore", cfg.pickscore_model), ("clip_score", cfg.clip_model)):
-        why = available(model, online)
-        if why is not None:
-            skipped[name] = f"{model}: {why}"
+def metric_rows(path):
+    """The rows of a run's metrics.jsonl, as eval.read_metrics reads them (a torn or foreign line left
+    out), without torch and without its warnings."""
+    rows = []
+    for raw in open(path, "rb").read().split(b"\n"):
+        try:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+            rows.append(json.loads(raw.decode("utf-8").strip().strip("\x00")))
+        except ValueError:
             continue
-        try:
-            fn = R.build_reward({name: 1.0}, device=device, **models)
-        except Exception as e:  # offline, no cache, gated model...
-            skipped[name] = f"model not available ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-            continue
-        m[name] = float(fn(images.to(device), prompts, [{}] * len(prompts))[0].mean())
-    return m, skipped
-
+    return [r for r in rows if isinstance(r, dict)]
 
 
 def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_reward")):
@@ -116,7 +93,7 @@ def compare(run_dirs, keys=("toy_geneval", "fd_dino", "style_match", "train_rewa
     rows = []
     for d, s, name in [(d, read_summary(d, "--compare"), n) for d, n in zip(run_dirs, labels(run_dirs))]:
         log = os.path.join(d, "metrics.jsonl")  # (every summary checked first)
-        rows.append((name, s, E.read_metrics(log) if os.path.isfile(log) else []))
+        rows.append((name, s, metric_rows(log) if os.path.isfile(log) else []))
     print(f"{'held-out (train_reward: training)':36s}" + "".join(f"{name:>24s}" for name, _, _ in rows))
     for k in keys:
         cells = [f"{s[k]['before']:.3f} → {s[k]['after']:.3f}" if k in s else "—" for _, s, _ in rows]
@@ -183,7 +160,7 @@ def config_differences(run_dirs):
 
 def summarize(run_dirs):
     """Mean ± std over runs (e.g. seeds) of each run's summary.json: {metric: (before, after)}; the std is
-    the population's (numpy's default, ddof 0), said in the output. Warns when the runs are not the same
+    the population's (ddof 0), said in the output. Warns when the runs are not the same
     experiment (their configs differ in more than the seed)."""
     rows = [read_summary(d, "--summarize") for d in run_dirs]
     if differ := config_differences(run_dirs):
@@ -192,12 +169,53 @@ def summarize(run_dirs):
     for k in rows[0]:
         if k == "epochs" or not all(k in r for r in rows):
             continue
-        b, a = np.array([r[k]["before"] for r in rows]), np.array([r[k]["after"] for r in rows])
-        out[k] = dict(before=float(b.mean()), before_std=float(b.std()), after=float(a.mean()),
-                      after_std=float(a.std()))
-        print(f"{k:16s} {b.mean():.3f} ± {b.std():.3f}  →  {a.mean():.3f} ± {a.std():.3f}  "
+        b, a = [r[k]["before"] for r in rows], [r[k]["after"] for r in rows]
+        out[k] = dict(before=fmean(b), before_std=pstdev(b), after=fmean(a), after_std=pstdev(a))
+        print(f"{k:16s} {fmean(b):.3f} ± {pstdev(b):.3f}  →  {fmean(a):.3f} ± {pstdev(a):.3f}  "
               f"(n={len(rows)}, ± population std)")
     return out
+
+
+
+if __name__ == "__main__" and any(a in ("-h", "--help") or a.startswith(("--compare", "--summarize"))
+                                 for a in sys.argv[1:]):  # answered before torch loads (~7 s)
+    (_args,) = configurator.parse(sys.argv[1:], EvalArgs, usage=__doc__.split("\n\n")[1] + "\n")
+    if _args.summarize or _args.compare:
+        summarize(_args.summarize) if _args.summarize else compare(_args.compare)
+        raise SystemExit(0)
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from PIL import Image
+
+import archs
+import checkpoint as C
+import data
+import eval as E
+import model as M
+import outputs as O
+import reward as R
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+def measure_preference(images, prompts, device, cfg, online=True):
+    """PickScore and CLIP score from the models the run's config names, when their weights can be loaded
+    (local folder, cache, or the hub when `online`). (metrics, skipped)."""
+    m, skipped = {}, {}
+    models = dict(pickscore_model=cfg.pickscore_model, pickscore_processor=cfg.pickscore_processor,
+                  clip_model=cfg.clip_model)
+    for name, model in (("pickscore", cfg.pickscore_model), ("clip_score", cfg.clip_model)):
+        why = available(model, online)
+        if why is not None:
+            skipped[name] = f"{model}: {why}"
+            continue
+        try:
+            fn = R.build_reward({name: 1.0}, device=device, **models)
+        except Exception as e:  # offline, no cache, gated model...
+            skipped[name] = f"model not available ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            continue
+        m[name] = float(fn(images.to(device), prompts, [{}] * len(prompts))[0].mean())
+    return m, skipped
 
 
 

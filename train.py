@@ -76,8 +76,7 @@ def compute_advantages(rewards, group_ids, global_std=False, eps=1e-4, std=True)
     the population std (ddof = 0), as in Flow-GRPO."""
     is_torch = torch.is_tensor(rewards)
     r = rewards.detach().double().cpu().numpy() if is_torch else np.asarray(rewards, dtype=np.float64)
-    adv = np.zeros_like(r)
-    index = {}
+    adv, index = np.zeros_like(r), {}
     keys = np.array([index.setdefault(g, len(index)) for g in group_ids])
     std_all = r.std()
     for k in range(len(index)):
@@ -148,10 +147,8 @@ def window_for_epoch(cfg, epoch):
     window with no communication."""
     if cfg.window_start != "random":
         return int(cfg.window_start)
-    # 0..N/2 inclusive, as the published code draws it (random.randint(0, N // 2)): N = 10 gives 0..5, so
-    # the window always covers part of the high-noise half. Capped so the window fits (N - K).
-    # The published code reseeds Python's RNG with the rank before each draw, so every epoch of a rank
-    # trains the same window; here it is drawn per epoch, the same on every rank.
+    # 0..N/2 inclusive as published (random.randint(0, N // 2)), capped so the window fits (N - K). The
+    # published code reseeds with the rank before each draw (each rank: one window for good); here per epoch.
     hi = min(cfg.num_steps // 2, cfg.num_steps - cfg.window_size)
     return int(np.random.default_rng([cfg.seed, epoch, WINDOW]).integers(0, hi + 1))
 
@@ -593,7 +590,10 @@ def parse_args(argv):
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     M.quiet_libraries()
-    train(cfg)
+    try:
+        train(cfg)
+    except RuntimeError as e:  # a rank died mid-collective: the survivors' gloo traceback says nothing of why
+        raise O.peer_stopped(e) from None
 
 
 if __name__ == "__main__":

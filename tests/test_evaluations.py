@@ -278,6 +278,23 @@ def test_summarize_warns_when_runs_differ_and_names_a_damaged_summary(tmp_path):
             assert f"{flag}: {tmp_path / 'c' / 'summary.json'} is damaged" in err and err.count("\n") == 1
 
 
+def test_compare_and_summarize_answer_before_torch_loads(tmp_path):
+    """Tables of finished runs read JSON files: they answer in a fraction of a second, as --help does,
+    without the ~7 s of importing torch."""
+    import subprocess
+    _summary_run(tmp_path / "a")
+    _summary_run(tmp_path / "b", after=0.8)
+    (tmp_path / "a" / "metrics.jsonl").write_bytes(b'{"epoch": 0, "eval/toy_geneval": 0.5}\n{"epo\n\xff\n')
+    for flag, says in (("--summarize", "0.700 ± 0.100"), ("--compare", "0.500 (epoch 0)")):
+        argv = ["sample.py", flag, str(tmp_path / "a"), str(tmp_path / "b")]
+        code = (f"import runpy, sys\nsys.argv = {argv!r}\ntry:\n    runpy.run_path('sample.py', "
+                "run_name='__main__')\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+                "print('torch loaded:', 'torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(E.__file__),
+                             capture_output=True, text=True, timeout=120).stdout
+        assert says in out and "exit 0" in out and out.strip().endswith("torch loaded: False"), out
+
+
 def test_compare_shows_the_best_on_the_way_and_when_the_monitor_fired(tmp_path):
     """A fixed reward that helped first and was hacked later ends above its base but below its own best:
     --compare prints the best held-out value with its epoch, and the epochs the monitor flagged."""

@@ -30,9 +30,9 @@ def logged(tmp_path_factory):
     mp.setattr(T, "time", types.SimpleNamespace(time=lambda: time.time() + offset[0]))
     evaluate = E.evaluate
 
-    def slow_first(cfg, gen, phi, refs, prompts, epoch, history, rank=0):
+    def slow_first(cfg, gen, phi, refs, prompts, epoch, history, rank=0, **kw):
         offset[0] += 1000.0 if epoch == 0 else 0.0
-        return evaluate(cfg, gen, phi, refs, prompts, epoch, history, rank)
+        return evaluate(cfg, gen, phi, refs, prompts, epoch, history, rank, **kw)
     mp.setattr(E, "evaluate", slow_first)
     mp.setattr(E.plt, "close", figures.append)
     log = io.StringIO()
@@ -86,8 +86,9 @@ def test_curves_have_a_title_fd_dino_and_the_legend_off_the_data(logged):
 def test_the_sample_grid_has_a_title(logged):
     out, _, _ = logged
     grid = np.asarray(Image.open(out / "samples" / "epoch_000003.png").convert("L"))
-    # 4 prompts × 1 image of 32 px, doubled, 2 px gaps: 272 px of images under a 20 px title band
-    assert grid.shape[0] == 4 * 34 * 2 + 20
+    # 4 prompts × 1 image of 32 px, in blocks (eval.grid_layout) under a 20 px title band
+    _, cols, _, bh = E.grid_layout(4, 1, 32)
+    assert grid.shape[0] == -(-4 // cols) * bh + 20
     band = grid[:20]
     assert (band < 100).mean() > 0.02 and (band > 250).mean() > 0.6  # dark text on white
 

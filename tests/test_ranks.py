@@ -149,3 +149,30 @@ def test_one_and_two_ranks_train_the_same_weights(tmp_path, objective):
     assert not far, f"{len(far)} of {len(one)} tensors differ, e.g. {sorted(far.items())[:3]}"
     init = R.build_adversary(tiny_cfg(ADV_PRESET), torch.device("cpu")).head.state_dict()
     assert any(not torch.equal(one[f"D.{k}"], v) for k, v in init.items())  # the discriminator trained
+
+
+def _dying_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    if rank == 1:  # dies in its second epoch, as a killed or crashed process does
+        score = T.score_epoch
+        T.score_epoch = lambda cfg, epoch, *a, **k: os._exit(3) if epoch == 1 else score(cfg, epoch, *a, **k)
+    try:
+        T.main([ADV_PRESET, f"--out_dir={out_dir}/run", "--epochs=3", "--eval_every=0"])
+        said = "finished"
+    except SystemExit as e:
+        said = str(e.code)
+    torch.save(said, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_a_rank_that_dies_is_one_line_on_the_others(tmp_path):
+    """gloo's 'Connection closed by peer' traceback on the surviving rank becomes one line saying that
+    another rank stopped and where to look."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(mp.ProcessExitedException):  # rank 1's own exit
+        mp.spawn(_dying_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    said = torch.load(tmp_path / "rank0.pt")
+    assert said.startswith("rank 0: another rank stopped during a collective") and "\n" not in said, said

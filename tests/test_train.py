@@ -378,7 +378,7 @@ def test_missing_held_out_prompts_refused_before_the_model_loads(tmp_path):
     with pytest.raises(SystemExit, match="held-out prompts .*nope.txt"):
         T.check_inputs(cfg, 1)
     prompts, test_prompts, refs, resume = T.check_inputs(tiny_cfg(eval_every=0, test_prompts="nope.txt"), 1)
-    assert len(prompts) == 4 and test_prompts == [] and refs is None and resume is None
+    assert len(prompts) == 4 and test_prompts == [] and refs is None and resume == (None, None)
 
 
 @pytest.mark.slow  # two processes compile the tiny transformer: ~1 min cold
