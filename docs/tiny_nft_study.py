@@ -5,7 +5,8 @@ against images sampled, from finished runs (their config.json and metrics.jsonl)
         "GRPO, oracle=out/orc_s1,out/orc_s2" "NFT, oracle=out/nftorc_s1,out/nftorc_s2" ...
 
 --cpu gives the CPU seconds (one thread) of one epoch with a generator step for each objective, and of a
-warm-up epoch (sampling, scoring and the discriminator only). They are measured apart from the study's
+warm-up epoch (sampling, scoring and the discriminator only: `warmup`, or `warmup_grpo` / `warmup_nft`
+when the objectives sample differently, NFT without CFG). They are measured apart from the study's
 runs (`/usr/bin/time`, runs of 1 and 6 epochs without evaluation: the difference over 5 epochs), because
 the study's runs shared the machine with other work and their wall-clock seconds are not comparable.
 The x axis "compute" is then the cumulative CPU seconds of the epochs before each evaluation; the
@@ -36,7 +37,8 @@ def trace(run, cpu):
             out.append((r["epoch"], cost, r["epoch"] * per_epoch, r["eval/toy_geneval"],
                         r.get("eval/fd_dino", np.nan)))  # an oracle run measures no FD-DINO in the loop
         if "g_epochs" in r:  # a training epoch: did the generator step?
-            cost += cpu[cfg["objective"]] if r["g_epochs"] > g_before else cpu["warmup"]
+            cost += (cpu[cfg["objective"]] if r["g_epochs"] > g_before
+                     else cpu.get(f"warmup_{cfg['objective']}", cpu.get("warmup", 0.0)))
             g_before = r["g_epochs"]
     flagged = any(r.get("hacking_warning") for r in rows)
     return np.array(out), flagged
@@ -90,7 +92,8 @@ def main(out, cpu, groups):
                      f"compute, {arr[0, hit[0], 2] / ref[0, -1, 2]:.2f} of its images")
         print(f"| {name} | {len(arr)} | {arr[:, 0, 3].mean():.3f} → {arr[:, -1, 3].mean():.3f} ± "
               f"{arr[:, -1, 3].std():.3f} | {gain.mean():+.3f} ({(gain > 0).sum()}/{len(gain)} up) | "
-              f"{arr[:, 0, 4].mean():.2f} → {arr[:, -1, 4].mean():.2f} ± {arr[:, -1, 4].std():.2f} | "
+              + ("– (oracle runs load no ViT)" if np.isnan(arr[:, -1, 4]).any() else
+                 f"{arr[:, 0, 4].mean():.2f} → {arr[:, -1, 4].mean():.2f} ± {arr[:, -1, 4].std():.2f}") + " | "
               f"{flagged} of {len(arr)} | {third} | {reach} |")
 
 
