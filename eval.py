@@ -319,19 +319,30 @@ def watch_health(d_signal, ref_sim, trained_g, counters, row, master):
                   "usually follows: keep an earlier checkpoint", flush=True)
 
 
+EVAL_KEYS = ("pretrained", "t5", "max_sequence_length", "resolution", "mixed_precision", "compile",
+             "low_mem", "test_prompts", "references", "reference_root", "dino_backbone", "dino_weights",
+             "dino_kwargs", "dino_image_size", "eval_num_steps", "eval_guidance_scale", "eval_n_per_prompt",
+             "eval_max_prompts")
+
+
+def settings(cfg):
+    """What a held-out evaluation of given weights depends on, as one string logged beside its numbers."""
+    return json.dumps({k: getattr(cfg, k) for k in EVAL_KEYS}, sort_keys=True)
+
+
 def evaluate(cfg, gen, features, references, test_prompts, epoch, history, rank=0, written=None):
     """Rank 0 generates the held-out set with the EMA weights and measures it; the others wait.
     `features`: the DINO φ (or None). Returns {"eval/<metric>": value}. `written` {epoch: those values}:
     evaluations a run wrote before its resume, taken as they are (the same weights, the same seeds)."""
     if ev := (written or {}).get(epoch, {}) if rank == 0 else {}:
-        history.append((float("nan"), {k[5:]: v for k, v in ev.items()}))
+        history.append((float("nan"), {k[5:]: v for k, v in ev.items() if k.startswith("eval/")}))
         print(f"eval @ epoch {epoch}: as written before the resume (metrics.jsonl, samples/)", flush=True)
     elif rank == 0:
         prompts = [p for p in test_prompts for _ in range(cfg.eval_n_per_prompt)]
         images = generate(gen, prompts, seed=0, num_steps=cfg.eval_num_steps,  # same noise in every run
                           guidance_scale=cfg.eval_guidance_scale)
         m, skipped = measure(images, prompts, references, features)
-        ev = {f"eval/{k}": v for k, v in m.items()}
+        ev = {**{f"eval/{k}": v for k, v in m.items()}, "eval_settings": settings(cfg)}
         os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)  # every image, a row per prompt
         title = (f"{os.path.basename(os.path.abspath(cfg.out_dir))}: held-out, epoch {epoch} (EMA weights), "
                  f"{cfg.eval_num_steps} steps, CFG {cfg.eval_guidance_scale}")

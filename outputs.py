@@ -167,19 +167,21 @@ class Metrics:
         guarded(self.path, self.out_dir, lambda: (self.file.write(json.dumps(row) + "\n"), self.file.flush()))
 
 
-def open_metrics(out_dir, start):
+def open_metrics(out_dir, start, cfg=None):
     """metrics.jsonl (a Metrics); on resume, keep only the lines of epochs before `start`, in increasing
     epoch order (rewritten atomically), so redone epochs are not logged twice, and a torn, foreign or
     repeated line is gone. The held-out evaluation already written for epoch `start` (of the weights
-    resumed from) is kept as .written {start: its eval/ values}, for eval.evaluate not to redo it."""
+    resumed from) is kept as .written {start: its eval/ values}, for eval.evaluate not to redo it — only
+    when it was made with what `cfg` would evaluate with (eval.settings, logged beside it)."""
     path, written = os.path.join(out_dir, "metrics.jsonl"), {}
+    now = E.settings(cfg) if cfg is not None else None
     if os.path.exists(path):
         keep = []
         for r in E.read_metrics(path):
             if isinstance(r.get("epoch"), int) and (keep[-1]["epoch"] if keep else -1) < r["epoch"] < start:
                 keep.append(r)
-            elif r.get("epoch") == start and (ev := {k: v for k, v in r.items() if k.startswith("eval/")}):
-                written[start] = ev  # the evaluation of the checkpoint resumed from: not redone
+            elif now is not None and r.get("epoch") == start and r.get("eval_settings") == now:
+                written[start] = {k: v for k, v in r.items() if k.startswith(("eval/", "eval_settings"))}
 
         def rewrite():
             with open(path + ".tmp", "w") as f:

@@ -504,7 +504,7 @@ def train(cfg):
     if master:  # the external logger may refuse (log_to): before config.json and metrics.jsonl are written
         extra_log = O.external_logger(cfg)
         O.announce(cfg, world, prompts, gen, resume_from, start)
-        log = O.open_metrics(cfg.out_dir, start)
+        log = O.open_metrics(cfg.out_dir, start, cfg)
     held_out = functools.partial(E.evaluate, cfg, gen, phi, references, test_prompts, rank=rank,
                                  written=log.written if master else {})  # a resume: not redone
 

@@ -403,6 +403,12 @@ def test_a_resume_takes_the_evaluation_already_written_instead_of_redoing_it(tmp
     after = [r for r in E.read_metrics(os.path.join(out, "metrics.jsonl")) if r["epoch"] == 2]
     assert after == before
     monkeypatch.undo()
-    shutil.rmtree(_ck(out, 2))  # an interrupted run: resumed from epoch 1, whose evaluation is written
-    p = _run([f"--out_dir={out}", "--resume", "--eval_every=1"])
+    os.remove(os.path.join(out, "curves.png"))  # again, an evaluation setting changed: evaluated again
+    p = _run([f"--out_dir={out}", "--resume", "--eval_num_steps=3"])
+    assert "as written before the resume" not in p.stdout and "eval @ epoch 2: dino_sim" in p.stdout
+    shutil.rmtree(_ck(out, 2))  # an interrupted run: resumed from epoch 1, evaluated with 40 steps then
+    p = _run([f"--out_dir={out}", "--resume", "--eval_num_steps=40"])
     assert p.stdout.count("as written before the resume") == 1, p.stdout
+    shutil.rmtree(_ck(out, 2))  # and once more with 3 steps (the config.json now says 40): evaluated again
+    p = _run([f"--out_dir={out}", "--resume", "--eval_num_steps=3"])
+    assert "as written before the resume" not in p.stdout, p.stdout
