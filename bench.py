@@ -135,7 +135,7 @@ def count_flops(cfg):
         adv = R.build_adversary(cfg, meta)
     emb, pool = gen.encode([""])                                       # (1, T, D), (1, P): the real shapes
     shape = gen.latent_shape()                                         # (C, h, w)
-    guidance = cfg.nft_guidance_scale if cfg.objective == "nft" else cfg.guidance_scale
+    guidance = nft.sampling_guidance(cfg)
     cfg_rows = 2 if guidance > 1 else 1                               # CFG doubles the batch
     sb, tb = cfg.sample_batch_size, cfg.train_batch_size
     with FakeTensorMode(allow_non_fake_inputs=True):

@@ -39,9 +39,8 @@ What the published code does on top, and we do too (defaults from its config/nft
 
 Where we depart from the published code: the Euler ODE sampler instead of its 2nd-order DPM-Solver (any
 solver is allowed by the method); 10 sampling steps in the preset as published, but evaluation with our
-eval_* keys. Sampling is CFG-free as published (`nft_guidance_scale` 1, whatever GRPO's guidance_scale):
-guided samples would pull the conditional velocity toward the guided one, and a guided evaluation then
-guides twice (measured in the shapes world: CFG 3 peaks at 0.86 held-out and falls, CFG 1 reaches 0.97).
+eval_* keys. Sampling stays CFG-free whatever GRPO's guidance_scale (`nft_guidance_scale`): guided samples
+teach it the guided velocity, guided again at evaluation (shapes world: 0.86 then falling; CFG-free 0.97).
 The old model is a float32 shadow of the trainable tensors swapped in for its forwards (model.Shadow, as the
 EMA; for a LoRA: the LoRA tensors only; full fine-tuning pays a full copy), instead of a second peft
 adapter: one code path for LoRA and full fine-tuning, compile and DDP see the same modules. The per-group
@@ -101,6 +100,11 @@ def nft_loss(v_theta, v_old, x0, noise, t, r, beta, adaptive=True):
 def eta_at(step, rate, eta_max):
     """The old model's decay after `step` optimizer steps: min(rate·step, eta_max) (0: θ_old = θ)."""
     return min(rate * step, eta_max)
+
+
+def sampling_guidance(cfg):
+    """The CFG scale an epoch is sampled with: nft's own (CFG-free as published), GRPO's guidance_scale."""
+    return cfg.nft_guidance_scale if cfg.objective == "nft" else cfg.guidance_scale
 
 
 def sampling_policy(gen):

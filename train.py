@@ -234,7 +234,7 @@ def sample_epoch(cfg, epoch, gen, prompts, global_indices, window_start, progres
     images (n, 3, H, W); latents (n, C, h, w); x, x_next (n, K, C, h, w) the window's transitions (GRPO);
     log_probs (n, K) the sampler's (K = 0 under nft); emb, pool the prompt embeddings; step_idx (K,)."""
     out, bs, window_size = [], cfg.sample_batch_size, 0 if cfg.objective == "nft" else cfg.window_size
-    guidance = cfg.nft_guidance_scale if cfg.objective == "nft" else cfg.guidance_scale  # nft: CFG-free
+    guidance = nft.sampling_guidance(cfg)  # nft: CFG-free
     for b in tqdm(range(0, len(prompts), bs), desc=f"epoch {epoch} sampling", leave=False,
                   disable=None if progress else True):  # None: no bar in a log file (not a terminal)
         p, idx = prompts[b:b + bs], global_indices[b:b + bs]
