@@ -76,17 +76,15 @@ def save(cfg, epochs_done, gen, adversary, counters):
     if bad:
         raise SystemExit(f"refusing to save {final}: non-finite values in {', '.join(bad[:3])}"
                          f"{' …' if len(bad) > 3 else ''}; the checkpoints already on disk are kept")
-    def write_json(obj):
-        def write(path):
-            with open(path, "w") as f:
-                json.dump(obj, f, indent=1)
-        return write
+    def write_json(obj, path):
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
     writers = [("trainable.safetensors", lambda p: save_file(tensors, p)),
                ("ema.safetensors", lambda p: save_file(ema, p)),
                *([("old.safetensors", lambda p: save_file(old, p))] if old is not None else []),  # nft
                ("state.pt", lambda p: torch.save(state, p)),
                *([("lora", lambda p: M.export_lora(gen, p))] if cfg.lora_rank > 0 else []),
-               ("config.json", write_json(dataclasses.asdict(cfg)))]
+               ("config.json", lambda p: write_json(dataclasses.asdict(cfg), p))]
     writing = tmp
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -97,7 +95,7 @@ def save(cfg, epochs_done, gen, adversary, counters):
         manifest = {n: dict(bytes=os.path.getsize(os.path.join(tmp, n)), sha256=_sha256(os.path.join(tmp, n)))
                     for n in _files(tmp)}
         writing = os.path.join(tmp, MANIFEST)
-        write_json(manifest)(writing)  # written last: its presence means complete
+        write_json(manifest, writing)  # written last: its presence means complete
         for name in _files(tmp):  # flush file contents before the rename makes them visible
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
