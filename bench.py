@@ -88,8 +88,9 @@ def parse(argv):
     preset = {**COMMON, **ARCH[b.arch], **(LOW_MEM if cfg.low_mem else {})}
     b, cfg = configurator.parse([f"--{k}={v!r}" for k, v in preset.items()] + list(argv), Bench,
                                 configurator.Config)
-    cfg = configurator.resolve_defaults(cfg)
-    configurator.validate(cfg, 1)
+    configurator.validate(configurator.resolve_defaults(cfg), 1)
+    if bad := R.check_config(cfg)[0]:
+        raise SystemExit(f"config error: {bad}")
     return b, cfg
 
 

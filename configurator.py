@@ -4,14 +4,13 @@ configurator.py — every knob of a run with its default, and the one parser tha
     python train.py config/tiny.py --lr=1e-4 --seed=1      # presets (Python files) in order, then --key=value
     python train.py --help                                 # every key, its default and what it means
 
-`Config`'s defaults are the paper's main setting: SD3.5-Medium, 512², the adversarial DINOv2 reward, with
-the published hyper-parameters. A preset in config/ is a Python file that assigns some of these names
-(it runs as code: `lr = 1e-4`, not YAML's `lr: 1e-4`, which Python reads as an annotation and we refuse)
-and states only what differs from its base: the defaults, or the preset it names in `base = "tiny.py"`
-(a path relative to the preset's own folder), applied first. `parse` serves train.py, sample.py,
-prepare.py and bench.py alike: each passes its dataclasses, and a key goes to the one that has it.
-Unknown keys, wrong types and impossible values are refused in one line that names the key and where it
-came from — before any model is loaded.
+`Config`'s defaults are the paper's main setting: SD3.5-Medium, 512², the adversarial DINOv2 reward, the
+published hyper-parameters. A preset in config/ is a Python file assigning some of these names (`lr = 1e-4`;
+YAML's `lr: 1e-4` is an annotation to Python and refused) that states what differs from its base: the
+defaults, or the preset named by `base = "tiny.py"` (relative to its folder), applied first. `parse` serves
+train.py, sample.py, prepare.py and bench.py: each passes its dataclasses, and a key goes to the one that has
+it. Unknown keys, wrong types and impossible values are refused in one line naming the key and where it came
+from, before any model loads.
 """
 
 import ast
@@ -20,7 +19,6 @@ import inspect
 import io
 import math
 import os
-import sys
 import tokenize
 import typing
 from dataclasses import dataclass, field
@@ -32,31 +30,25 @@ class Config:
     # model
     pretrained: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id, local folder, or random:<arch>
     t5: bool = True                   # load T5-XXL; False feeds zeros in its place (as diffusers allows)
-    max_sequence_length: int | None = None  # T5 tokens; None: the folder's sample_settings.json, else 128
-                                      # (the recipe: 77 CLIP + 128 T5 = 205 text tokens)
+    max_sequence_length: int | None = None  # T5 tokens; None: sample_settings.json's, else 128 (the recipe's)
     resolution: int = 512            # image side in pixels (square)
     lora_rank: int = 32               # 0 = full fine-tuning
     lora_alpha: int = 64              # LoRA scale alpha / rank (the recipe: 64 / 32 = 2)
     lora_targets: list = field(default_factory=list)  # modules the LoRA adapts (peft name suffixes); [] = the
                                       # recipe's joint attention (model.LORA_TARGETS); init_lora: its own
-    init_lora: str = ""               # start from a LoRA folder: diffusers' format (our checkpoints' lora/)
-                                      # or PEFT's (adapter_config.json + adapter_model.safetensors: the
-                                      # released Adv-GRPO LoRAs, Flow-GRPO's lora_path); its rank, alpha and
-                                      # target modules are taken (said at start)
+    init_lora: str = ""               # start from a LoRA folder, diffusers' (our lora/) or PEFT's (Adv-GRPO's
+                                      # releases, Flow-GRPO's lora_path); its rank, alpha, targets are taken
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for time)
     compile: bool = False             # torch.compile the transformer
-    low_mem: bool = False             # 24 GB GPUs: every prompt encoded once at start-up, then the text
-                                      # encoders are freed and the embeddings kept on the CPU; VAE decodes 4
-                                      # images at a time. Pair with gradient_checkpointing
-                                      # (config/sd35m_24gb.py)
+    low_mem: bool = False             # 24 GB GPUs: prompts encoded once, text encoders freed (embeddings kept
+                                      # on the CPU), VAE decodes 4 at a time (preset: config/sd35m_24gb.py)
     mixed_precision: str = "bf16"     # "bf16" (frozen weights bf16, autocast; CPU too) or "no" (float32)
     # data
     train_prompts: str = "data/train.txt"       # .txt (one per line) or .jsonl with "prompt"
     test_prompts: str = "data/test.txt"         # held-out prompts of the in-loop evaluation
     # sampling
     num_steps: int = 10               # N sampling steps of a rollout
-    guidance_scale: float = 4.5       # CFG when sampling and when recomputing log-probs; 1 = off (GRPO; nft
-                                      # samples at nft_guidance_scale)
+    guidance_scale: float = 4.5       # CFG of GRPO's samples and log-probs; 1 = off (nft: nft_guidance_scale)
     sde_kind: str = "cps"             # "cps" (Adv-GRPO) or "sde" (Flow-GRPO)
     noise_level: float | None = None  # a; None: by sde_kind (cps 0.8 as Adv-GRPO, sde 0.7 as Flow-GRPO)
     window_start: str = "0"           # first trained step: an integer (published: 0), or "random": drawn per
@@ -70,8 +62,7 @@ class Config:
     updates_per_epoch: int = 2        # optimizer steps per epoch; gradients accumulate in between
     # GRPO
     lr: float = 3e-4                  # AdamW learning rate of the generator
-    lr_half_life: int = 0             # beyond the paper: the generator's lr halves every this many optimizer
-                                      # steps (0: constant, the paper)
+    lr_half_life: int = 0             # beyond the paper: lr halves every N optimizer steps (0: constant)
     weight_decay: float = 1e-4        # AdamW weight decay
     max_grad_norm: float = 1.0        # gradient clipping (global norm)
     clip_range: float | None = None   # ε of the ratio clip; None: by sde_kind (cps 1e-5: its log-prob is
@@ -81,35 +72,30 @@ class Config:
     global_std: bool = True           # normalise advantages by the std of all rewards of the epoch
     adv_std: bool = True              # divide advantages by that std; False: r - mean of its group (the
                                       # reward's own scale: small steps where the head is unsure)
-    adv_gap: bool = False             # beyond the paper: advantages × the discriminator's gap between the
-                                      # epoch's references and generations, erf(d/2) in [0, 1] (train.gap):
-                                      # no steps once they look alike to it
-    adv_signal: bool = False          # beyond the paper: advantages × the adversarial reward's signal share
-                                      # d_signal (its split-half pair's agreement, in [0, 1]): no full-size
-                                      # steps on a reward that has become noise
+    adv_gap: bool = False             # beyond the paper: advantages × erf(d/2) in [0, 1], d the D's gap
+                                      # between references and generations (train.gap): alike, no steps
+    adv_signal: bool = False          # beyond the paper: advantages × d_signal in [0, 1], the split-half
+                                      # pair's agreement: no full steps on an adversarial reward turned noise
     g_beta1: float = 0.9              # the generator's AdamW β1 (momentum; Flow-GRPO's 0.9); β2 is 0.999
     ema_decay: float = 0.9            # the EMA's decay after its warm-up: min((1 + s)/(10 + s), ema_decay)
     ema_every: int = 8                # EMA update every N optimizer steps
     # the generator's objective: the paper's GRPO, or DiffusionNFT (nft.py: its maths, defaults, departures)
-    objective: str = "grpo"           # "grpo" (the paper: clipped GRPO on the log-probs of the SDE window) or
-                                      # "nft" (DiffusionNFT: ODE samples from an old model, flow matching on
-                                      # them contrasting good and bad; no log-probs, window or clip_range)
+    objective: str = "grpo"           # "grpo" (the paper: clipped ratio of the SDE window's log-probs) or
+                                      # "nft" (DiffusionNFT: flow matching on an old model's ODE samples)
     nft_beta: float = 1.0             # nft: β of v± = v_old ± β·(v_θ - v_old) (published 1; 0.1 for OCR)
     nft_eta_max: float = 0.5          # nft: after each G update θ_old ← η·θ_old + (1-η)·θ, with η = min(
                                       # nft_eta_rate · optimizer steps so far, nft_eta_max); in [0, 1)
     nft_eta_rate: float = 0.001       # nft: η's growth per optimizer step (published: 0.5 after 500 steps)
     nft_t_fraction: float = 0.99      # nft: each image trains on int(fraction · num_steps) of the sampler's
                                       # times, drawn without repetition, each with fresh noise
-    nft_guidance_scale: float = 1.0   # nft: CFG when sampling (published 1: CFG-free). The loss trains the
-                                      # conditional velocity, so guided samples would distill the guidance
-                                      # into it and a guided evaluation then guides twice
+    nft_guidance_scale: float = 1.0   # nft: CFG of its samples (published 1; guided ones teach the guidance
+                                      # to the conditional velocity, and a guided evaluation guides twice)
     nft_adaptive: bool = True         # nft: each branch's x0 error divided by its own mean |error|
                                       # (published); False: the paper's r·‖v⁺ - v‖² + (1-r)·‖v⁻ - v‖²
     # reward: a weighted sum; "dino_adv" / "pickscore_adv" are learned adversarially, others fixed
-    reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})  # {name: weight or {'weight': w,
-                                                                     # setting: value}}, e.g. "{'dino_adv':
-                                                                     # 1.0, 'ocr_sim': {'weight': 1.0,
-                                                                     # 'lam': 0.3}}" (settings: reward.py)
+    reward: dict = field(default_factory=lambda: {"dino_adv": 1.0})  # {name: weight or {'weight': w, setting:
+                                      # value}} (settings: reward.py), e.g. "{'dino_adv': 1.0, 'ocr_sim':
+                                      # {'weight': 1.0, 'lam': 0.3}}"
     references: str = "data/refs/index.json"  # {prompt: [relative paths]} index, or a folder (real for all)
     reference_root: str = ""          # root of the index's paths (default: the JSON's folder)
     skip_bad_references: bool = False  # drop unreadable reference images with a warning instead of stopping
@@ -119,15 +105,12 @@ class Config:
     d_times: int = 10                 # paper schedule: G trains on epochs where (epoch+1) % d_times == 0
     d_steps: int = 1                  # D steps per D epoch, on the same samples
     d_lr: float = 1e-4                # Adam (0.5, 0.999) learning rate of the DINO discriminator head
-    d_steps_max: int = 0              # beyond the paper, > 0: D's steps adapt to its accuracy on the epoch's
-                                      # new generations (before any step): d_steps_max below 0.6, none above
-                                      # 0.8, else d_steps
-    d_r1: float = 0.0                 # beyond the paper: γ of an R1 penalty γ/2·|∇h|² on the head at the
-                                      # reference tokens (the head flat at the references: no reward for
-                                      # running past them)
-    d_replay: int = 0                 # beyond the paper: the generations of the last N epochs stay as extra
-                                      # fakes, one per image beside the new one (GAN practice against a
-                                      # generator drifting back to old flaws)
+    d_steps_max: int = 0              # beyond the paper, > 0: D's steps by its accuracy on the new
+                                      # generations: this many below 0.6, none above 0.8, else d_steps
+    d_r1: float = 0.0                 # beyond the paper: γ of an R1 penalty γ/2·|∇h|² at the reference tokens
+                                      # (a head flat at the references: no reward for running past them)
+    d_replay: int = 0                 # beyond the paper: the last N epochs' generations stay as extra fakes,
+                                      # one per image (GAN practice against drifting back to old flaws)
     d_hidden: int = 512               # width of the DINO head h = Linear(D, width) → GELU → Linear(width, 1)
     d_patches: int = 64               # patch tokens drawn per image for the DINO head (all when fewer)
     d_patch_loss: float = 0.3         # λ_p: weight of the patch tokens' hinge loss beside the CLS token's
@@ -140,14 +123,11 @@ class Config:
     dino_image_size: int = 518        # images are resized to this for the backbone (DINOv2: 518 = 37 × 14)
     pickscore_model: str = "yuvalkirstain/PickScore_v1"     # hub id, folder, or random:tiny / random:vit-h-14
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # its tokenizer (hub id or folder)
-    pickscore_train_last_k: int = 1   # vision layers the PickScore adversary trains
-                                      # (paper 2, published code 1)
+    pickscore_train_last_k: int = 1   # vision layers the PickScore adversary trains (paper 2, code 1)
     pickscore_lr: float = 5e-6        # Adam (0.5, 0.999) learning rate of the PickScore adversary
-    clip_model: str = "openai/clip-vit-large-patch14"  # the fixed clip_score and aesthetic rewards' CLIP
-                                                       # (hub id, folder, random:tiny)
+    clip_model: str = "openai/clip-vit-large-patch14"  # CLIP of clip_score, clip_sim, aesthetic
     aesthetic_weights: str = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
-                              "sac+logos+ava1-l14-linearMSE.pth")  # the aesthetic reward's MLP: URL (cached
-                                                                   # by torch.hub), local file, or "random"
+                              "sac+logos+ava1-l14-linearMSE.pth")  # aesthetic's MLP: URL, file, "random"
     # run
     epochs: int = 1000                # sampling rounds (each: D and/or G work, per the schedule)
     seed: int = 0                     # every random stream derives from (seed, epoch, image), not the rank
@@ -173,61 +153,70 @@ def resolve_defaults(cfg):
     """Fill in the keys left None: noise_level / clip_range by sde_kind, max_sequence_length from the
     pipeline folder's sample_settings.json (else 128). A value that contradicts the pipeline's settings
     is refused: it would sample garbage without an error."""
-    for key, value in SDE_DEFAULTS.get(cfg.sde_kind, {}).items():
+    pipeline = archs.pipeline_settings(cfg.pretrained)
+    for key, value in {**SDE_DEFAULTS.get(cfg.sde_kind, {}), "max_sequence_length": 128, **pipeline}.items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
-    for key, value in archs.pipeline_settings(cfg.pretrained).items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-        elif getattr(cfg, key) != value:
+        elif key in pipeline and getattr(cfg, key) != value:
             raise SystemExit(f"config error: {cfg.pretrained} was trained with {key} = {value} "
                              f"({archs.SETTINGS_FILE}); {key} = {getattr(cfg, key)} would sample garbage")
-    if cfg.max_sequence_length is None:
-        cfg.max_sequence_length = 128
     return cfg
 
 
-# The range of every number, checked before anything else (the batch arithmetic below divides by some):
-# (the keys, whether a value is fine, what it must be), in order; a value must be finite too.
+# What every key may be, checked before anything else (the batch arithmetic below divides by some): rows of
+# (keys, ok(value, cfg), what a value must be: "{c.key}" reads the config), in order. A number must also be
+# finite, and None (a default not yet resolved) fails every row.
 AT_LEAST_1 = ("num_steps", "prompts_per_epoch", "sample_batch_size", "train_batch_size", "updates_per_epoch",
               "epochs", "save_every", "keep_last", "ema_every", "d_times", "d_steps", "max_bad_updates",
               "eval_num_steps", "eval_n_per_prompt", "dino_image_size", "resolution", "max_sequence_length",
               "lora_alpha", "d_hidden", "d_patches")
 POSITIVE = ("lr", "d_lr", "pickscore_lr", "max_grad_norm", "clip_range", "adv_clip", "nft_beta")
 NON_NEGATIVE = ("lora_rank", "weight_decay", "beta_kl", "d_warmup", "d_steps_max", "d_replay", "d_r1",
-                "lr_half_life", "eval_every", "eval_max_prompts",
-                "pickscore_train_last_k", "nft_eta_rate", "d_patch_loss")
+                "lr_half_life", "eval_every", "eval_max_prompts", "pickscore_train_last_k", "nft_eta_rate",
+                "d_patch_loss")
 UNIT_INTERVAL = ("noise_level", "ema_decay", "nft_t_fraction", "d_cls_weight", "g_beta1")
 # Beyond these a value is a typo, not a setting (gigabytes allocated before anything fails, a loss of inf)
 AT_MOST = dict(lora_rank=1024, lora_alpha=1e4, d_hidden=1 << 16, d_patches=4096, nft_beta=1e3)
-RANGES = [
-    (AT_LEAST_1, lambda v: v >= 1, "≥ 1"), (POSITIVE, lambda v: v > 0, "> 0"),
-    (NON_NEGATIVE, lambda v: v >= 0, "≥ 0"), (UNIT_INTERVAL, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    *((k, lambda v, m=m: v <= m, f"≤ {m:g}") for k, m in AT_MOST.items()),
-    ("nft_eta_max", lambda v: 0 <= v < 1, "in [0, 1) (η = 1 would freeze the old model for good)"),
-    ("nft_t_fraction", lambda v: v > 0, "in (0, 1]: 0 trains on no time at all"),
-    ("ema_decay", lambda v: v < 1, "< 1: at 1 the EMA weights (evaluated, exported) never leave the base"),
-    (("guidance_scale", "eval_guidance_scale", "nft_guidance_scale"), lambda v: 1 <= v <= 100,
-     "in [1, 100] (1 = no classifier-free guidance; far above the usual 3-7 the guided velocity is no longer "
-     "finite)"),
-    (("lr", "d_lr", "pickscore_lr"), lambda v: v <= 1, "≤ 1 (Adam moves every weight by about lr per step)"),
-    ("clip_range", lambda v: v < 1, "< 1 (ε: the ratio is clipped to [1 - ε, 1 + ε])"),
-    ("weight_decay", lambda v: v <= 1, "≤ 1 (AdamW shrinks weights by lr·weight_decay a step)"),
+RULES = [
+    ("mixed_precision", lambda v, c: v in ("bf16", "no"), "'bf16' or 'no'"),
+    ("schedule", lambda v, c: v in ("paper", "shared", "frozen"), "'paper', 'shared' or 'frozen'"),
+    ("objective", lambda v, c: v in ("grpo", "nft"), "'grpo' or 'nft'"),
+    ("sde_kind", lambda v, c: v in SDE_DEFAULTS,
+     "'cps' or 'sde' (\"ode\" has no noise, hence no log-probability to train on)"),
+    ("group_size", lambda v, c: v >= 2, "≥ 2: GRPO compares the images of one prompt"),
+    (AT_LEAST_1, lambda v, c: v >= 1, "≥ 1"), (POSITIVE, lambda v, c: v > 0, "> 0"),
+    (NON_NEGATIVE, lambda v, c: v >= 0, "≥ 0"), (UNIT_INTERVAL, lambda v, c: 0 <= v <= 1, "in [0, 1]"),
+    *((k, lambda v, c, m=m: v <= m, f"≤ {m:g}") for k, m in AT_MOST.items()),
+    ("nft_eta_max", lambda v, c: 0 <= v < 1, "in [0, 1) (η = 1 would freeze the old model for good)"),
+    ("nft_t_fraction", lambda v, c: v > 0, "in (0, 1]: 0 trains on no time at all"),
+    ("ema_decay", lambda v, c: v < 1, "< 1: at 1 the EMA weights (evaluated, exported) never leave the base"),
+    (("guidance_scale", "eval_guidance_scale", "nft_guidance_scale"), lambda v, c: 1 <= v <= 100,
+     "in [1, 100] (1 = no CFG; far above the usual 3-7 the guided velocity is no longer finite)"),
+    (("lr", "d_lr", "pickscore_lr"), lambda v, c: v <= 1, "≤ 1 (Adam moves every weight by about lr a step)"),
+    ("clip_range", lambda v, c: v < 1, "< 1 (ε: the ratio is clipped to [1 - ε, 1 + ε])"),
+    ("weight_decay", lambda v, c: v <= 1, "≤ 1 (AdamW shrinks weights by lr·weight_decay a step)"),
+    ("seed", lambda v, c: 0 <= v < 2 ** 63, "in 0 .. 2**63 - 1"),
+    ("out_dir", lambda v, c: not os.path.isfile(v), "a folder (it is a file)"),
+    ("sde_kind", lambda v, c: v == "cps" or c.objective == "grpo",
+     "left at 'cps' with objective = 'nft' (it is GRPO's stochastic step; nft samples with the ODE)"),
+    ("window_start", lambda v, c: v == "0" or c.objective == "grpo",
+     "left at '0' with objective = 'nft' (it is GRPO's SDE window; nft samples the whole ODE)"),
+    ("window_start", lambda v, c: v == "random" or v.isdigit(), "an integer or 'random'"),
+    ("window_size", lambda v, c: 1 <= v <= c.num_steps, "in 1..num_steps ({c.num_steps})"),
+    ("window_start", lambda v, c: not v.isdigit() or int(v) + c.window_size <= c.num_steps,
+     "such that the window [window_start, window_start + {c.window_size}) fits in num_steps = {c.num_steps}"),
+    ("beta_kl", lambda v, c: v == 0 or c.lora_rank > 0, "0 without LoRA (the KL's base is the adapter off)"),
 ]
 
 
-def check_ranges(cfg):
-    """One line naming the first key whose value is out of its range (or not finite); None if all are fine."""
-    if cfg.group_size < 2:  # before the batch arithmetic, which would blame something else
-        return f"group_size must be ≥ 2: GRPO compares the images of one prompt, got {cfg.group_size}"
-    for keys, ok, want in RANGES:
-        for key, v in ((k, getattr(cfg, k)) for k in ((keys,) if isinstance(keys, str) else keys)):
-            if v is not None and not (math.isfinite(v) and ok(v)):
-                return f"{key} must be {want if math.isfinite(v) else 'a finite number'}, got {v}"
-    if not 0 <= cfg.seed < 2 ** 63:
-        return f"seed must be in 0 .. 2**63 - 1, got {cfg.seed}"
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        return f"out_dir {cfg.out_dir} is a file, not a folder"
+def check(cfg):
+    """One line naming the first key whose value breaks a rule above or archs.check; None if all are fine."""
+    for keys, ok, want in RULES:
+        for key in (keys,) if isinstance(keys, str) else keys:
+            v = getattr(cfg, key)
+            finite = not isinstance(v, float) or math.isfinite(v)
+            if v is None or not (finite and ok(v, cfg)):
+                return f"{key} must be {want.format(c=cfg) if finite else 'a finite number'}, got {v!r}"
     return archs.check(cfg)
 
 
@@ -242,37 +231,29 @@ def split_error(cfg, world):
     n, nft = cfg.prompts_per_epoch * cfg.group_size, cfg.objective == "nft"
     per_rank, per_image = n // world, timesteps_per_image(cfg) if nft else cfg.window_size  # passes an image
     if n % world:
-        near = _multiples_near(cfg.prompts_per_epoch, world // math.gcd(cfg.group_size, world))
+        m, p = world // math.gcd(cfg.group_size, world), cfg.prompts_per_epoch  # p must be a multiple of m
         return (f"prompts_per_epoch × group_size = {n} images must split evenly over {world} ranks "
-                f"(prompts_per_epoch = {near} would do)")
+                f"(prompts_per_epoch = {_nearest(lambda q: q % m == 0, p, p + m)} would do)")
     for key in ("sample_batch_size", "train_batch_size"):
-        if per_rank % getattr(cfg, key):
-            return (f"images per rank ({per_rank}) must be a multiple of {key} ({getattr(cfg, key)}; "
-                    f"{_divisors_near(per_rank, getattr(cfg, key))} would do)")
-    if per_rank // cfg.train_batch_size * per_image % cfg.updates_per_epoch:
-        return (f"backward passes per epoch ({per_rank // cfg.train_batch_size} batches × {per_image} "
-                f"{'times' if nft else 'steps'}) must be a multiple of updates_per_epoch "
-                f"({cfg.updates_per_epoch})")
+        if per_rank % (b := getattr(cfg, key)):
+            return (f"images per rank ({per_rank}) must be a multiple of {key} ({b}; "
+                    f"{_nearest(lambda d: per_rank % d == 0, b, per_rank)} would do)")
+    if (batches := per_rank // cfg.train_batch_size) * per_image % cfg.updates_per_epoch:
+        return (f"backward passes per epoch ({batches} batches × {per_image} {'times' if nft else 'steps'}) "
+                f"must be a multiple of updates_per_epoch ({cfg.updates_per_epoch})")
     return None
 
 
-def _multiples_near(p, m):
-    """The multiples of m closest to p, below (if any) and above: what prompts_per_epoch could be."""
-    return " or ".join(map(str, dict.fromkeys(x for x in (p // m * m, -(-p // m) * m) if x > 0)))
-
-
-def _divisors_near(n, b):
-    """The divisors of n closest to b, below and above it: what a batch size could be instead."""
-    below, above = max(d for d in range(1, min(b, n) + 1) if n % d == 0), min(d for d in range(b, n + 1)
-                                                                               if n % d == 0) if b <= n else n
-    return " or ".join(map(str, dict.fromkeys((below, above))))
+def _nearest(ok, b, top):
+    """The values in 1..top that pass ok closest to b, from below and from above: what a key could be."""
+    below = [v for v in range(1, min(b, top) + 1) if ok(v)][-1:]
+    return " or ".join(map(str, dict.fromkeys(below + [v for v in range(b, top + 1) if ok(v)][:1])))
 
 
 def step_chunks(cfg):
-    """Into how many chunks of micro-batches the optimizer steps of an epoch split its images (the other
-    factor, updates_per_epoch / it, splits each image's trained steps): the largest divisor of
-    updates_per_epoch that divides the micro-batches per rank under *every* world size the config allows,
-    so that the steps hold the same images on one rank and on many (train.training_passes)."""
+    """Into how many chunks of micro-batches an epoch's optimizer steps split its images (updates_per_epoch /
+    it split each image's trained steps): the largest divisor of updates_per_epoch dividing the micro-batches
+    per rank under *every* legal world size: a step holds the same images on any (train.training_passes)."""
     n_global, m = cfg.prompts_per_epoch * cfg.group_size, 0
     for world in range(1, n_global + 1):
         if split_error(cfg, world) is None:
@@ -281,55 +262,13 @@ def step_chunks(cfg):
 
 
 def validate(cfg, world, warn=None):
-    """Ranges, batch arithmetic and choices that would otherwise fail deep inside (or train on garbage) are
-    refused; what is legal but surely not meant (config_warnings) is said through `warn` (e.g. print)."""
-    bad = check_ranges(cfg) or split_error(cfg, world)
-    if bad:
+    """The rules above and the batch arithmetic for `world` ranks, refused in one line before anything loads;
+    what is legal but surely not meant is said through `warn` (e.g. print). Rewards': reward.check_config."""
+    if bad := check(cfg) or split_error(cfg, world):
         raise SystemExit(f"config error: {bad}")
-    ws, nft = cfg.window_start, cfg.objective == "nft"
-    checks = [
-        (cfg.objective in ("grpo", "nft"), f"objective must be 'grpo' or 'nft', got {cfg.objective!r}"),
-        (not nft or ws == "0", "window_start is GRPO's SDE window; objective = 'nft' samples the whole ODE "
-                               "(leave window_start at '0')"),
-        (not nft or cfg.sde_kind == "cps", "sde_kind is GRPO's stochastic step; objective = 'nft' samples "
-                                           "with the ODE (leave sde_kind at 'cps')"),
-        (cfg.sde_kind in SDE_DEFAULTS, f"sde_kind must be one of {sorted(SDE_DEFAULTS)} for training "
-                                       f"(\"ode\" has no noise, hence no log-probability to train on), "
-                                       f"got {cfg.sde_kind!r}"),
-        (ws == "random" or ws.isdigit(), "window_start must be an integer or 'random'"),
-        (1 <= cfg.window_size <= cfg.num_steps, f"window_size must be in 1..num_steps ({cfg.num_steps}), "
-                                                f"got {cfg.window_size}"),
-        (not ws.isdigit() or int(ws) + cfg.window_size <= cfg.num_steps,
-         f"the training window [{ws}, {ws}+{cfg.window_size}) does not fit in num_steps = "
-         f"{cfg.num_steps} steps"),
-        (cfg.noise_level is not None and cfg.clip_range is not None,
-         "noise_level and clip_range must be set (resolve_defaults fills them in from sde_kind)"),
-        (cfg.mixed_precision in ("bf16", "no"), "mixed_precision must be 'bf16' or 'no'"),
-        (cfg.schedule in ("paper", "shared", "frozen"), "schedule must be 'paper', 'shared' or 'frozen'"),
-        (bool(cfg.reward), "reward is empty: every image would score 0 and nothing would be learnt "
-                           "(e.g. --reward=\"{'dino_adv': 1.0}\")"),
-        (not (cfg.d_replay and cfg.d_conditional),
-         "d_replay keeps unconditional fakes: not with d_conditional"),
-        (cfg.beta_kl == 0 or cfg.lora_rank > 0,
-         "beta_kl > 0 needs LoRA (the frozen base is the adapter switched off)"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise SystemExit(f"config error: {msg}")
-    for line in config_warnings(cfg, world) if warn else ():
-        warn(f"WARNING {line}", flush=True)
-
-
-def config_warnings(cfg, world=1):
-    """What is legal but surely not meant, said before the first epoch: lines to print. (What only the
-    rewards know, e.g. a schedule that never trains the generator, reward.check_config says.)"""
-    out = [] if world == 1 or not cfg.d_conditional else [
-        f"d_conditional on {world} ranks: its wrong-prompt references are paired within a rank, so the run "
-        "depends on the number of ranks (every other setting trains the same weights on any number)"]
-    if cfg.noise_level == 0 and cfg.objective == "grpo":
-        out.append("noise_level = 0: the training window is deterministic, every log-prob ratio is 1 and "
-                   "nothing is explored or learnt (the recipe: 0.8 for cps, 0.7 for sde)")
-    return out
+    if warn and cfg.noise_level == 0 and cfg.objective == "grpo":
+        warn("WARNING noise_level = 0: the training window is deterministic, every log-prob ratio is 1 and "
+             "nothing is explored or learnt (the recipe: 0.8 for cps, 0.7 for sde)", flush=True)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -340,29 +279,20 @@ def comments(cls):
     --help prints. A comment continued on the following comment-only lines is joined."""
     out, current = {}, None
     for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.line.strip().split(":")[0] == tok.string:
-            current = tok.string
-            out[current] = ""
-        elif tok.type == tokenize.COMMENT:
-            text = tok.string.lstrip("#").strip()
-            if tok.line.strip().startswith("#") and tok.start[1] == 4:       # a section header
-                current = None
-                out[f"# {text}"] = None
-            elif current is not None:
-                out[current] = f"{out[current]} {text}".strip()
+        text, indent = tok.string.lstrip("#").strip(), tok.start[1]
+        if tok.type == tokenize.NAME and indent == 4 and tok.line.strip().split(":")[0] == tok.string:
+            current, out[text] = text, ""                  # a key
+        elif tok.type == tokenize.COMMENT and indent == 4:  # a section header (keys' comments: further right)
+            current, out[f"# {text}"] = None, None
+        elif tok.type == tokenize.COMMENT and current is not None:
+            out[current] = f"{out[current]} {text}".strip()
     return out
 
 
 def help_text(*schemas):
-    lines = []
-    for cls in schemas:
-        obj = cls()
-        for key, text in comments(cls).items():
-            if text is None:
-                lines.append(f"\n  {key[2:]}")
-            else:
-                lines.append(f"    --{key}={getattr(obj, key)!r}".ljust(44) + f" {text}")
-    return "\n".join(lines)
+    """--help: each schema's sections, then its keys with their defaults and comments."""
+    return "\n".join(f"\n  {key[2:]}" if text is None else f"    --{key}={getattr(cls(), key)!r}".ljust(44)
+                     + f" {text}" for cls in schemas for key, text in comments(cls).items())
 
 
 def _coerce(hint, key, value, where):
@@ -370,10 +300,8 @@ def _coerce(hint, key, value, where):
     if value is None and type(None) in kinds:
         return None
     want = kinds[0]
-    if want is float and type(value) is int:
-        value = float(value)
-    if want is str and not isinstance(value, str):
-        value = str(value)  # e.g. --window_start=0 parses as an int
+    if want is str or want is float and type(value) is int:  # --window_start=0 parses as an int, --lr=1 too
+        value = want(value)
     if type(value) is not want:
         raise SystemExit(f"{where}: {key} must be {want.__name__}, got {value!r} ({type(value).__name__}); "
                          f"write --{key}=<value>")
@@ -431,9 +359,8 @@ def literal(raw):
 
 
 def run_preset(path, _seen=()):
-    """A preset's assignments {name: (value, file that set it)}, its `base` preset's first. It runs as
-    Python; an annotation without a value (YAML's `lr: 0.1`) would silently do nothing, so it is refused
-    with its line."""
+    """A preset's assignments {name: (value, file that set it)}, its `base` preset's first. It runs as Python;
+    a bare annotation (YAML's `lr: 0.1`) would silently do nothing, so it is refused with its line."""
     if os.path.abspath(path) in _seen:
         raise SystemExit(f"{path}: presets inherit from each other in a circle ({' → '.join(_seen)})")
     try:
@@ -454,19 +381,14 @@ def run_preset(path, _seen=()):
     ns = {}
     try:
         exec(compile(tree, path, "exec"), ns)
-    except SystemExit:
-        raise
-    except Exception as e:
+    except Exception as e:  # (a SystemExit it raises is no Exception: it passes)
         raise SystemExit(f"{path}: the preset raised {type(e).__name__}: {e}") from None
     values = {k: (v, path) for k, v in ns.items()
-              if not k.startswith("_") and not callable(v) and not isinstance(v, type(sys))}
-    if "base" not in values:
-        return values
-    base = values.pop("base")[0]
-    if not isinstance(base, str) or not base.endswith(".py"):
+              if not k.startswith("_") and not callable(v) and not inspect.ismodule(v)}
+    base, seen = values.pop("base", (None,))[0], (*_seen, os.path.abspath(path))
+    if base is not None and not (isinstance(base, str) and base.endswith(".py")):
         raise SystemExit(f"{path}: base must name a preset file (base = \"tiny.py\"), got {base!r}")
-    return {**run_preset(os.path.join(os.path.dirname(path), base), (*_seen, os.path.abspath(path))),
-            **values}
+    return {**(run_preset(os.path.join(os.path.dirname(path), base), seen) if base else {}), **values}
 
 
 def parse_args(argv):

@@ -636,8 +636,7 @@ ADVERSARIES = {a.name: a for a in (DinoDiscriminator, PickScoreAdversary)}
 
 def _split(value):
     """cfg.reward's value for one reward, w or {"weight": w, **settings} -> (w, settings)."""
-    if not isinstance(value, dict):
-        return value, {}
+    value = value if isinstance(value, dict) else {"weight": value}
     return value.get("weight"), {k: v for k, v in value.items() if k != "weight"}
 
 
@@ -657,14 +656,15 @@ def check_reward(spec):
             if (d := own[key]) not in (None, inspect.Parameter.empty) and not (
                     isinstance(v, type(d)) or type(d) is float and type(v) is int):
                 return f"reward {name!r}: {key} must be a {type(d).__name__} like {d!r}, got {v!r}"
-    if spec and all(_split(v)[0] == 0 for v in spec.values()):
-        return "every reward weight is 0: every image would score 0 and nothing would be learnt"
+    if all(_split(v)[0] == 0 for v in spec.values()):
+        return (f"{'every reward weight is 0' if spec else 'reward is empty'}: every image would score 0 and "
+                "nothing would be learnt (e.g. --reward=\"{'dino_adv': 1.0}\")")
     if len(named := [n for n in spec if n in ADVERSARIES]) > 1:
         return f"at most one adversarial reward, got {' and '.join(named)}: each trains its own head"
     return None
 
 
-def check_config(cfg):
+def check_config(cfg, world=1):
     """The rewards' part of the config check: (one line of what is wrong or None, warnings to print)."""
     if bad := check_reward(cfg.reward):
         return bad, []
@@ -673,7 +673,11 @@ def check_config(cfg):
         if getattr(cfg, key) and not dino:
             return (f"{key} is an option of the {DinoDiscriminator.name} discriminator, "
                     "which cfg.reward lacks", [])
-    warnings = []
+    if cfg.d_replay and cfg.d_conditional:
+        return "d_replay keeps unconditional fakes: not with d_conditional", []
+    warnings = [] if world == 1 or not cfg.d_conditional else [
+        f"d_conditional on {world} ranks: its wrong-prompt references are paired within a rank, so the run "
+        "depends on the number of ranks (every other setting trains the same weights on any number)"]
     if dino and not any(e >= cfg.d_warmup and (cfg.schedule != "paper" or (e + 1) % cfg.d_times == 0)
                         for e in range(cfg.epochs)):  # its schedule is known in advance (PickScore's is not)
         why = (f"epochs = {cfg.epochs} ≤ d_warmup = {cfg.d_warmup}" if cfg.epochs <= cfg.d_warmup else
@@ -707,10 +711,9 @@ def missing_weights(cfg):
     for used, key in (({"pickscore", "pickscore_adv"}, "pickscore_model"),
                       ({"pickscore", "pickscore_adv"}, "pickscore_processor"),
                       ({"clip_score", "clip_sim", "aesthetic"}, "clip_model")):
-        repo = getattr(cfg, key)
         if key == "pickscore_processor" and cfg.pickscore_model.startswith("random:"):
             continue  # a random CLIP brings its own tokenizer
-        if names & used and not cached(repo, "config.json", "tokenizer_config.json"):
+        if names & used and not cached(repo := getattr(cfg, key), "config.json", "tokenizer_config.json"):
             out.append(f"{key}: {repo} is not in the hub cache: `hf download {repo}`, or a local folder")
     url = cfg.aesthetic_weights
     if "aesthetic" in names and url.startswith("http") and not os.path.isfile(

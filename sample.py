@@ -280,10 +280,7 @@ def pretrained_config(args):
                               lora_targets=sorted(targets or []), init_lora=args.lora, eval_max_prompts=0,
                               references="")  # none unless --references: never data/refs/ by chance
     configurator.resolve_defaults(cfg)
-    bad = configurator.check_ranges(cfg)
-    if cfg.mixed_precision not in ("bf16", "no"):
-        bad = f"mixed_precision must be 'bf16' or 'no', got {cfg.mixed_precision!r}"
-    if bad:
+    if bad := configurator.check(cfg):
         raise SystemExit(f"--pretrained: {bad}")
     return cfg
 

@@ -448,7 +448,7 @@ def check_inputs(cfg, world, master=True):
     if cfg.init_lora:  # its rank, alpha and targets become the run's (before config.json is written)
         M.adopt_lora(cfg, master)
     validate(cfg, world, warn=print if master else None)  # refuses in one line, or warns
-    bad, warnings = R.check_config(cfg)                   # what only the rewards know
+    bad, warnings = R.check_config(cfg, world)            # what only the rewards know
     if bad:
         raise SystemExit(f"config error: {bad}")
     for line in warnings if master else ():

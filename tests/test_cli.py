@@ -249,9 +249,9 @@ def test_the_missing_weights_hint_works_with_the_recipe_and_names_the_venvs_cli(
     assert "`hf auth login`" in str(e.value)
     assert os.path.isfile(os.path.join(os.path.dirname(sys.executable), "hf"))  # huggingface_hub's CLI
     hint = str(e.value).split("a smoke run on random weights: ")[1].rstrip(".").split()
-    assert "at most 128 px" in configurator.check_ranges(T.parse_args(["--pretrained=random:tiny"]))
+    assert "at most 128 px" in configurator.check(T.parse_args(["--pretrained=random:tiny"]))
     cfg = T.parse_args(hint)
-    assert configurator.check_ranges(cfg) is None
+    assert configurator.check(cfg) is None
     gen = M.build_generator(cfg, torch.device("cpu"))
     batch = T.sample_epoch(cfg, 0, gen, ["a red circle"], [0], 0, progress=False)
     assert batch["images"].shape == (1, 3, 32, 32) and torch.isfinite(batch["images"]).all()

@@ -47,9 +47,12 @@ def test_values_that_cannot_be_meant_are_refused():
 
 
 def test_no_exploration_is_said_before_the_first_epoch():
-    cfg = configurator.parse_args(["config/tiny.py", "--noise_level=0"])
-    assert any("noise_level = 0" in w for w in configurator.config_warnings(cfg))
-    assert configurator.config_warnings(configurator.parse_args(["config/tiny.py"])) == []
+    def said(*args):
+        lines = []
+        configurator.validate(configurator.parse_args(["config/tiny.py", *args]), 1,
+                              warn=lambda line, flush: lines.append(line))
+        return lines
+    assert any("noise_level = 0" in w for w in said("--noise_level=0")) and said() == []
 
 
 def test_prepare_help_exits_zero_and_old_commands_say_where_they_went():
@@ -92,6 +95,7 @@ def test_restating_a_key_on_resume_with_its_own_value_changes_nothing(tmp_path):
 
 def test_a_prompt_aware_head_on_several_ranks_is_said_to_depend_on_their_number():
     cfg = configurator.parse_args(["config/tiny.py", "--d_conditional=True"])
-    assert configurator.config_warnings(cfg, 1) == []
-    (line,) = configurator.config_warnings(cfg, 2)
+    import reward as R
+    assert R.check_config(cfg, 1) == (None, [])
+    (line,) = R.check_config(cfg, 2)[1]
     assert line.startswith("d_conditional on 2 ranks") and "depends on the number of ranks" in line

@@ -128,8 +128,8 @@ def test_bad_values_refused_in_one_line(tmp_path):
                       (["--nft_eta_max=1.0"], "nft_eta_max must be in [0, 1)"),
                       (["--nft_eta_max=-0.1"], "nft_eta_max must be in [0, 1)"),
                       (["--nft_t_fraction=0"], "nft_t_fraction must be in (0, 1]"),
-                      (["--window_start=random"], "window_start is GRPO's SDE window"),
-                      (["--sde_kind=sde"], "sde_kind is GRPO's stochastic step"),
+                      (["--window_start=random"], "window_start must be left at '0' with objective = 'nft'"),
+                      (["--sde_kind=sde"], "sde_kind must be left at 'cps' with objective = 'nft'"),
                       (["--objective=ppo"], "objective must be 'grpo' or 'nft'")):
         obj = [] if "--objective=ppo" in args else ["--objective=nft"]
         p = run_main("train.py", [PRESET, *obj, *args, f"--out_dir={tmp_path}/x"], ok=False)

@@ -2,6 +2,7 @@
 saved, bad numbers refused before the model loads, inputs read as people mean them."""
 import dataclasses
 import json
+import re
 import os
 import subprocess
 import sys
@@ -216,6 +217,20 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, built, 
 def test_bad_numbers_are_refused_in_one_line_before_the_model_loads(tmp_path, arg, key):
     with pytest.raises(SystemExit, match=key) as e:
         T.check_inputs(T.parse_args([os.path.join(ROOT, "config", "tiny_random.py"), arg,
+                                     f"--out_dir={tmp_path / 'run'}"]), 1)
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--beta_kl=0.1", "--lora_rank=0"], "beta_kl must be 0 without LoRA"),
+    (["--reward={'dino_adv': 1.0}", "--d_replay=2", "--d_conditional=True"],
+     "d_replay keeps unconditional fakes: not with d_conditional"),
+    (["--mixed_precision=fp16"], "mixed_precision must be 'bf16' or 'no', got 'fp16'"),
+    (["--schedule=papr"], "schedule must be 'paper', 'shared' or 'frozen', got 'papr'"),
+])
+def test_settings_that_contradict_each_other_are_refused_in_one_line(tmp_path, args, says):
+    with pytest.raises(SystemExit, match=re.escape(says)) as e:
+        T.check_inputs(T.parse_args([os.path.join(ROOT, "config", "tiny_random.py"), *args,
                                      f"--out_dir={tmp_path / 'run'}"]), 1)
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run")
 

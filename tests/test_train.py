@@ -448,8 +448,8 @@ def test_sde_kind_sets_noise_level_and_clip_range_unless_given():
 
 
 @pytest.mark.parametrize("args, msg", [
-    (["--sde_kind=ode"], "sde_kind must be one of"),
-    (["--window_start=9"], "does not fit in num_steps = 10"),
+    (["--sde_kind=ode"], "sde_kind must be 'cps' or 'sde'"),
+    (["--window_start=9"], "fits in num_steps = 10"),
     (["--window_size=0"], "window_size must be in 1..num_steps"),
     (["--window_size=11"], "window_size must be in 1..num_steps"),
 ])
