@@ -71,3 +71,11 @@ def test_random_streams_are_named():
     import train as T
     assert (T.PATCHES, T.REFS, T.ORDER, T.WINDOW) == (1, 2, 3, 7)   # the values runs were seeded with
     assert "seed_of(cfg.seed, epoch, rank, 1)" not in source("train.py")
+
+
+def test_the_committed_assets_stay_under_20_mb():
+    """The tiny world (three 4.6 MB transformers, the VAE, the backbone, ~2,000 reference PNGs) is the only
+    weights the repository carries. Bytes of content, not `du`'s 4 KiB blocks (which count ~24 MB)."""
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(ROOT, "assets"))
+             for f in files]
+    assert sum(sizes) <= 20e6, f"{sum(sizes) / 1e6:.1f} MB under assets/"
