@@ -243,13 +243,14 @@ class EMA(Shadow):
 def export_lora(gen, path):
     """The EMA LoRA in diffusers' format: `StableDiffusion3Pipeline.from_pretrained(base)
     .load_lora_weights(path)` then samples what our eval samples (a test checks it)."""
-    tr = gen.transformer
     with gen.ema.applied(gen.params):
-        layers = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(tr).items()}
-    # the metadata carries lora_alpha: without it diffusers assumes alpha = rank (a 2x wrong scale here)
-    StableDiffusion3Pipeline.save_lora_weights(
-        path, transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
+        layers = {k: v.float().cpu().clone() for k, v in get_peft_model_state_dict(gen.transformer).items()}
+    # the metadata carries lora_alpha (else diffusers takes alpha = rank: 2x wrong here); target_modules, a
+    # set, sorted: in Python's per-process hash order the file's bytes would change from run to run
+    meta = gen.transformer.peft_config["default"].to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])
+    StableDiffusion3Pipeline.save_lora_weights(path, transformer_lora_layers=layers,
+                                               transformer_lora_adapter_metadata=meta)
 
 
 def read_lora(folder, what="init_lora"):
@@ -273,8 +274,7 @@ def read_lora(folder, what="init_lora"):
             settings = json.load(open(config_file))
             if not isinstance(settings, dict):
                 raise ValueError("not a JSON object")
-            weights_file = os.path.join(folder, "adapter_model.safetensors")
-            prefix = "base_model.model."
+            prefix, weights_file = "base_model.model.", os.path.join(folder, "adapter_model.safetensors")
             unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
                                        "modules_to_save", "layers_to_transform") if settings.get(k)]
             if settings.get("peft_type", "LORA") != "LORA" or unsupported:  # each changes the update's maths

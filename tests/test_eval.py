@@ -98,6 +98,11 @@ def test_exported_lora_reproduces_our_samples_in_diffusers(tmp_path):
 
     pipe = M.load_pipeline(cfg.pretrained, t5=False)  # same seed → same random base weights
     pipe.load_lora_weights(os.path.join(ckpt, "lora"))
+    # and the file is the same bytes in every process: its target modules (a set in peft) are written sorted
+    from safetensors import safe_open
+    with safe_open(os.path.join(ckpt, "lora", "pytorch_lora_weights.safetensors"), "pt") as f:
+        targets = json.loads(f.metadata()["lora_adapter_metadata"])["transformer.target_modules"]
+    assert targets == sorted(targets) and len(targets) == 8
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     shape = (pipe.transformer.config.in_channels, cfg.resolution // f, cfg.resolution // f)
     latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(3 * 1_000_003 + i))
