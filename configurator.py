@@ -246,8 +246,9 @@ def split_error(cfg, world):
 
 def _nearest(ok, b, top):
     """The values in 1..top that pass ok closest to b, from below and from above: what a key could be."""
-    below = [v for v in range(1, min(b, top) + 1) if ok(v)][-1:]
-    return " or ".join(map(str, dict.fromkeys(below + [v for v in range(b, top + 1) if ok(v)][:1])))
+    below = next((v for v in range(min(b, top), 0, -1) if ok(v)), None)  # each search stops at its first
+    above = next((v for v in range(b, top + 1) if ok(v)), None)
+    return " or ".join(map(str, dict.fromkeys(v for v in (below, above) if v)))
 
 
 def step_chunks(cfg):

@@ -26,6 +26,20 @@ def test_nonsense_values_are_refused_naming_what_would_do():
         "--prompts_per_epoch=5", "--group_size=3", "--sample_batch_size=1", "--train_batch_size=1", world=4)
 
 
+def test_what_would_do_is_found_near_the_value_not_by_scanning_up_to_it():
+    """A typo's prompts_per_epoch (999,999,999 on 8 ranks) is answered at once: the suggestion looks a few
+    values either side, not every number below it (which took a minute)."""
+    calls = []
+
+    def multiple_of_8(q):
+        calls.append(q)
+        assert len(calls) < 100, "scanned far from the value"
+        return q % 8 == 0
+    assert configurator._nearest(multiple_of_8, 999_999_999, 999_999_999 + 8) == "999999992 or 1000000000"
+    assert "(prompts_per_epoch = 999999992 or 1000000000 would do)" in _refusal(
+        "--prompts_per_epoch=999999999", "--group_size=3", world=8)
+
+
 def test_values_that_cannot_be_meant_are_refused():
     """A typo's gigabytes (lora_rank 1e6, d_hidden 1e9), an infinite loss (nft_beta 1e30), an EMA that never
     leaves the base (ema_decay 1), an all-zero reward; and an out_dir among the project's source or the
