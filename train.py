@@ -593,7 +593,7 @@ def main(argv=None):
     try:
         train(cfg)
     except RuntimeError as e:  # a rank died mid-collective: the survivors' gloo traceback says nothing of why
-        raise O.peer_stopped(e) from None
+        raise O.peer_stopped(e)  # (a SystemExit prints its line alone; any other error keeps its cause)
 
 
 if __name__ == "__main__":

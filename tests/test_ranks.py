@@ -176,3 +176,17 @@ def test_a_rank_that_dies_is_one_line_on_the_others(tmp_path):
         mp.spawn(_dying_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     said = torch.load(tmp_path / "rank0.pt")
     assert said.startswith("rank 0: another rank stopped during a collective") and "\n" not in said, said
+
+
+def test_any_other_runtime_error_keeps_its_cause(monkeypatch):
+    """Only gloo's "by peer" becomes one line; another RuntimeError (e.g. a compile failure raised from
+    its real cause) reaches the user with that cause, not stripped of it."""
+    def failing(cfg):
+        try:
+            raise ValueError("the real cause")
+        except ValueError as cause:
+            raise RuntimeError("backend failed") from cause
+    monkeypatch.setattr(T, "train", failing)
+    with pytest.raises(RuntimeError, match="backend failed") as e:
+        T.main(["config/tiny_random.py"])
+    assert isinstance(e.value.__cause__, ValueError)  # `from None` had dropped it
