@@ -205,10 +205,10 @@ class ReferenceSet:
     @classmethod
     def from_index(cls, index_json: str, root: str | None = None, size: int | None = None,
                    skip_bad: bool = False):
-        """The published format: JSON {prompt: [image paths relative to root
-        (default: the JSON's folder)]}."""
-        if not os.path.isfile(index_json):
-            raise ValueError(f"reference index {index_json} does not exist")
+        """The published format: JSON {prompt: [image paths relative to root (default: its folder)]}."""
+        if not os.path.isfile(index_json):  # the shapes world's are rendered, not committed: say by what
+            raise ValueError(f"reference index {index_json} does not exist" + ("tinyworld" in index_json) *
+                             " (`python tinyworld.py` renders the shapes world's; make demo / test run it)")
         with open(index_json, encoding="utf-8") as f:
             try:
                 index = json.load(f)

@@ -15,7 +15,8 @@ Owns
 Leaves out
 - Image size ("small"/"large") is drawn but not judged: like GenEval we score what the prompt names about
   identity and layout; size is there to make the world less trivially memorised.
-- The one-off builder of the committed assets (models, prompts, references): assets/tinyworld/build.py.
+- The one-off builder of the committed assets (models, prompts): assets/tinyworld/build.py. The reference
+  images are not committed: `write_references` renders them (`python tinyworld.py`, run by make demo / test).
 
 Departs from GenEval
 - GenEval detects objects with a Mask2Former and judges colour with CLIP; here every image is a flat
@@ -26,6 +27,9 @@ Departs from GenEval
 """
 
 import itertools
+import json
+import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -328,3 +332,37 @@ def style_stats(images: torch.Tensor) -> dict:
         sat.append(s.mean() if len(fg) else 0.0)
     return dict(background_brightness=torch.tensor(bright, dtype=torch.float32),
                 saturation=torch.tensor(sat, dtype=torch.float32))
+
+
+# -----------------------------------------------------------------------------------------------
+# The references, rendered from the grammar (the same bytes on every machine: a test pins their hash)
+
+REF_STYLES, N_REFS = ("dark", "light"), 4
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tinyworld")
+
+
+def write_references(out=ASSETS):
+    """out/refs_<style>/: N_REFS jittered 32-px renders of every prompt (train and held-out) and index.json
+    {prompt: [file names]}, the published format (config/tiny.py: light; config/tiny_style.py: dark). About a
+    second; a folder already there is kept. Each is written beside and renamed into place: a concurrent
+    caller (a second test worker) never reads half a set."""
+    for style in REF_STYLES:
+        final = os.path.join(out, f"refs_{style}")
+        if os.path.isdir(final):
+            continue
+        tmp, rng, index = f"{final}.tmp{os.getpid()}", np.random.default_rng(30), {}
+        os.makedirs(tmp)
+        for k, scene in enumerate(all_scenes()):
+            index[prompt_of(scene)] = [f"{k:03d}_{j}.png" for j in range(N_REFS)]
+            for name in index[prompt_of(scene)]:
+                render(scene, 32, style, rng).save(os.path.join(tmp, name), optimize=True)
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump(index, f, indent=0)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process was first; its set is the same
+            shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    write_references()

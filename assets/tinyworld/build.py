@@ -19,7 +19,7 @@ import torch
 # the repository root
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from tinyworld import (COLOURS, POSITIONS, SHAPES, STYLES, all_scenes, prompt_of, render, split,  # noqa: E402
-                       to_tensor)
+                       to_tensor, write_references)
 
 # -----------------------------------------------------------------------------------------------
 # The builder of the committed assets: `python assets/tinyworld/build.py` (deterministic; main base ~25 min)
@@ -39,7 +39,8 @@ from tinyworld import (COLOURS, POSITIONS, SHAPES, STYLES, all_scenes, prompt_of
 #                                     near-identical for every image, cosine ≈ 0.99)
 #   assets/tinyworld/{train,test}.txt        prompts: 216 train scenes, 54 held-out
 #                                            (18 combinations × 3 sizes)
-#   assets/tinyworld/refs_<style>/           4 references per prompt + index.json (the published format)
+#   assets/tinyworld/refs_<style>/           4 references per prompt + index.json (the published format),
+#                                            rendered by tinyworld.write_references, not committed
 #
 # Why light → dark: a prototype of this world measured that global properties move within minutes under
 # Adv-GRPO while shape faithfulness does not, so the demo's main setting is distribution transfer (the
@@ -48,7 +49,6 @@ from tinyworld import (COLOURS, POSITIONS, SHAPES, STYLES, all_scenes, prompt_of
 BACKBONE = dict(model="vit_small_patch14_dinov2", img_size=32, patch_size=4, embed_dim=64, depth=4,
                 # init_values=1: DINOv2's LayerScale 1e-5 would make a small ViT train slowly
                 num_heads=4, init_values=1.0)
-REF_STYLES = ("dark", "light")
 DARK_FRAC = 0.1  # share of dark renders in the base's training set
 EARLY_STEPS = 600  # the early base: toy GenEval ≈ 0.5 on held-out prompts (500 steps: 0.23; 800: 0.85)
 # The flawed base: 400 steps at lr 1e-3 from the main base, 60 % of the renders with 1-2 specks of radius
@@ -56,7 +56,6 @@ EARLY_STEPS = 600  # the early base: toy GenEval ≈ 0.5 on held-out prompts (50
 # toy GenEval 0.28, the paper's head separates flawed from clean at within-prompt AUC 0.87-0.90. (Specks
 # of radius 0.06-0.08 gave held-out toy GenEval 0.565, every error a count error, but AUC only 0.69-0.77.)
 FLAWED_STEPS, SPECK_FRAC = 400, 0.6
-N_REFS = 4
 
 
 def backbone_kwargs():
@@ -233,18 +232,7 @@ def build(out="assets/tinyworld", scale=1.0):
     for name, sc in (("train", train_scenes), ("test", test_scenes)):
         with open(os.path.join(out, f"{name}.txt"), "w") as f:
             f.write("\n".join(prompt_of(s) for s in sc) + "\n")
-    for st in REF_STYLES:  # references: N_REFS jittered renders per prompt, train and test (~1 s)
-        d = os.path.join(out, f"refs_{st}")
-        os.makedirs(d, exist_ok=True)
-        rng, index = np.random.default_rng(30), {}
-        for k, s in enumerate(all_scenes()):
-            index[prompt_of(s)] = []
-            for j in range(N_REFS):
-                fn = f"{k:03d}_{j}.png"
-                render(s, 32, st, rng).save(os.path.join(d, fn), optimize=True)
-                index[prompt_of(s)].append(fn)
-        with open(os.path.join(d, "index.json"), "w") as f:
-            json.dump(index, f, indent=0)
+    write_references(out)  # references: N_REFS jittered renders per prompt, train and test (~1 s)
     _log(t0, "prompts and references written")
     # Each stage is skipped when its output exists (every stage is seeded, so a rerun after an
     # interruption gives the same assets as one uninterrupted build).
